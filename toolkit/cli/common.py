@@ -1,0 +1,85 @@
+"""Shared CLI plumbing: rich console, --json output, progress renderer, error rendering."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)  # human output and progress go to stderr; stdout is for --json
+out = Console()
+STATE = {"debug": False}
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """Print one JSON object on one line to stdout (the machine contract of every --json flag)."""
+    sys.stdout.write(json.dumps(obj, default=_default, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+class RichRenderer:
+    """edgetk.progress renderer drawing rich progress bars on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                                 transient=True, disable=not enabled)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start(self, description: str, total: int | None):
+        return self.progress.add_task(description, total=total)
+
+    def advance(self, handle, n: int = 1) -> None:
+        self.progress.advance(handle, n)
+
+    def stop(self, handle) -> None:
+        self.progress.remove_task(handle)
+
+
+def progress(json_mode: bool = False):
+    """Context manager: show progress bars for library work (hidden with --json or when not a TTY)."""
+    import contextlib
+
+    from ..progress import use_renderer
+
+    @contextlib.contextmanager
+    def _cm():
+        r = RichRenderer(enabled=not json_mode and console.is_terminal)
+        with r, use_renderer(r):
+            yield r
+
+    return _cm()
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    return t
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def kv_table(title: str, data: dict[str, Any]) -> Table:
+    return table(title, ["field", "value"], [[k, v] for k, v in data.items()])

@@ -1,0 +1,275 @@
+"""edgetk's export-friendly Llama-family decoder (SmolLM2, Llama, Qwen2-style GQA).
+
+Parameter names equal Hugging Face's `LlamaForCausalLM`, so HF safetensors load directly.
+The KV cache is a static, pre-allocated object per layer (`DenseKVCache` by default); other caches
+(quantized, see edgetk.runtimes) plug in through `model.setup_cache(..., cache_factory=...)`.
+All shapes are static given (batch, max_seq_len), which torch.export, ONNX, ExecuTorch and TVM need.
+
+Forward modes:
+  * `model(tokens)` with no cache set up: plain causal attention over `tokens` (perplexity, calibration).
+  * `model(tokens, input_pos)` after `setup_cache`: writes keys/values at `input_pos` and attends
+    to every cached position <= each query's position (prefill: input_pos = arange(T); decode: [pos]).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, check, config
+
+
+@config("llama", version=1)
+@dataclass(frozen=True)
+class LlamaConfig(Config):
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_seq_len"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+              f"a divisor of num_heads={self.num_heads}")
+        check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        check(self.rms_eps > 0, "rms_eps", self.rms_eps, "> 0")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rms_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=min(hf.get("max_position_embeddings", 2048), 8192),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_eps, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
+            "hidden_act": "silu", "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] for the positions of x."""
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+class DenseKVCache(nn.Module):
+    """fp cache [B, KV, S, D]; keys stored after RoPE. `attend` = update + masked attention."""
+
+    def __init__(self, batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.float32):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, input_pos: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q, k_new already rotated for `input_pos`; mask [T, S] boolean (True = attend)."""
+        self.k.index_copy_(2, input_pos, k_new)
+        self.v.index_copy_(2, input_pos, v_new)
+        n_rep = q.shape[1] // self.k.shape[1]
+        k, v = repeat_kv(self.k, n_rep), repeat_kv(self.v, n_rep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+CacheFactory = Callable[[int, "LlamaConfig", int, int], nn.Module]  # (layer_idx, cfg, batch, max_seq)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: nn.Module | None = None
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(b, t, -1, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, c.head_dim).transpose(1, 2)
+        if self.kv_cache is None:
+            q, k = apply_rope(q, cos[:t], sin[:t]), apply_rope(k, cos[:t], sin[:t])
+            n_rep = c.num_heads // c.num_kv_heads
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+        else:
+            cp, sp = cos[input_pos], sin[input_pos]
+            if getattr(self.kv_cache, "wants_raw_keys", False):  # e.g. KVQuant: keys quantized pre-RoPE
+                y = self.kv_cache.attend(apply_rope(q, cp, sp), k, v, input_pos, cos, sin, mask)
+            else:
+                y = self.kv_cache.attend(apply_rope(q, cp, sp), apply_rope(k, cp, sp), v, input_pos, cos, sin, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_mask", torch.ones(1, 1, dtype=torch.bool), persistent=False)
+        self.cache_len = 0
+
+    # -- cache -----------------------------------------------------------------------------------
+    def setup_cache(self, batch: int = 1, max_seq_len: int | None = None,
+                    cache_factory: CacheFactory | None = None) -> None:
+        s = max_seq_len or self.cfg.max_seq_len
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"max_seq_len {s} exceeds the model's {self.cfg.max_seq_len}")
+        c = self.cfg
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.kv_cache = (cache_factory(i, c, batch, s) if cache_factory
+                                        else DenseKVCache(batch, c.num_kv_heads, s, c.head_dim))
+        self.causal_mask = torch.tril(torch.ones(s, s, dtype=torch.bool))
+        self.cache_len = s
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.causal_mask = torch.ones(1, 1, dtype=torch.bool)
+        self.cache_len = 0
+
+    def kv_cache_bytes(self) -> int:
+        return sum(int(getattr(l.self_attn.kv_cache, "nbytes", 0)) for l in self.model.layers
+                   if l.self_attn.kv_cache is not None)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        mask = None
+        if self.cache_len:
+            if input_pos is None:
+                raise ValueError("a KV cache is set up: pass input_pos (positions of `tokens`)")
+            mask = self.causal_mask[input_pos]
+        for layer in self.model.layers:
+            x = layer(x, self.rope_cos, self.rope_sin, input_pos, mask)
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens, input_pos))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_random(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised decoder (tests, tiny benchmarks); weights scaled like trained ones."""
+    g = torch.Generator().manual_seed(seed)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return m.eval()
