@@ -1,0 +1,51 @@
+"""Shared fixtures. Real zoo models are session-scoped (loaded once) and their tests marked `slow`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetk.models import bert, llama
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+
+
+TINY_LLAMA = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=16, max_seq_len=128, tie_embeddings=True)
+TINY_BERT = bert.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            max_position=128)
+
+
+@pytest.fixture
+def tiny_llama() -> llama.LlamaForCausalLM:
+    return llama.init_random(TINY_LLAMA, seed=0)
+
+
+@pytest.fixture
+def tiny_bert() -> bert.BertEncoder:
+    return bert.init_random(TINY_BERT, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real smollm2-135m zoo model (LoadedModel). Do not mutate it: deep-copy `.model` first."""
+    from edgetk.models import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from edgetk.models import load
+
+    return load("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> str:
+    from edgetk.data import eval_text
+
+    return eval_text()
