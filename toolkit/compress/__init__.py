@@ -1,1 +1,130 @@
-"""edgetk."""
+"""Compression methods: a frozen config + `apply(loaded, cfg, calib) -> CompressionReport`, registered by config type.
+
+    @register_method(VQConfig)
+    def apply_vq(loaded: LoadedModel, cfg: VQConfig, calib: torch.Tensor | None) -> CompressionReport: ...
+    PRESETS.register("vq2", [VQConfig(...)])            # a recipe = list of configs applied in order
+
+`compress(loaded, "vq2")` runs a recipe (methods modify `loaded.model` in place and append their config to
+`loaded.compression`). `save(loaded, out, reports)` writes a "model" artifact; `edgetk.models.load(out)` reads it back.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+
+METHODS: Registry[Callable] = Registry("compression method")
+PRESETS: Registry[tuple] = Registry("recipe")
+# modules that register methods/presets when imported (one line per method file)
+METHOD_MODULES = ["edgetk.compress.vq", "edgetk.compress.rtn", "edgetk.compress.prune", "edgetk.compress.token_merge"]
+
+
+def register_method(cfg_type: type) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        METHODS.register(cfg_type, fn)
+        return fn
+
+    return deco
+
+
+def register_preset(name: str, *configs: Config, description: str = "") -> None:
+    PRESETS.register(name, tuple(configs))
+    _DESCRIPTIONS[name] = description
+
+
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def load_methods() -> None:
+    for mod in METHOD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:  # a real missing dependency inside the module
+                raise
+
+
+def presets() -> dict[str, str]:
+    load_methods()
+    return {name: _DESCRIPTIONS.get(name, "") for name in PRESETS.names()}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    shape: tuple[int, ...]
+    rel_error: float | None = None  # relative output (or weight) reconstruction error
+    bits_per_weight: float | None = None
+    sparsity: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    config: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)  # e.g. bits_per_weight, bits_per_weight_model
+    stages: list[dict] = field(default_factory=list)  # e.g. loss before/after each refinement stage
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "config": self.config, "layers": [l.to_dict() for l in self.layers],
+                "totals": self.totals, "stages": self.stages, "seconds": self.seconds}
+
+
+def resolve_recipe(recipe: str | Config | list | tuple) -> tuple[Config, ...]:
+    load_methods()
+    if isinstance(recipe, Config):
+        return (recipe,)
+    if isinstance(recipe, (list, tuple)):
+        return tuple(c for r in recipe for c in resolve_recipe(r))
+    if recipe in PRESETS:
+        return PRESETS.get(recipe)
+    if recipe.strip().startswith("{"):
+        return (Config.from_json(recipe),)
+    names = "+".join(recipe.split("+"))
+    if "+" in names:
+        return resolve_recipe(names.split("+"))
+    PRESETS.get(recipe)  # raises ConfigError listing the known recipes
+    raise AssertionError("unreachable")
+
+
+def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = None,
+             calib_text: str = "calib", n_samples: int = 128, seq_len: int = 512, seed: int = 0
+             ) -> list[CompressionReport]:
+    """Apply a recipe in order. Calibration windows are drawn once (from the calibration text) if any
+    method needs them and `calib` is not given."""
+    from ..data import calibration_windows, load_text
+
+    configs = resolve_recipe(recipe)
+    if calib is None and any(getattr(c, "needs_calibration", False) for c in configs):
+        if loaded.tokenizer is None:
+            raise DataError("this recipe needs calibration text but the model has no tokenizer",
+                            hint="pass calibration token windows explicitly")
+        calib = calibration_windows(loaded.tokenizer, n_samples, seq_len, seed, text=load_text(calib_text))
+    reports = []
+    for cfg in configs:
+        fn = METHODS.get(type(cfg))
+        t0 = time.perf_counter()
+        report = fn(loaded, cfg, calib)
+        report.seconds = time.perf_counter() - t0
+        loaded.compression.append(cfg.to_dict())
+        reports.append(report)
+    return reports
+
+
+__all__ = ["METHODS", "PRESETS", "register_method", "register_preset", "presets", "LayerReport",
+           "CompressionReport", "compress", "resolve_recipe", "ConfigError"]

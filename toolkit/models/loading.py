@@ -53,6 +53,9 @@ def load(spec: str | os.PathLike | nn.Module | LoadedModel, *, allow_pickle: boo
     if p.exists():
         if p.is_dir() and Artifact.is_artifact(p):
             art = Artifact.load(p)
+            from ..compressed import ensure_registered  # registers the "model" kind and module types
+
+            ensure_registered()
             return ARTIFACT_LOADERS.get(art.kind)(art)
         if p.is_file() and p.suffix == ".gguf":
             return load_gguf(p)
