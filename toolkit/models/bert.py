@@ -120,6 +120,12 @@ class _Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_layers))
 
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: for encoders that replace this one (token merging by word boundaries)
+        for layer in self.layer:
+            x = layer(x, bias)
+        return x
+
 
 class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):
@@ -132,10 +138,7 @@ class BertEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        x = self.embeddings(input_ids)
-        for layer in self.encoder.layer:
-            x = layer(x, bias)
-        return x
+        return self.encoder(self.embeddings(input_ids), bias, input_ids)
 
     def pool(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.pooling == "cls":

@@ -244,19 +244,28 @@ class LlamaForCausalLM(nn.Module):
                    if l.self_attn.kv_cache is not None)
 
     # -- forward ---------------------------------------------------------------------------------
-    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, rope_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` [T, max_seq_len] bool (True = attend) replaces the causal mask over cache slots and
+        `rope_pos` [T] gives RoPE positions differing from the slots `input_pos` (tree attention for
+        speculative decoding: draft tokens sit in consecutive slots, at their depth's position)."""
         x = self.model.embed_tokens(tokens)
         mask = None
+        cos, sin = self.rope_cos, self.rope_sin
         if self.cache_len:
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (positions of `tokens`)")
-            mask = self.causal_mask[input_pos]
+            mask = self.causal_mask[input_pos] if attn_mask is None else attn_mask
+            if rope_pos is not None:  # the rows of the new slots carry their tokens' RoPE angles
+                cos = cos.index_copy(0, input_pos, cos[rope_pos])
+                sin = sin.index_copy(0, input_pos, sin[rope_pos])
         for layer in self.model.layers:
-            x = layer(x, self.rope_cos, self.rope_sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask)
         return self.model.norm(x)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(tokens, input_pos))
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, rope_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens, input_pos, attn_mask, rope_pos))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -18,6 +18,9 @@ class Tokenizer:
             self._tok = _T.from_str(json_text)
         except Exception as exc:
             raise ModelLoadError(f"tokenizer.json cannot be parsed ({exc})", hint="re-create the model directory") from None
+        # padding/truncation are done explicitly in `batch` (some tokenizer.json files pad to a fixed length)
+        self._tok.no_padding()
+        self._tok.no_truncation()
         self.json_text = json_text
         self.bos_id, self.eos_id = bos_id, eos_id
         self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()

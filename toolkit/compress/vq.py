@@ -1,0 +1,523 @@
+"""Vector quantization of linear layers with learned codebooks and mappings (VPTQ, AQLM, PV-Tuning, JLCM).
+
+Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
+
+1. outliers (optional): the `outliers` input columns with the largest diag(H)·‖W[:, c]‖² stay fp16;
+   they are processed last by the error feedback, so they absorb part of the other columns' error;
+2. per-output-channel scale s (row RMS); the normalized rows are cut into vectors of `vec_len` input columns;
+3. codebook init: k-means weighted by s_r²·diag(H) (one codebook per group of output rows; residual
+   stages are initialised on the previous stage's k-means residual);
+4. VPTQ/GPTQ assignment: vectors column-block by column-block, each picked in the metric of its block of
+   the inverse Hessian's Cholesky factor, and its error fed back to the columns not yet quantized;
+5. refinement (JLCM / PV-Tuning style), `refine_rounds` times: scales in closed form, codebooks by conjugate
+   gradient on the layer output loss tr(ΔHΔᵀ), then a discrete coordinate-descent sweep that re-assigns
+   a code only where it lowers that loss;
+6. block stage: codebooks and scales of all the block's layers tuned by Adam on the block's output MSE
+   against the fp block on the same inputs, then a discrete re-assignment accepted only if the block loss
+   drops.
+
+Blocks are processed one at a time (`BlockRunner`): only one block and its calibration activations live.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetk.kernels.codebook_gemm import CodebookFormat
+
+from ..config import Config, check, config
+from ..errors import ConfigError
+from ..progress import track
+from . import CompressionReport, LayerReport, register_method, register_preset
+from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, param_count, set_module,
+                    weight_totals)
+from .vq_linear import VQLinear
+
+
+@config("vq", version=1)
+@dataclass(frozen=True)
+class VQConfig(Config):
+    vec_len: int = 4
+    codebook_size: int = 256
+    stages: int = 1  # residual codebooks (each adds log2(K)/vec_len bits per weight)
+    groups: int = 1  # groups of output channels sharing one codebook
+    outliers: int = 0  # input columns kept in fp16
+    scale: bool = True  # per-output-channel scale
+    kmeans_iters: int = 12
+    damp: float = 0.01
+    refine_rounds: int = 2
+    cg_iters: int = 8
+    block_steps: int = 0  # Adam steps on the block output loss (0 = off)
+    block_lr: float = 1e-3
+    block_batch: int = 4
+    calib_samples: int = 64  # calibration windows used (of those drawn)
+    seed: int = 0
+    layers: tuple = QUANT_LINEARS
+    needs_calibration = True
+
+    def validate(self) -> None:
+        check(1 <= self.vec_len <= 32, "vec_len", self.vec_len, "in [1, 32]")
+        check(2 <= self.codebook_size <= 65536, "codebook_size", self.codebook_size, "in [2, 65536]")
+        check(1 <= self.stages <= 4, "stages", self.stages, "in [1, 4]")
+        check(self.groups >= 1, "groups", self.groups, ">= 1")
+        check(self.outliers >= 0, "outliers", self.outliers, ">= 0")
+        check(self.kmeans_iters >= 1, "kmeans_iters", self.kmeans_iters, ">= 1")
+        check(0 <= self.damp < 1, "damp", self.damp, "in [0, 1)")
+        check(self.refine_rounds >= 0 and self.cg_iters >= 0 and self.block_steps >= 0, "refine_rounds",
+              self.refine_rounds, "non-negative (also cg_iters, block_steps)")
+        check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
+        unknown = [n for n in self.layers if n not in QUANT_LINEARS]
+        check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
+
+    @property
+    def code_bits(self) -> int:
+        return max(1, (self.codebook_size - 1).bit_length())
+
+    def format_for(self, out_f: int, in_f: int) -> CodebookFormat:
+        groups = self.groups if out_f % self.groups == 0 else 1
+        n_out = min(self.outliers, in_f - 1)
+        return CodebookFormat(out_features=out_f, in_features=in_f, vec_len=self.vec_len, code_bits=self.code_bits,
+                              codebook_size=self.codebook_size, stages=self.stages, groups=groups,
+                              n_outliers=n_out, has_scale=self.scale, has_bias=False)
+
+
+# -- k-means weighted by the Hessian diagonal ------------------------------------------------------
+def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v])."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    c2t, ct = (c * c).T, c.T
+    for i in range(0, x.shape[0], chunk):
+        xs, ws = x[i:i + chunk], w[i:i + chunk]
+        out[i:i + chunk] = (ws @ c2t - 2 * (ws * xs) @ ct).argmin(1)
+    return out
+
+
+def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator,
+           max_points: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted k-means; iterates on at most `max_points` vectors (seeded sample), assigns all at the end."""
+    x_all, w_all = x, w
+    if x.shape[0] > max_points:
+        pick = torch.randperm(x.shape[0], generator=gen)[:max_points]
+        x, w = x[pick], w[pick]
+    n = x.shape[0]
+    init = torch.randperm(n, generator=gen)[:k]
+    if n < k:
+        init = torch.cat([init, torch.randint(0, n, (k - n,), generator=gen)])
+    c = x[init].clone()
+    a = _assign(x, w, c)
+    for _ in range(iters):
+        num = torch.zeros_like(c).index_add_(0, a, w * x)
+        den = torch.zeros_like(c).index_add_(0, a, w)
+        empty = den.sum(1) <= 0
+        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+        if empty.any():
+            c[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
+        a = _assign(x, w, c)
+    return c, (a if x is x_all else _assign(x_all, w_all, c))
+
+
+# -- one layer ---------------------------------------------------------------------------------------
+@dataclass
+class LayerProblem:
+    """A layer in "GPTQ order": quantized columns (padded to n_vec*v) first, outlier columns last."""
+    w: torch.Tensor  # [out, n] original weights (W space)
+    h: torch.Tensor  # [n, n] Hessian (damped), float32
+    fmt: CodebookFormat
+    perm: torch.Tensor  # stored input order (outliers first) or empty
+    nq: int  # padded number of quantized columns
+    order: torch.Tensor  # original column of each unpadded GPTQ-order column
+
+    def dense(self, what: torch.Tensor) -> torch.Tensor:
+        """GPTQ-order (padded) weights -> [out, in] in the original column order."""
+        f = self.fmt
+        wg = torch.cat([what[:, :f.in_q], what[:, self.nq:]], 1)
+        return wg[:, torch.argsort(self.order)]
+
+    def loss(self, what: torch.Tensor) -> float:
+        d = self.w - what
+        return float(((d @ self.h) * d).sum())
+
+    def ref(self) -> float:
+        return float(((self.w @ self.h) * self.w).sum())
+
+
+def _problem(w: torch.Tensor, h: torch.Tensor, fmt: CodebookFormat, damp: float) -> LayerProblem:
+    w, h = w.float().clone(), h.float().clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n_out = fmt.n_outliers
+    if n_out:
+        imp = torch.diag(h) * w.pow(2).sum(0)
+        out_cols = imp.topk(n_out).indices.sort().values
+        keep = torch.ones(w.shape[1], dtype=torch.bool)
+        keep[out_cols] = False
+        perm = torch.cat([out_cols, keep.nonzero().flatten()])
+        order = torch.cat([perm[n_out:], perm[:n_out]])
+    else:
+        perm = torch.zeros(0, dtype=torch.long)
+        order = torch.arange(w.shape[1])
+    w, h = w[:, order], h[order][:, order]
+    order = order.clone()
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0])
+    nq = fmt.n_vec * fmt.vec_len
+    pad = nq - fmt.in_q
+    if pad:  # zero columns, inputs padded with zeros by the op: no interaction, tiny weight
+        n = w.shape[1]
+        w = torch.cat([w[:, :fmt.in_q], w.new_zeros(w.shape[0], pad), w[:, fmt.in_q:]], 1)
+        h2 = h.new_zeros(n + pad, n + pad)
+        qi = torch.cat([torch.arange(fmt.in_q), torch.arange(nq, n + pad)])
+        h2[qi[:, None], qi[None, :]] = h
+        h2[torch.arange(fmt.in_q, nq), torch.arange(fmt.in_q, nq)] = torch.diag(h).mean() * 1e-4
+        h = h2
+    return LayerProblem(w, h, fmt, perm, nq, order)
+
+
+def _chol_inv_upper(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), as GPTQ uses it."""
+    hd = h.double()
+    for extra in (0.0, 1e-4, 1e-2, 1e-1):
+        try:
+            eye = torch.eye(hd.shape[0], dtype=hd.dtype)
+            l = torch.linalg.cholesky(hd + extra * torch.diag(hd).mean() * eye)
+            li = torch.linalg.solve_triangular(l, eye, upper=False)  # faster than cholesky_inverse here
+            return torch.linalg.cholesky(li.T @ li, upper=True).float()
+        except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
+            continue
+    raise ConfigError("the calibration Hessian is not positive definite even after damping",
+                      hint="raise 'damp' or use more calibration samples")
+
+
+@dataclass
+class LayerState:
+    codes: torch.Tensor  # long [S, out, n_vec]
+    cbs: torch.Tensor  # float [S, G, K, v]
+    s: torch.Tensor  # [out]
+    outl: torch.Tensor  # [out, n_outliers] W-space values of the outlier columns
+
+    def qn(self) -> torch.Tensor:
+        """normalized quantized part [out, nq]"""
+        S, out, nv = self.codes.shape
+        G = self.cbs.shape[1]
+        g = (torch.arange(out) // (out // G))[:, None]
+        return sum(self.cbs[s][g, self.codes[s]] for s in range(S)).reshape(out, -1)
+
+    def what(self) -> torch.Tensor:
+        return torch.cat([self.s[:, None] * self.qn(), self.outl], 1)
+
+
+def _nearest(t: torch.Tensor, a: torch.Tensor, cbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual nearest codewords of rows t [out, v] in the metric of `a` [v, v]."""
+    S, G, K, v = cbs.shape
+    out = t.shape[0]
+    r = (t @ a).view(G, out // G, v)
+    q = t.new_zeros(G, out // G, v)
+    idx = torch.empty(S, out, dtype=torch.long)
+    for s in range(S):
+        ca = cbs[s] @ a  # [G, K, v]
+        d = (ca * ca).sum(-1)[:, None, :] - 2 * r @ ca.transpose(1, 2)
+        k = d.argmin(-1)  # [G, rows]
+        sel = torch.gather(cbs[s], 1, k[..., None].expand(-1, -1, v))
+        q += sel
+        r = r - sel @ a
+        idx[s] = k.reshape(-1)
+    return idx, q.reshape(out, v)
+
+
+def gptq_assign(p: LayerProblem, u: torch.Tensor, cbs: torch.Tensor, s: torch.Tensor, block: int = 128):
+    """VPTQ-style assignment with second-order error feedback; returns (codes, updated outlier columns)."""
+    v, nq = p.fmt.vec_len, p.nq
+    w = p.w / torch.cat([s[:, None].expand(-1, nq), torch.ones_like(p.w[:, nq:])], 1)
+    n_vec = nq // v
+    diag = u[:nq, :nq].reshape(n_vec, v, n_vec, v).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    a_all = torch.linalg.inv(diag)  # [n_vec, v, v]
+    codes = torch.empty(cbs.shape[0], w.shape[0], n_vec, dtype=torch.long)
+    block = max(v, block // v * v)
+    for b0 in range(0, nq, block):
+        b1 = min(b0 + block, nq)
+        err = torch.empty(w.shape[0], b1 - b0)
+        for j0 in range(b0, b1, v):
+            j1, j = j0 + v, j0 // v
+            idx, q = _nearest(w[:, j0:j1], a_all[j], cbs)
+            codes[:, :, j] = idx
+            e = (w[:, j0:j1] - q) @ a_all[j]
+            err[:, j0 - b0:j1 - b0] = e
+            w[:, j1:b1] -= e @ u[j0:j1, j1:b1]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, w[:, nq:].clone()
+
+
+def init_layer(p: LayerProblem, cfg: VQConfig, gen: torch.Generator) -> LayerState:
+    f = p.fmt
+    wq = p.w[:, :p.nq]
+    s = wq[:, :f.in_q].pow(2).mean(1).sqrt().clamp_min(1e-8) if f.has_scale else torch.ones(wq.shape[0])
+    wn = wq / s[:, None]
+    out, v, G, K = wq.shape[0], f.vec_len, f.groups, f.codebook_size
+    elw = (s[:, None] ** 2) * torch.diag(p.h)[None, :p.nq]
+    x = wn.reshape(G, -1, v)  # rows of a group are contiguous
+    wt = elw.reshape(G, -1, v)
+    cbs = torch.empty(f.stages, G, K, v)
+    for g in range(G):
+        r = x[g]
+        for st in range(f.stages):
+            c, a = kmeans(r, wt[g], K, cfg.kmeans_iters, gen)
+            cbs[st, g] = c
+            r = r - c[a]
+    u = _chol_inv_upper(p.h)
+    codes, outl = gptq_assign(p, u, cbs, s)
+    return LayerState(codes, cbs, s, outl)
+
+
+# -- refinement ----------------------------------------------------------------------------------------
+def _scale_step(p: LayerProblem, st: LayerState) -> None:
+    qn = torch.cat([st.qn(), torch.zeros_like(st.outl)], 1)
+    d = p.w - torch.cat([torch.zeros_like(p.w[:, :p.nq]), st.outl], 1)
+    qh = qn @ p.h
+    st.s = ((d * qh).sum(1) / (qn * qh).sum(1).clamp_min(1e-12)).clamp_min(1e-8)
+
+
+def _m(st: LayerState, cbs: torch.Tensor) -> torch.Tensor:
+    return st.s[:, None] * LayerState(st.codes, cbs, st.s, st.outl).qn()
+
+
+def _mt(st: LayerState, y: torch.Tensor) -> torch.Tensor:
+    S, out, nv = st.codes.shape
+    _, G, K, v = st.cbs.shape
+    ys = (y * st.s[:, None]).reshape(out, nv, v)
+    g = (torch.arange(out) // (out // G))[:, None] * K
+    res = torch.zeros(S, G * K, v)
+    for s in range(S):
+        res[s].index_add_(0, (g + st.codes[s]).reshape(-1), ys.reshape(-1, v))
+    return res.view(S, G, K, v)
+
+
+def _codebook_step(p: LayerProblem, st: LayerState, iters: int) -> None:
+    """Conjugate gradient on the normal equations Mᵀ(M(C) H) = Mᵀ(R H) (quadratic in the codebooks)."""
+    nq = p.nq
+    hq = p.h[:nq, :nq]
+    target = (p.w - torch.cat([torch.zeros_like(p.w[:, :nq]), st.outl], 1)) @ p.h
+    c = st.cbs.clone()
+    r = _mt(st, target[:, :nq] - _m(st, c) @ hq)
+    d = r.clone()
+    rs = (r * r).sum()
+    for _ in range(iters):
+        ad = _mt(st, _m(st, d) @ hq)
+        alpha = rs / (d * ad).sum().clamp_min(1e-30)
+        c += alpha * d
+        r -= alpha * ad
+        rs_new = (r * r).sum()
+        if rs_new <= 1e-20:
+            break
+        d = r + (rs_new / rs) * d
+        rs = rs_new
+    st.cbs = c
+
+
+def _codes_step(p: LayerProblem, st: LayerState) -> None:
+    """Exact coordinate descent over vectors: a code changes only where the layer loss drops.
+
+    For row r and vector j with current codeword c and gradient g = ((W - Ŵ) H)[r, j]: switching to a_k changes
+    the loss by s²·a_k H_jj a_kᵀ - 2s·a_k·(g + s H_jj c) + const(r), so the best code is one small matmul."""
+    S, out, nv = st.codes.shape
+    _, G, K, v = st.cbs.shape
+    rows = out // G
+    grad = (p.w - st.what()) @ p.h  # [out, n]
+    s = st.s.view(G, rows, 1)
+    for j in range(nv):
+        c0, c1 = j * v, (j + 1) * v
+        hjj = p.h[c0:c1, c0:c1]
+        for stg in range(S):
+            cb = st.cbs[stg]  # [G, K, v]
+            quad = ((cb @ hjj) * cb).sum(-1)  # [G, K]
+            old = st.codes[stg, :, j].view(G, rows)
+            cur = torch.gather(cb, 1, old[..., None].expand(-1, -1, v))  # [G, rows, v]
+            z = grad[:, c0:c1].view(G, rows, v) + s * (cur @ hjj)
+            score = s * s * quad[:, None, :] - 2 * s * (z @ cb.transpose(1, 2))  # [G, rows, K]
+            k = score.argmin(-1)
+            keep = torch.gather(score, 2, old[..., None])[..., 0] <= torch.gather(score, 2, k[..., None])[..., 0]
+            k = torch.where(keep, old, k)
+            step = (s * (torch.gather(cb, 1, k[..., None].expand(-1, -1, v)) - cur)).reshape(out, v)
+            st.codes[stg, :, j] = k.reshape(-1)
+            grad -= step @ p.h[c0:c1]
+
+
+def refine_layer(p: LayerProblem, st: LayerState, cfg: VQConfig) -> list[dict]:
+    steps = []
+    for rnd in range(cfg.refine_rounds):
+        for name, fn in (("scales", lambda: _scale_step(p, st) if p.fmt.has_scale else None),
+                         ("codebooks", lambda: _codebook_step(p, st, cfg.cg_iters)),
+                         ("codes", lambda: _codes_step(p, st))):
+            before = p.loss(st.what())
+            fn()
+            steps.append({"stage": f"layer.{name}", "round": rnd, "before": before, "after": p.loss(st.what())})
+    return steps
+
+
+def to_module(p: LayerProblem, st: LayerState) -> VQLinear:
+    f = p.fmt
+    outlier_w = st.outl / st.s[:, None] if f.n_outliers else None
+    return VQLinear.from_parts(f, st.codes, st.cbs, p.perm if f.n_outliers else None, outlier_w,
+                               st.s if f.has_scale else None, None)
+
+
+def quantize_layer(w: torch.Tensor, h: torch.Tensor, cfg: VQConfig, gen: torch.Generator):
+    """-> (VQLinear, LayerState, LayerProblem, stage records)."""
+    fmt = cfg.format_for(*w.shape)
+    p = _problem(w, h, fmt, cfg.damp)
+    st = init_layer(p, cfg, gen)
+    stages = [{"stage": "layer.init", "round": 0, "before": p.ref(), "after": p.loss(st.what())}]
+    stages += refine_layer(p, st, cfg)
+    st.cbs = st.cbs.half().float()  # what the fp16 storage holds
+    st.s = st.s.half().float()
+    st.outl = (st.outl / st.s[:, None]).half().float() * st.s[:, None]
+    return to_module(p, st), st, p, stages
+
+
+# -- one block ---------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    name: str
+    p: LayerProblem
+    st: LayerState
+    seconds: float
+    stages: list
+
+
+def _dense_weights(layers: list[_Layer], cbs=None, s=None) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, l in enumerate(layers):
+        st = l.st if cbs is None else LayerState(l.st.codes, cbs[i], s[i], l.st.outl)
+        out[f"{l.name}.weight"] = l.p.dense(st.what())
+    return out
+
+
+def _set_dense(block: nn.Module, layers: list[_Layer]) -> None:
+    with torch.no_grad():
+        for key, w in _dense_weights(layers).items():
+            block.get_submodule(key[: -len(".weight")]).weight.copy_(w)
+
+
+def _tune_block(runner, block, x, y, layers: list[_Layer], cfg: VQConfig, gen) -> list[dict]:
+    """Adam on codebooks + scales (block output loss), then discrete re-assignment kept only if it helps."""
+    n_eval = min(x.shape[0], 2 * runner.batch)
+    xe, ye = x[:n_eval], y[:n_eval]
+    with torch.no_grad():
+        l0 = float(block_loss(runner, block, xe, ye))
+    cbs = [l.st.cbs.clone().requires_grad_(True) for l in layers]
+    ss = [l.st.s.clone().requires_grad_(True) for l in layers]
+    opt = torch.optim.Adam(cbs + ss, lr=cfg.block_lr)
+    from torch.func import functional_call
+
+    m = runner.model
+    for step in range(cfg.block_steps):
+        idx = torch.randint(0, x.shape[0], (min(cfg.block_batch, x.shape[0]),), generator=gen)
+        out = functional_call(block, _dense_weights(layers, cbs, ss), (x[idx], m.rope_cos, m.rope_sin), strict=False)
+        loss = (out - y[idx]).pow(2).mean() / (y[idx] - x[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        old = [(l.st.cbs, l.st.s) for l in layers]
+        for l, c, s in zip(layers, cbs, ss):
+            l.st.cbs, l.st.s = c.detach().half().float(), s.detach().half().float()
+        _set_dense(block, layers)
+        l1 = float(block_loss(runner, block, xe, ye))
+        if l1 > l0:  # never accept a worse block
+            for l, (c, s) in zip(layers, old):
+                l.st.cbs, l.st.s = c, s
+            _set_dense(block, layers)
+            l1 = l0
+        records = [{"stage": "block.continuous", "before": l0, "after": l1, "steps": cfg.block_steps}]
+        records.append(_reassign_block(runner, block, xe, ye, layers, l1))
+    return records
+
+
+@torch.no_grad()
+def _reassign_block(runner, block, xe, ye, layers: list[_Layer], l1: float) -> dict:
+    saved = [l.st.codes.clone() for l in layers]
+    for l in layers:
+        _codes_step(l.p, l.st)
+    _set_dense(block, layers)
+    l2 = float(block_loss(runner, block, xe, ye))
+    if l2 > l1:
+        for l, c in zip(layers, saved):
+            l.st.codes = c
+        _set_dense(block, layers)
+        l2 = l1
+    return {"stage": "block.codes", "before": l1, "after": l2}
+
+
+def quantize_block(i: int, block: nn.Module, x: torch.Tensor, cfg: VQConfig, runner: BlockRunner,
+                   report: CompressionReport, acc: dict):
+    for name in cfg.layers:
+        check_finite(f"model.layers.{i}.{name}", block.get_submodule(name).weight)
+    hs, y = block_hessians(runner, block, cfg.layers, x)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000003 + i)
+    layers = []
+    for name in track(cfg.layers, f"vq block {i}"):
+        t0 = time.perf_counter()
+        _, st, p, stages = quantize_layer(block.get_submodule(name).weight.detach(), hs[name], cfg, gen)
+        layers.append(_Layer(name, p, st, time.perf_counter() - t0, stages))
+    _set_dense(block, layers)
+    t0 = time.perf_counter()
+    block_stages = _tune_block(runner, block, x, y, layers, cfg, gen) if cfg.block_steps else []
+    t_block = (time.perf_counter() - t0) / len(layers)
+    for l in layers:
+        report.stages += [{"block": i, "layer": l.name, **r} for r in l.stages]
+        mod = to_module(l.p, l.st)
+        bits, n = mod.storage_bits(), l.p.w.shape[0] * mod.in_features
+        acc["bits"] += bits
+        acc["weights"] += n
+        pad = l.p.fmt.n_vec * l.p.fmt.vec_len - l.p.fmt.in_q
+        note = f"padded {pad} input columns to the vector length" if pad else ""
+        report.layers.append(LayerReport(f"model.layers.{i}.{l.name}", "vq", tuple(l.p.dense(l.p.w).shape),
+                                         rel_error=l.p.loss(l.st.what()) / max(l.p.ref(), 1e-30),
+                                         bits_per_weight=bits / n, seconds=l.seconds + t_block, note=note))
+        l.module = mod
+    report.stages += [{"block": i, **r} for r in block_stages]
+
+    def finish() -> None:  # swap the dense stand-ins (used to propagate activations) for the packed modules
+        for l in layers:
+            set_module(block, l.name, l.module)
+
+    return finish
+
+
+# -- the method ---------------------------------------------------------------------------------------
+@register_method(VQConfig)
+def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict | None = None) -> CompressionReport:
+    model = loaded.model
+    n_params = param_count(model)
+    calib = calib[: cfg.calib_samples] if calib is not None else None
+    runner = BlockRunner(model, calib, **(runner_kw or {}))
+    if runner.load_block is None:  # in memory: refuse before touching any block (blocks from disk: per block)
+        for i, layer in enumerate(model.model.layers):
+            for name in cfg.layers:
+                check_finite(f"model.layers.{i}.{name}", layer.get_submodule(name).weight)
+    report = CompressionReport("vq", cfg.to_dict())
+    acc = {"bits": 0, "weights": 0}
+
+    def process(i: int, block: nn.Module, x: torch.Tensor):
+        return quantize_block(i, block, x, cfg, runner, report, acc)
+
+    runner.run(process, track_fn=lambda it, d, n: track(it, "vq blocks", n))
+    report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
+    report.totals["calibration"] = {"windows": int(calib.shape[0]), "tokens_per_window": int(calib.shape[1])}
+    return report
+
+
+def _preset(name: str, desc: str, **kw) -> None:
+    register_preset(name, VQConfig(**kw), description=desc)
+
+
+_preset("vq2", "VQ v=4 K=256 (8-bit codes) + per-channel scale, Hessian k-means, GPTQ feedback, "
+        "refinement (~2.1 bpw)", vec_len=4, codebook_size=256, block_steps=40)
+_preset("vq2-res", "VQ v=8 2x256 residual codebooks + 8 fp16 outlier columns (~2.25 bpw)",
+        vec_len=8, codebook_size=256, stages=2, outliers=4, block_steps=40)
+_preset("vq3", "VQ v=2 K=64 (6-bit codes) + per-channel scale (~3.05 bpw)", vec_len=2, codebook_size=64,
+        block_steps=40)
+_preset("vq2-fast", "vq2 without block fine-tuning and one refinement round (quick)", vec_len=4,
+        codebook_size=256, refine_rounds=1, kmeans_iters=8)
