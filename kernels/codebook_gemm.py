@@ -207,3 +207,9 @@ def codebook_gemm(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
 @codebook_gemm.register_fake
 def _(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits):
     return x.new_empty((*x.shape[:-1], codes.shape[1]))
+
+
+try:  # the llvmlite CPU kernel registers itself (priority 10); without llvmlite the reference serves
+    from . import llvm_codebook as _llvm_codebook  # noqa: F401,E402
+except ImportError:
+    pass

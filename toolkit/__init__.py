@@ -16,7 +16,7 @@ from .errors import (  # noqa: E402
 )
 
 
-def export(model, example_inputs, format: str = "onnx", target=None, out=None, **kwargs):
+def export(model, example_inputs=None, format: str = "onnx", target=None, out=None, **kwargs):
     """Export any nn.Module to an artifact (see edgetk.exporters)."""
     from edgetk.exporters import export as _export  # heavy imports only when used
 

@@ -1,0 +1,236 @@
+"""Kernel benchmark: llvmlite codebook GEMV / prefill GEMM and fused kv_attention vs their peers, same run.
+
+    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--json-only]
+
+Cases (one JSON line each, then a table):
+* `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB; the faster).
+* `gemv`: 2-bit codebook GEMV (vec_len 4, 256 codewords, 8-bit codes) on 4096x4096 and every linear shape of
+  smollm2-135m, 1 and 2 threads, cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
+  kernel called directly (`llvm_codebook.gemv`) and through `torch.ops.edgetk.codebook_gemm`, onnxruntime
+  `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
+  node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
+  stored weight bytes / measured read bandwidth.
+* `prefill`: 64 tokens through the prefill kernel vs `F.linear` (one weight, compute bound).
+* `kv_attention`: 4-bit cache, context 2048, one query, smollm2 heads (3 KV / 9 query heads, D 64) vs
+  `scaled_dot_product_attention` over an fp32 cache; cache bytes vs an fp16 cache.
+Timings: median and p90 over `--reps` passes over the weight set (per call). The machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from edgetk.kernels import codebook_gemm as cg
+from edgetk.kernels import kv_attention as kva
+from edgetk.kernels import kv_attention_fast as kvf
+from edgetk.kernels import llvm_codebook as lk
+
+SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
+SHAPES = [(4096, 4096), *SMOLLM2]
+MB = 1 << 20
+
+
+def stats(times: list[float]) -> dict:
+    t = sorted(times)
+    return {"median_us": 1e6 * statistics.median(t), "p90_us": 1e6 * t[min(len(t) - 1, int(0.9 * len(t)))]}
+
+
+def timed_cycles(fn, items: list, reps: int) -> dict:
+    """Per-item time of `fn(item)` over `reps` passes through `items` (after one warm-up pass)."""
+    for it in items:
+        fn(it)
+    per = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for it in items:
+            fn(it)
+        per.append((time.perf_counter() - t0) / len(items))
+    return stats(per)
+
+
+def bandwidth(threads: int, reps: int) -> dict:
+    torch.set_num_threads(threads)
+    ws = [torch.randn(4096, 4096) for _ in range(8)]  # 512 MB
+    x = torch.randn(1, 4096)
+    lin = timed_cycles(lambda w: F.linear(x, w), ws, reps)
+    sm = timed_cycles(lambda w: w.sum(), ws, reps)
+    nbytes = ws[0].numel() * 4
+    gbs = max(nbytes / lin["median_us"] / 1e3, nbytes / sm["median_us"] / 1e3)
+    del ws
+    return {"case": "bandwidth", "threads": threads, "read_GBps": gbs,
+            "linear_GBps": nbytes / lin["median_us"] / 1e3, "sum_GBps": nbytes / sm["median_us"] / 1e3}
+
+
+def codebook_weights(out: int, inf: int, n: int, seed: int = 0) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    e = torch.empty(0)
+    return [(cg.pack_codes(torch.randint(0, 256, (1, out, inf // 4), generator=g), 8),
+             torch.randn(1, 1, 256, 4, generator=g).half(), torch.empty(0, dtype=torch.int64), e, e, e)
+            for _ in range(n)]
+
+
+def ort_matmulnbits(out: int, inf: int, n: int, threads: int):
+    """One graph of n MatMulNBits (bits 2, block 32, accuracy_level 4) nodes sharing the input."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nb = inf // 32
+    inits, nodes, outs = [], [], []
+    for i in range(n):
+        inits.append(helper.make_tensor(f"B{i}", TensorProto.UINT8, [out, nb, 8],
+                                        rng.integers(0, 256, out * nb * 8, dtype=np.uint8).tobytes(), raw=True))
+        inits.append(helper.make_tensor(f"S{i}", TensorProto.FLOAT, [out * nb],
+                                        (rng.random(out * nb, dtype=np.float32) * 0.01).tobytes(), raw=True))
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"], domain="com.microsoft",
+                                      K=inf, N=out, bits=2, block_size=32, accuracy_level=4))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [1, out]))
+    graph = helper.make_graph(nodes, "mnb", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, inf])],
+                              outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    bytes_per = out * nb * 8 + out * nb * 4
+    return sess, bytes_per
+
+
+def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -> dict:
+    torch.set_num_threads(threads)
+    code_bytes = out * inf // 4
+    n = max(2, math.ceil(mb * MB / code_bytes))
+    ws = codebook_weights(out, inf, n)
+    ps = [lk.pack_weight(*w, inf, 4, 8) for w in ws]
+    stored = cg.CodebookFormat(out, inf).storage_bits() / 8
+    x = torch.randn(inf)
+    x2 = x[None]
+    ours = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
+    op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, 8), ws, reps)
+    del ps
+    n_lin = max(2, math.ceil(mb * MB / (out * inf * 4)))
+    lin_w = [torch.randn(out, inf) for _ in range(n_lin)]
+    lin = timed_cycles(lambda w: F.linear(x2, w), lin_w, reps)
+    del lin_w
+    n_ort = min(n, 4000)
+    sess, ort_bytes = ort_matmulnbits(out, inf, n_ort, threads)
+    feed = {"A": x2.numpy()}
+    ort_t = timed_cycles(lambda _: sess.run(None, feed), [0], reps)
+    ort_t = {k: v / n_ort for k, v in ort_t.items()}
+    del sess
+    med = ours["median_us"]
+    gbs = stored / med / 1e3
+    return {"case": "gemv", "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
+            "cycled_MB": n * code_bytes / MB, "bits_per_weight": cg.CodebookFormat(out, inf).bits_per_weight(),
+            "edgetk_us": ours, "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
+            "ort_cycled_MB": n_ort * ort_bytes / MB, "linear_fp32_us": lin,
+            "x_vs_ort": ort_t["median_us"] / med, "x_vs_linear": lin["median_us"] / med,
+            "op_x_vs_linear": lin["median_us"] / op["median_us"], "GBps": gbs, "bw_frac": gbs / bw,
+            "limit_us": stored / bw / 1e3}
+
+
+def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) -> dict:
+    torch.set_num_threads(threads)
+    w = codebook_weights(out, inf, 1)[0]
+    p = lk.pack_weight(*w, inf, 4, 8)
+    x = torch.randn(tokens, inf)
+    wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
+    ours = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
+    lin = timed_cycles(lambda _: F.linear(x, wd), [0] * 3, reps)
+    return {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "edgetk_us": ours,
+            "linear_fp32_us": lin, "x_vs_linear": lin["median_us"] / ours["median_us"]}
+
+
+def kv_case(threads: int, reps: int, ctx: int = 2048) -> dict:
+    torch.set_num_threads(threads)
+    H, Hq, D, fp_cap = 3, 9, 64, 32
+    g = torch.Generator().manual_seed(0)
+    n_fp = 16
+    n_q = ctx - n_fp
+    q = torch.randn(1, Hq, 1, D, generator=g)
+    kc = torch.randint(0, 256, (1, H, ctx, D // 2), generator=g, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (1, H, ctx, D // 2), generator=g, dtype=torch.uint8)
+    km = (torch.rand(1, H, 1, 2, D, generator=g) + 0.1).half()
+    vm = (torch.rand(1, H, ctx, 2, 1, generator=g) + 0.1).half()
+    lev = torch.linspace(-1, 1, 16).repeat(2, 1)
+    fp = torch.randn(2, 1, H, fp_cap, D, generator=g).half()
+    ang = torch.arange(ctx)[:, None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.cat([ang, ang], 1)
+    e = torch.empty(0).half()
+    args = (q, kc, km, vc, vm, lev, fp, torch.empty(0, dtype=torch.int32), e, e, e, ang.cos(), ang.sin(),
+            torch.ones(1, ctx, dtype=torch.bool), n_q, n_fp, 16, 64, 4)
+    ours = timed_cycles(lambda _: kvf.kv_attention_llvm(*args), [0] * 10, reps)
+    err = (kvf.kv_attention_llvm(*args) - kva.kv_attention_reference(*args)).abs().max().item()
+    k32, v32 = torch.randn(1, Hq, ctx, D), torch.randn(1, Hq, ctx, D)  # fp32 cache (GQA heads expanded)
+    sdpa = timed_cycles(lambda _: F.scaled_dot_product_attention(q, k32, v32), [0] * 10, reps)
+    kg, vg = torch.randn(1, H, ctx, D), torch.randn(1, H, ctx, D)
+    sdpa_gqa = timed_cycles(lambda _: F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True), [0] * 10, reps)
+    cache = sum(t.numel() * t.element_size() for t in (kc, km, vc, vm, fp))
+    fp16 = 2 * H * ctx * D * 2
+    return {"case": "kv_attention", "bits": 4, "context": ctx, "threads": threads, "edgetk_us": ours,
+            "sdpa_fp32_us": sdpa, "sdpa_fp32_gqa_us": sdpa_gqa, "x_vs_sdpa": sdpa["median_us"] / ours["median_us"],
+            "x_vs_sdpa_gqa": sdpa_gqa["median_us"] / ours["median_us"], "cache_bytes": cache,
+            "fp16_cache_bytes": fp16, "mem_x_vs_fp16": fp16 / cache, "max_abs_err_vs_reference": err}
+
+
+def row(r: dict) -> str:
+    c = r["case"]
+    if c == "bandwidth":
+        return f"bandwidth  t={r['threads']}  {r['read_GBps']:.1f} GB/s"
+    med = r["edgetk_us"]["median_us"]
+    if c == "gemv":
+        return (f"gemv {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us (p90 {r['edgetk_us']['p90_us']:.1f}, "
+                f"op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
+                f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
+                f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
+    if c == "prefill":
+        return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us  linear "
+                f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}")
+    return (f"kv_attention ctx={r['context']} t={r['threads']}  edgetk {med:.1f} us  sdpa {r['sdpa_fp32_us']['median_us']:.1f}"
+            f" (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  x_sdpa {r['x_vs_sdpa']:.2f}  "
+            f"mem x{r['mem_x_vs_fp16']:.2f} vs fp16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=256, help="MB of distinct weights each GEMV peer cycles through")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="4096x4096 and one smollm2 shape only")
+    args = ap.parse_args(argv)
+    results = []
+    bw = {t: bandwidth(t, args.reps) for t in (1, 2)}
+    results += list(bw.values())
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    for out, inf in shapes:
+        for t in (1, 2):
+            results.append(gemv_case(out, inf, t, args.mb, args.reps, bw[t]["read_GBps"]))
+            print(json.dumps(results[-1]), flush=True)
+    for out, inf in [(4096, 4096), (576, 1536)]:
+        for t in (1, 2):
+            results.append(prefill_case(out, inf, t, args.reps))
+            print(json.dumps(results[-1]), flush=True)
+    for t in (1, 2):
+        results.append(kv_case(t, args.reps))
+        print(json.dumps(results[-1]), flush=True)
+    for r in bw.values():
+        print(json.dumps(r))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"case": "process", "peak_rss_MB": rss}))
+    print("\n" + "\n".join(row(r) for r in results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""ONNX export: torch.onnx (dynamo) from the ExportedProgram, edgetk ops as edgetk-domain nodes with bodies.
+
+Each edgetk custom op is translated (custom_translation_table) into standard ONNX ops around one node in
+the `edgetk` domain, and the model carries a FunctionProto for that node written in standard ops, so stock
+onnxruntime runs the file while a runtime with a native edgetk kernel can take the node as is.
+
+`edgetk::codebook_gemm` -> Gather(perm) / Slice / MatMul(outliers) / Mul(scale) / Add(bias) around
+`edgetk.CodebookGemm(xq, codes, codebooks; code_bits, n_vec)`, the LUT-GEMV core: per input vector the dot
+products with every codeword, then a gather-and-sum over each row's unpacked codes. The packed uint8
+codes and the codebooks stay initializers; no dense weight is ever in the file (the onnxscript optimizer
+cannot fold through the unknown node, the body is attached after it ran).
+
+Adding an op = one entry in LOWERINGS (translation + schema + function builder).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgetk.errors import UnsupportedOpError, require
+
+from . import EXPORTERS
+from .common import decomposes, ExportConfig, Exporter, ExportPlan, TargetInfo
+
+log = logging.getLogger(__name__)
+# torch.onnx rebuilds its op registry per export and warns about torchvision ops every time
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+DOMAIN = "edgetk"
+DOMAIN_VERSION = 1
+IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13
+
+
+@dataclass(frozen=True)
+class OnnxLowering:
+    translate: Callable[..., Any]                 # custom_translation_table entry (onnxscript)
+    schema: Callable[[], Any]                     # -> onnx.defs.OpSchema for the edgetk-domain node
+    function: Callable[[int], Any]                # opset -> onnx.FunctionProto (body in standard ops)
+
+
+# -- edgetk::codebook_gemm ----------------------------------------------------------------------------
+def _cbg_schema():
+    from onnx.defs import OpSchema
+
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    return OpSchema(
+        "CodebookGemm", DOMAIN, DOMAIN_VERSION,
+        doc="y[B, O] = LUT-GEMV of x[B, in_q] with packed codes[S, O, row_bytes] into codebooks[S, G, K, V]",
+        inputs=[P("x", "T"), P("codes", "tensor(uint8)"), P("codebooks", "C")], outputs=[P("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
+                          ("C", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+        attributes=[A("code_bits", OpSchema.AttrType.INT, "bits per code"),
+                    A("n_vec", OpSchema.AttrType.INT, "codes per row")])
+
+
+def _cbg_translate(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits):
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    et = Opset(DOMAIN, DOMAIN_VERSION)
+    n_out = int(outlier_w.shape[1]) if len(outlier_w.shape) == 2 else 0
+    in_q = in_features - n_out
+    n_vec = -(-in_q // vec_len)
+    lead = op.Shape(x, end=-1)
+    x2 = op.Reshape(x, op.Constant(value_ints=[-1, in_features]))
+    if int(perm.shape[0]) > 0:
+        x2 = op.Gather(x2, perm, axis=1)
+    xq = op.Slice(x2, op.Constant(value_ints=[n_out]), op.Constant(value_ints=[in_features]),
+                  op.Constant(value_ints=[1])) if n_out else x2
+    y = et.CodebookGemm(xq, codes, codebooks, code_bits=code_bits, n_vec=n_vec)
+    if n_out:
+        xo = op.Slice(x2, op.Constant(value_ints=[0]), op.Constant(value_ints=[n_out]), op.Constant(value_ints=[1]))
+        y = op.Add(y, op.MatMul(xo, op.Transpose(op.CastLike(outlier_w, x), perm=[1, 0])))
+    if int(scale.shape[0]) > 0:
+        y = op.Mul(y, op.CastLike(scale, x))
+    if int(bias.shape[0]) > 0:
+        y = op.Add(y, op.CastLike(bias, x))
+    out_f = op.Shape(codes, start=1, end=2)
+    return op.Reshape(y, op.Concat(lead, out_f, axis=0))
+
+
+def _cbg_function(opset: int):
+    """FunctionProto edgetk.CodebookGemm in standard ops (opset >= 18: BitwiseAnd, ReduceSum axes input)."""
+    import onnx
+    from onnx import TensorProto, helper as h
+
+    nodes: list = []
+
+    def n(op, ins, outs, **attrs):
+        nodes.append(h.make_node(op, ins, [outs] if isinstance(outs, str) else outs, **attrs))
+
+    def c(name, vals, dtype=TensorProto.INT64, dims=None):
+        n("Constant", [], name, value=h.make_tensor(name + "_t", dtype, [len(vals)] if dims is None else dims, vals))
+
+    def ref(name, attr):
+        node = h.make_node("Constant", [], [name])
+        node.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
+        nodes.append(node)
+
+    ref("bits", "code_bits"), ref("nvec", "n_vec")
+    c("zero", [0]), c("one", [1]), c("neg1", [-1]), c("s0", [0], dims=[]), c("s1", [1], dims=[])
+    c("s2", [2], dims=[]), c("s8", [8], dims=[]), c("u1", [1], TensorProto.UINT8, dims=[])
+    n("Reshape", ["nvec", "one"], "nvec1")
+    # shapes
+    n("Shape", ["x"], "B", start=0, end=1), n("Shape", ["x"], "inq", start=1, end=2)
+    n("Shape", ["codebooks"], "S", start=0, end=1), n("Shape", ["codebooks"], "G", start=1, end=2)
+    n("Shape", ["codebooks"], "K", start=2, end=3), n("Shape", ["codebooks"], "V", start=3, end=4)
+    # x -> [B, n_vec, V], zero-padded
+    n("Mul", ["nvec1", "V"], "total"), n("Sub", ["total", "inq"], "padn")
+    n("Concat", ["zero", "zero", "zero", "padn"], "pads", axis=0)
+    n("Pad", ["x", "pads"], "xpad")
+    n("Concat", ["B", "nvec1", "V"], "xv_shape", axis=0), n("Reshape", ["xpad", "xv_shape"], "xv")
+    # LUT [S, G, B, n_vec, K] = xv . codebooks^T, flattened to [S, G, B, n_vec*K]
+    n("CastLike", ["codebooks", "x"], "cbx"), n("Transpose", ["cbx"], "cbT", perm=[0, 1, 3, 2])
+    c("ax2", [2]), n("Unsqueeze", ["cbT", "ax2"], "cb5"), n("MatMul", ["xv", "cb5"], "lut")
+    c("flat4", [0, 0, 0, -1]), n("Reshape", ["lut", "flat4"], "lutf")
+    # unpack codes [S, O, row_bytes] -> idx [S, O, n_vec] (little-endian bit stream)
+    n("Mul", ["nvec", "bits"], "nbits"), n("Range", ["s0", "nbits", "s1"], "bit_i")
+    n("Div", ["bit_i", "s8"], "byte_i"), n("Mod", ["bit_i", "s8"], "shift_i")
+    n("Gather", ["codes", "byte_i"], "gb", axis=2)
+    n("Cast", ["shift_i"], "shift_u8", to=TensorProto.UINT8)
+    n("BitShift", ["gb", "shift_u8"], "gbs", direction="RIGHT"), n("BitwiseAnd", ["gbs", "u1"], "bit_u8")
+    n("Cast", ["bit_u8"], "bit64", to=TensorProto.INT64)
+    n("Reshape", ["bits", "one"], "bits1")
+    n("Concat", ["zero", "zero", "nvec1", "bits1"], "bits_shape", axis=0)
+    n("Reshape", ["bit64", "bits_shape"], "bits4")
+    n("Range", ["s0", "bits", "s1"], "t"), n("Pow", ["s2", "t"], "w2")
+    n("Mul", ["bits4", "w2"], "bw"), n("ReduceSum", ["bw", "neg1"], "idx", keepdims=0)
+    # flat index j*K + idx, grouped rows: [S, G, 1, (O/G)*n_vec] broadcast over B
+    n("Range", ["s0", "nvec", "s1"], "j"), n("Mul", ["j", "K"], "jk"), n("Add", ["idx", "jk"], "flat")
+    n("Concat", ["S", "G", "one", "neg1"], "f4_shape", axis=0), n("Reshape", ["flat", "f4_shape"], "flat4d")
+    n("Concat", ["one", "one", "B", "one"], "exp_shape", axis=0), n("Expand", ["flat4d", "exp_shape"], "flatE")
+    n("GatherElements", ["lutf", "flatE"], "picked", axis=3)
+    n("Concat", ["zero", "zero", "zero", "neg1", "nvec1"], "p5_shape", axis=0)
+    n("Reshape", ["picked", "p5_shape"], "p5")
+    c("ax04", [0, 4]), n("ReduceSum", ["p5", "ax04"], "ysum", keepdims=0)  # [G, B, O/G]
+    n("Transpose", ["ysum"], "yt", perm=[1, 0, 2])
+    n("Concat", ["B", "neg1"], "y_shape", axis=0), n("Reshape", ["yt", "y_shape"], "y")
+    return h.make_function(DOMAIN, "CodebookGemm", ["x", "codes", "codebooks"], ["y"], nodes,
+                           [h.make_opsetid("", opset)], attributes=["code_bits", "n_vec"])
+
+
+LOWERINGS: dict[str, OnnxLowering] = {
+    "edgetk::codebook_gemm": OnnxLowering(_cbg_translate, _cbg_schema, _cbg_function),
+}
+
+
+@lru_cache(maxsize=None)
+def _register_schema(qualname: str) -> None:
+    import onnx
+
+    schema = LOWERINGS[qualname].schema()
+    try:
+        onnx.defs.get_schema(schema.name, DOMAIN_VERSION, schema.domain)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(schema)
+
+
+@lru_cache(maxsize=1)
+def _torchlib_registry():
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib()
+
+
+class OnnxExporter(Exporter):
+    format = "onnx"
+    cache_mode = "explicit"
+    dynamic_shapes = "any"
+    extra = "onnx"
+
+    def require(self) -> None:
+        for mod in ("onnx", "onnxruntime", "onnxscript"):
+            require(mod, self.extra)
+
+    def unsupported_reason(self, op: torch._ops.OpOverload) -> str | None:
+        try:
+            if _torchlib_registry().is_registered(op) or decomposes(op):
+                return None
+        except Exception:  # private registry API changed: let torch.onnx decide
+            log.debug("torchlib registry unavailable", exc_info=True)
+            return None
+        return f"torch.onnx has no translation or decomposition for {op}"
+
+    def lower(self, ep: torch.export.ExportedProgram, plan: ExportPlan, root: Path, target: TargetInfo,
+              cfg: ExportConfig) -> dict[str, Any]:
+        import onnx
+
+        used = [q for q in _custom_ops_in(ep) if q in LOWERINGS]
+        for q in used:
+            _register_schema(q)
+        table = {_overload(q): LOWERINGS[q].translate for q in used}
+        with contextlib.redirect_stdout(io.StringIO()) as captured:
+            try:
+                prog = torch.onnx.export(ep, (), dynamo=True, input_names=plan.input_names,
+                                         output_names=plan.output_names, custom_translation_table=table,
+                                         optimize=cfg.optimize, opset_version=cfg.opset, verbose=False,
+                                         external_data=False)
+            except Exception as exc:
+                raise UnsupportedOpError(f"torch.onnx could not convert {type(plan.module).__name__}: "
+                                         f"{str(exc).splitlines()[0][:300]}",
+                                         hint="rerun with --debug; decompose the failing op or export "
+                                              "to another format") from exc
+        log.debug("torch.onnx: %s", captured.getvalue())
+        model = prog.model_proto
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        for q in used:
+            model.functions.append(LOWERINGS[q].function(opset))
+        if used and not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        model.ir_version = min(model.ir_version, IR_VERSION)
+        path = root / "model.onnx"
+        onnx.save_model(model, str(path))
+        return {"file": "model.onnx", "onnx": {"opset": opset, "ir_version": model.ir_version,
+                                               "functions": [f"{f.domain}.{f.name}" for f in model.functions]}}
+
+
+def _custom_ops_in(ep: torch.export.ExportedProgram) -> list[str]:
+    from .common import op_name
+
+    names = {op_name(n.target) for n in ep.graph.nodes
+             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+    return sorted(q for q in names if not q.startswith(("aten::", "prims::")))
+
+
+def _overload(qualname: str) -> torch._ops.OpOverload:
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
+
+
+EXPORTERS.register("onnx", OnnxExporter())

@@ -1,0 +1,98 @@
+"""Cross-check of the llvmlite codebook kernels on aarch64 (NEON) under qemu-user.
+
+The same generator as the host JIT (`edgetk.kernels.llvm_codebook.build_module`) emits an aarch64 ELF object;
+`codebook_check.c` (this folder) is linked against it with `aarch64-linux-gnu-gcc` and run with
+`qemu-aarch64 -L /usr/aarch64-linux-gnu`. Each case ships the kernel's argument block and one blob holding every
+input (repacked codes, float32 codebooks, x, scratch): pointer arguments are blob offsets that the C program
+rebases. The output region comes back and is compared with `codebook_gemm_reference` by the caller.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgetk.errors import DeviceError
+from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_common as lc
+
+TRIPLE = "aarch64-unknown-linux-gnu"
+CC = "aarch64-linux-gnu-gcc"
+SYSROOT = "/usr/aarch64-linux-gnu"
+SOURCE = Path(__file__).with_name("codebook_check.c")
+NEON_BITS = 128
+MAGIC = 0x4B43454843424345
+PTR_ARGS = (lk.A_X, lk.A_PERM, lk.A_CODES, lk.A_CBT, lk.A_OW, lk.A_SCALE, lk.A_BIAS, lk.A_Y, lk.A_SCR)
+
+
+def tools_available() -> bool:
+    return shutil.which(CC) is not None and shutil.which("qemu-aarch64") is not None
+
+
+def build(spec: lk.KernelSpec, workdir: Path) -> Path:
+    """Emit the aarch64 object for `spec`, link the check program, return its path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    obj = workdir / "codebook_kernels.o"
+    obj.write_bytes(lc.emit_object(lk.build_module(spec, TRIPLE), TRIPLE))
+    exe = workdir / "codebook_check"
+    cmd = [CC, "-O2", "-o", str(exe), str(SOURCE), str(obj), "-lpthread", "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise DeviceError(f"linking the aarch64 check failed: {res.stderr.strip()[:500]}",
+                          hint="apt-get install gcc-aarch64-linux-gnu")
+    return exe
+
+
+@dataclass
+class _Blob:
+    parts: list
+    size: int = 0
+
+    def add(self, t: torch.Tensor | None, nbytes: int | None = None) -> int:
+        if t is None and nbytes is None:
+            return -1
+        off = self.size
+        data = bytes(nbytes) if t is None else t.contiguous().view(torch.uint8).numpy().tobytes()
+        self.parts.append(data + bytes(-len(data) % 64))
+        self.size += len(self.parts[-1])
+        return off
+
+
+def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int) -> tuple[int, torch.Tensor | None]:
+    """Serialise one call (gemv when x2 has one row, else gemm); returns (output floats, permuted x for gemm)."""
+    blob, a = _Blob([]), p.static_args()
+    gemv = x2.shape[0] == 1
+    xp = None
+    if gemv:
+        a[lk.A_X], stride, out_n = blob.add(x2[0]), lk.gemv_stride(p), p.n_rb * p.spec.R
+    else:
+        xp, xt = lk.gemm_inputs(p, x2)
+        a[lk.A_X], stride, a[lk.A_NBT] = blob.add(xt), lk.gemm_stride(p), xt.shape[0]
+        out_n = xt.shape[0] * p.n_rb * p.spec.R * p.spec.BT
+    a[lk.A_PERM], a[lk.A_CODES], a[lk.A_CBT] = blob.add(p.perm), blob.add(p.codes_r), blob.add(p.cbt)
+    a[lk.A_OW], a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.ow), blob.add(p.scale), blob.add(p.bias)
+    a[lk.A_Y], a[lk.A_SCR], a[lk.A_SSTRIDE] = blob.add(None, 4 * out_n), blob.add(None, stride * n_threads), stride
+    mask = sum(1 << i for i in PTR_ARGS)
+    head = [MAGIC, 0 if gemv else 1, p.n_rb, n_threads, a[lk.A_Y], 4 * out_n, mask, lk.N_ARGS, *a, blob.size]
+    path.write_bytes(struct.pack(f"<{len(head)}q", *head) + b"".join(blob.parts))
+    return out_n, xp
+
+
+def run(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path) -> torch.Tensor:
+    """y [B, out] computed by the aarch64 kernel under qemu."""
+    case, out = workdir / "case.bin", workdir / "out.bin"
+    out_n, xp = write_case(case, p, x2, n_threads)
+    res = subprocess.run(["qemu-aarch64", "-L", SYSROOT, str(exe), str(case), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode:
+        raise DeviceError(f"aarch64 check program failed ({res.returncode}): {res.stderr.strip()[:500]}",
+                          hint="apt-get install qemu-user; it runs as qemu-aarch64 -L " + SYSROOT)
+    y = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32)
+    assert y.numel() == out_n
+    if xp is None:
+        return y[:p.out_f][None].clone()
+    return lk.gemm_finish(p, y.view(-1, p.n_rb * p.spec.R, p.spec.BT), xp)

@@ -1,0 +1,318 @@
+"""llvmlite-generated CPU kernel for `edgetk::kv_attention` (contract and reference: kernels/kv_attention.py).
+
+Fused dequantization: no dense fp cache is built. One work item = one (batch, KV head); items are spread over
+pthreads created inside the generated code. Per item, for the rep*T queries that read this KV head:
+
+1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
+   constant shuffle (bits 2 and 4), mapped through the 2**bits levels (`llvm.masked.gather` from a 4-16 entry
+   table), scaled and shifted by the per-channel block statistics (fp16, widened in registers); slots of the fp
+   region are widened from fp16. The key is rotated in registers (RoPE, row p; rotate_half is a constant
+   shuffle) and dotted with every query (`<D x float>` FMA + reassociating reduction).
+2. softmax per query, vectorised, with an inlined exp (Cody-Waite range reduction + degree-7 polynomial).
+3. values: per slot the codes are dequantized with the per-token group statistics and accumulated into the
+   rep*T outputs with the softmax weights.
+
+Compile-time: head_dim D, bits, value_group; everything else is runtime. Not handled here (the reference
+serves): 3-bit codes, dense-and-sparse outliers, the GEAR low-rank term, non-float32 queries, D not even.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import llvm_common as lc
+from . import table
+from .kv_attention import kv_attention_reference
+
+ir = lc.ir
+(A_Q, A_KC, A_KM, A_VC, A_VM, A_LEV, A_FP, A_COS, A_SIN, A_MASK, A_OUT, A_SCR, A_SSTRIDE, A_H, A_HQ, A_T, A_S, A_C,
+ A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B) = range(25)
+N_ARGS = 25
+W = 16  # softmax vector width
+F16 = ir.HalfType()
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    D: int
+    bits: int
+    value_group: int
+
+    @property
+    def P(self) -> int:
+        return self.D * self.bits // 8
+
+
+def _vt(n, t=lc.F32):
+    return ir.VectorType(t, n)
+
+
+def _const_vec(vals, t=lc.F32):
+    return ir.Constant(_vt(len(vals), t), list(vals))
+
+
+class _K:
+    """Emission helpers bound to one function."""
+
+    def __init__(self, g: lc.Gen, spec: KVSpec, args):
+        self.g, self.b, self.s, self.args = g, g.b, spec, args
+
+    def p(self, i):
+        return self.g.arg(self.args, i)
+
+    def n(self, i):
+        return self.g.arg(self.args, i, lc.I64)
+
+    def shuffle(self, a, c, mask):
+        return self.b.shuffle_vector(a, c, _const_vec(mask, lc.I32))
+
+    def codes(self, ptr):
+        """<P x i8> at ptr -> <D x i32> codes (little-endian bit stream, bits 2/4/8)."""
+        b, s = self.b, self.s
+        P, per = s.P, 8 // s.bits
+        raw = b.load(ptr, typ=_vt(P, lc.I8), align=1)
+        if per == 1:
+            return b.zext(raw, _vt(P, lc.I32))
+        m = ir.Constant(_vt(P, lc.I8), [(1 << s.bits) - 1] * P)
+        parts = [b.and_(b.lshr(raw, ir.Constant(_vt(P, lc.I8), [k * s.bits] * P)), m) for k in range(per)]
+        while len(parts) > 1:  # concatenate pairwise: parts[k] occupies [k*P, (k+1)*P)
+            n = parts[0].type.count
+            parts = [self.shuffle(parts[i], parts[i + 1], range(2 * n)) for i in range(0, len(parts), 2)]
+        order = [k * P + i for i in range(P) for k in range(per)]  # code d = i*per + k
+        return b.zext(self.shuffle(parts[0], parts[0], order), _vt(s.D, lc.I32))
+
+    def half_vec(self, ptr, n):
+        return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
+
+    def reduce_add(self, v):
+        m = self.g.fn.module
+        name = f"llvm.vector.reduce.fadd.v{v.type.count}f32"
+        fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(lc.F32, [lc.F32, v.type]), name)
+        return self.b.call(fn, [ir.Constant(lc.F32, -0.0), v], fastmath=("reassoc", "nsz"))
+
+    def exp(self, x):
+        """exp on <W x float>, relative error ~1e-7 on [-87, 88]; inputs below -87 give ~0."""
+        b = self.b
+        c = lambda v: _const_vec([v] * W)  # noqa: E731
+        x = b.select(b.fcmp_ordered("<", x, c(-87.0)), c(-87.0), x)
+        y = b.fmul(x, c(1.4426950408889634))
+        m = self.g.fn.module
+        name = f"llvm.rint.v{W}f32"
+        rint = m.globals.get(name) or ir.Function(m, ir.FunctionType(_vt(W), [_vt(W)]), name)
+        n = b.call(rint, [y])
+        r = self.g.fma(n, c(-0.693145751953125), x)
+        r = self.g.fma(n, c(-1.428606765330187e-06), r)
+        p = c(1.0 / 5040)
+        for k in (720, 120, 24, 6, 2, 1, 1):
+            p = self.g.fma(p, r, c(1.0 / k))
+        e = b.shl(b.add(b.fptosi(n, _vt(W, lc.I32)), _const_vec([127] * W, lc.I32)), _const_vec([23] * W, lc.I32))
+        return b.fmul(p, b.bitcast(e, _vt(W)))
+
+
+def _gen(mod, spec: KVSpec):
+    fn = ir.Function(mod, lc.WORK_TYPE, "kv_work")
+    g = lc.Gen(fn)
+    args, tid, it0, it1 = fn.args
+    k = _K(g, spec, args)
+    b = g.b
+    with g.loop(it0, it1, name="item") as item:
+        _emit_item(k, tid, item)
+    b.ret_void()
+    return fn
+
+
+def _emit_item(k: _K, tid, item):
+    g, b, s = k.g, k.b, k.s
+    D, i64 = s.D, g.i64
+    H, Hq, T = k.n(A_H), k.n(A_HQ), k.n(A_T)
+    n_q, n_fp, npad = k.n(A_NQ), k.n(A_NFP), k.n(A_NPAD)
+    n = b.add(n_q, n_fp)
+    rep = b.sdiv(Hq, H)
+    nq = b.mul(rep, T)  # queries reading this KV head
+    bb, h = b.sdiv(item, H), b.srem(item, H)
+    scr = b.gep(k.p(A_SCR), [b.mul(tid, k.n(A_SSTRIDE))], source_etype=lc.I8)
+    scores = scr  # [nq][npad]
+    acc = b.gep(scores, [b.mul(nq, npad)], source_etype=lc.F32)  # [nq][D]
+    q0 = b.gep(k.p(A_Q), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
+    vd = _vt(D)
+    inv = ir.Constant(lc.F32, 1.0 / math.sqrt(D))
+    S, P = k.n(A_S), s.P
+    kc = b.gep(k.p(A_KC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
+    vc = b.gep(k.p(A_VC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
+    lev = k.p(A_LEV)
+    L = 1 << s.bits
+    fp_k = b.gep(k.p(A_FP), [b.mul(b.mul(item, k.n(A_C)), i64(D))], source_etype=F16)
+    fp_v = b.gep(fp_k, [b.mul(b.mul(b.mul(k.n(A_B), H), k.n(A_C)), i64(D))], source_etype=F16)
+    half = D // 2
+    signs = _const_vec([-1.0] * half + [1.0] * half)
+    rot = list(range(half, D)) + list(range(half))
+    kvar = g.var(vd, name="key")
+    # 1. scores
+    with g.loop(0, n, name="p") as p:
+        is_q = b.icmp_signed("<", p, n_q)
+        with b.if_else(is_q) as (then, other):
+            with then:
+                blk = g.min(b.sdiv(p, k.n(A_KG)), b.sub(k.n(A_NBK), i64(1)))
+                meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, k.n(A_NBK)), blk), i64(2 * D))], source_etype=F16)
+                c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8))
+                lv = g.gather(lev, c, D)
+                scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
+                b.store(g.fma(lv, scale, zero), kvar)
+            with other:
+                b.store(k.half_vec(b.gep(fp_k, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
+        kh = b.load(kvar, typ=vd)
+        cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+        sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+        kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
+        with g.loop(0, nq, name="qi") as qi:
+            t = b.srem(qi, T)
+            vis = g.load(lc.I8, k.p(A_MASK), b.add(b.mul(t, k.n(A_MSTRIDE)), p))
+            qv = b.load(b.gep(q0, [b.mul(qi, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+            sc = b.fmul(k.reduce_add(b.fmul(qv, kr)), inv)
+            sc = b.select(b.icmp_unsigned("!=", vis, ir.Constant(lc.I8, 0)), sc, ir.Constant(lc.F32, -math.inf))
+            g.store(lc.F32, sc, scores, b.add(b.mul(qi, npad), p))
+    _emit_softmax(k, scores, nq, n, npad, acc)
+    # 3. values
+    NG = D // s.value_group
+    gmap = [d // s.value_group for d in range(D)]
+    vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
+    lev1 = b.gep(lev, [i64(L)], source_etype=lc.F32)
+    with g.loop(0, n, name="pv") as p:
+        with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
+            with then:
+                meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
+                sc_ = k.half_vec(meta, NG)
+                zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
+                c = k.codes(b.gep(vc, [b.mul(p, i64(P))], source_etype=lc.I8))
+                lv = g.gather(lev1, c, D)
+                b.store(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar)
+            with other:
+                b.store(k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
+        vv = b.load(kvar, typ=vd)
+        with g.loop(0, nq, name="qa") as qi:
+            w = g.load(lc.F32, scores, b.add(b.mul(qi, npad), p))
+            ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
+            b.store(g.fma(g.splat(w, D), vv, b.load(ap, typ=vd, align=4)), ap, align=4)
+    # output = acc / sum (the sums were left in scores[qi][npad - 1]... kept in the `tot` slots below)
+    out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
+    tot = b.gep(acc, [b.mul(nq, i64(D))], source_etype=lc.F32)
+    with g.loop(0, nq, name="qo") as qi:
+        r = b.fdiv(ir.Constant(lc.F32, 1.0), g.load(lc.F32, tot, qi))
+        ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
+        b.store(b.fmul(b.load(ap, typ=vd, align=4), g.splat(r, D)),
+                b.gep(out0, [b.mul(qi, i64(D))], source_etype=lc.F32), align=4)
+
+
+def _emit_softmax(k: _K, scores, nq, n, npad, acc):
+    """scores[qi][p] <- exp(scores - max) (p < n; 0 in the padding); tot[qi] = sum; acc[qi][:] = 0."""
+    g, b, D = k.g, k.b, k.s.D
+    vw = _vt(W)
+    tot = b.gep(acc, [b.mul(nq, g.i64(D))], source_etype=lc.F32)
+    mx, sm = g.var(vw, name="mx"), g.var(vw, name="sm")
+    ninf = _const_vec([-math.inf] * W)
+    lanes = _const_vec(list(range(W)), lc.I64)
+    with g.loop(0, nq, name="sq") as qi:
+        row = b.gep(scores, [b.mul(qi, npad)], source_etype=lc.F32)
+        b.store(ninf, mx)
+        with g.loop(0, npad, step=W, name="sm1") as p:
+            valid = b.icmp_signed("<", b.add(g.splat(p, W), lanes), g.splat(n, W))
+            x = b.select(valid, b.load(b.gep(row, [p], source_etype=lc.F32), typ=vw, align=4), ninf)
+            cur = b.load(mx, typ=vw)
+            b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx)
+        m = b.load(mx, typ=vw)
+        for half in (8, 4, 2, 1):
+            sh = k.shuffle(m, m, list(range(half, 2 * half)) + list(range(half, W)))
+            m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
+        mb = g.splat(b.extract_element(m, ir.Constant(lc.I32, 0)), W)
+        b.store(_const_vec([0.0] * W), sm)
+        with g.loop(0, npad, step=W, name="sm2") as p:
+            ptr = b.gep(row, [p], source_etype=lc.F32)
+            valid = b.icmp_signed("<", b.add(g.splat(p, W), lanes), g.splat(n, W))
+            x = b.select(valid, b.load(ptr, typ=vw, align=4), ninf)
+            e = b.select(b.fcmp_ordered(">", x, ninf), k.exp(b.fsub(x, mb)), _const_vec([0.0] * W))
+            b.store(e, ptr, align=4)
+            b.store(b.fadd(b.load(sm, typ=vw), e), sm)
+        g.store(lc.F32, k.reduce_add(b.load(sm, typ=vw)), tot, qi)
+        b.store(_const_vec([0.0] * D), b.gep(acc, [b.mul(qi, g.i64(D))], source_etype=lc.F32), align=4)
+
+
+def build_module(spec: KVSpec, triple: str | None = None):
+    mod = lc.new_module(f"kv_attention_{spec.D}_{spec.bits}", triple)
+    lc.add_parallel_for(mod, _gen(mod, spec))
+    return mod
+
+
+_PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
+@functools.cache
+def compiled(spec: KVSpec):
+    return _PAR_T(lc.jit(build_module(spec), ["kv_work_par"])["kv_work_par"])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf
+
+
+def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group) -> bool:
+    D = q.shape[-1]
+    return (bits in (2, 4, 8) and q.dtype == torch.float32 and not out_idx.numel() and not lr_u.numel()
+            and D % 2 == 0 and D % value_group == 0 and v_meta.shape[-1] * value_group == D
+            and (D * bits) % 8 == 0 and k_codes.dtype == torch.uint8 and levels.shape[-1] == 1 << bits
+            and mask.dtype == torch.bool and q.device.type == "cpu")
+
+
+def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos,
+                      sin, mask, n_q: int, n_fp: int, key_group: int, value_group: int, bits: int,
+                      n_threads: int | None = None):
+    """Same signature and result as `kv_attention_reference`; cases it does not take go there."""
+    args = (q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin, mask,
+            n_q, n_fp, key_group, value_group, bits)
+    if not supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group):
+        return kv_attention_reference(*args)
+    B, Hq, T, D = q.shape
+    H, S = k_codes.shape[1], k_codes.shape[2]
+    n = n_q + n_fp
+    npad = max(W, -(-n // W) * W)
+    spec = KVSpec(D, bits, value_group)
+    c = lambda t: t.contiguous()  # noqa: E731
+    q, k_codes, k_meta, v_codes, v_meta = c(q), c(k_codes), c(k_meta.half()), c(v_codes), c(v_meta.half())
+    levels, kv_fp, mask = c(levels.float()), c(kv_fp.half()), c(mask.to(torch.uint8))
+    cos, sin = c(cos.float()), c(sin.float())
+    out = torch.empty(B, Hq, T, D, dtype=torch.float32)
+    nq = (Hq // H) * T
+    stride = 4 * (nq * npad + nq * D + nq) + 64
+    stride += -stride % 64
+    nt = max(1, min(torch.get_num_threads() if n_threads is None else n_threads, B * H))
+    scr = _scratch(stride * nt)
+    a = [0] * N_ARGS
+    for i, t in ((A_Q, q), (A_KC, k_codes), (A_KM, k_meta), (A_VC, v_codes), (A_VM, v_meta), (A_LEV, levels),
+                 (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr)):
+        a[i] = t.data_ptr()
+    a[A_SSTRIDE], a[A_H], a[A_HQ], a[A_T], a[A_S], a[A_C] = stride, H, Hq, T, S, kv_fp.shape[3]
+    a[A_NBK], a[A_KG], a[A_NQ], a[A_NFP], a[A_MSTRIDE], a[A_NPAD], a[A_B] = (
+        k_meta.shape[2], key_group, n_q, n_fp, mask.shape[1], npad, B)
+    compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H, nt)
+    return out
+
+
+def available() -> bool:
+    try:
+        lc.target_machine()
+        return True
+    except Exception:  # noqa: BLE001 - no usable LLVM target -> the reference serves
+        return False
+
+
+table.register("kv_attention", "cpu", "eager", "llvm", kv_attention_llvm, priority=10, available=available)

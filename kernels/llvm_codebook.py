@@ -1,0 +1,506 @@
+"""llvmlite-generated CPU kernels for `edgetk::codebook_gemm` (contract: kernels/codebook_gemm.py).
+
+Two kernels are generated per `KernelSpec` (vec_len, codebook size K, code width, row tile R, column block JB,
+stages, batch tile BT), JIT-compiled once for the host (AVX2 / AVX-512 from the host CPU features, NEON on
+aarch64) and cached; the same generator emits aarch64 objects (kernels/aarch64_check):
+
+* `gemv` (one input vector): per column block of JB code vectors, a lookup table
+  LUT[s][jj][k] = <x_j, codebook[s, g, k]> (JB*K floats, sized to stay in L1), then per tile of R output rows a
+  gather-and-sum: the R codes of column j are one `<R x i8|i16>` load, `llvm.masked.gather` fetches R LUT
+  entries (vpgatherdd on x86) and adds them to an `<R x float>` accumulator. The epilogue adds the dense outlier
+  columns, multiplies by the per-row scale and adds the bias.
+* `gemm` (prefill, B > 1 inputs): the batch is cut into tiles of BT inputs; LUT[s][jj][k][0:BT] holds the
+  dot products for all BT inputs, so the gather-and-sum becomes contiguous `<BT x float>` loads and adds
+  (no gathers), 4 output rows at a time.
+
+Both split output-row tiles over pthreads created inside the generated code (`llvm_common.add_parallel_for`).
+
+Repacked code layout (one-time per weight tensor, cached; the stored layout is never changed):
+``codes_r[s][jblk][rb][jj][i]`` (uint8 when K <= 256, else uint16) is the code of output row rb*R + i for code
+vector j = jblk*JB + jj of stage s; a column block holds jl = min(JB, n_vec - jblk*JB) vectors, so the flat offset
+is ``s*n_rb*R*n_vec + jblk*JB*n_rb*R + rb*jl*R + jj*R + i``. Rows are padded to n_rb*R with code 0 (their outputs
+are dropped). A thread therefore streams its rows' codes sequentially within every column block. Codebooks are
+repacked to float32 ``cbT[s][g][t][k]`` (codeword k, component t) so the LUT is built with unit-stride vectors.
+Formats it does not take (non-float32 activations, codes wider than 16 bits, R not dividing the rows of a
+group) go to `codebook_gemm_reference`.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import llvm_common as lc
+from . import table
+from .codebook_gemm import codebook_gemm_reference, unpack_codes
+
+ir = lc.ir
+# indices into the i64 argument block every generated kernel receives
+(A_X, A_PERM, A_CODES, A_CBT, A_OW, A_SCALE, A_BIAS, A_Y, A_SCR, A_SSTRIDE, A_OUT, A_NOUT, A_NVEC, A_GROUPS,
+ A_RPG, A_NRB, A_NBT, A_IN_F) = range(18)
+N_ARGS = 18
+LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
+GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
+MIN_CODES_PER_THREAD = 1 << 18  # below this a pthread costs more than it saves
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    vec_len: int
+    K: int
+    code_bytes: int  # 1 (K <= 256) or 2
+    R: int  # output rows per tile (vector width of the gemv gather)
+    JB: int  # code vectors per column block
+    stages: int
+    BT: int  # batch tile of the prefill kernel
+    JS: int  # code vectors per prefill LUT sub-block (divides JB)
+
+    @property
+    def ctype(self):
+        return lc.I8 if self.code_bytes == 1 else lc.I16
+
+
+def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: bool,
+              vector_bits: int | None = None) -> KernelSpec | None:
+    lanes = (vector_bits or lc.host_vector_bits()) // 32
+    R = lanes
+    while grouped and R > 1 and rows_per_group % R:
+        R //= 2
+    if K > 65536:
+        return None
+    JB = max(1, LUT_BYTES // (4 * stages * K))
+    JS = max(1, min(JB, GEMM_LUT_BYTES // (4 * stages * K * lanes)))
+    while JB % JS:
+        JS -= 1
+    return KernelSpec(vec_len, K, 1 if K <= 256 else 2, R, JB, stages, lanes, JS)
+
+
+# -- IR generation ---------------------------------------------------------------------------------------
+class _Args:
+    def __init__(self, g: lc.Gen, args):
+        self.g, self.args = g, args
+
+    def p(self, i):
+        return self.g.arg(self.args, i)
+
+    def n(self, i):
+        return self.g.arg(self.args, i, lc.I64)
+
+
+def _group_rows(g: lc.Gen, a: _Args, spec: KernelSpec, grp, rb0, rb1):
+    """Row tiles of group `grp` inside [rb0, rb1)."""
+    b, R = g.b, g.i64(spec.R)
+    rpg = a.n(A_RPG)
+    lo = b.sdiv(b.mul(grp, rpg), R)
+    hi = b.sdiv(b.add(b.mul(b.add(grp, g.i64(1)), rpg), g.i64(spec.R - 1)), R)
+    return g.max(lo, rb0), g.min(hi, rb1)
+
+
+def _code_base(g: lc.Gen, a: _Args, spec: KernelSpec, s, j0, jl, rb):
+    b, R = g.b, g.i64(spec.R)
+    nrb_r = b.mul(a.n(A_NRB), R)
+    off = b.add(b.mul(s, b.mul(nrb_r, a.n(A_NVEC))), b.mul(j0, nrb_r))
+    off = b.add(off, b.mul(b.mul(rb, jl), R))
+    return b.gep(a.p(A_CODES), [off], source_etype=spec.ctype)
+
+
+def _emit_lut(g: lc.Gen, a: _Args, spec: KernelSpec, lut, xsrc, grp, j0, jl, lanes: int):
+    """lut[s][jj][k][0:lanes] = sum_t cbT[s][grp][t][k] * x[(j0+jj)*v + t][0:lanes].
+
+    lanes == 1 (gemv): vectorised over k in chunks of W = spec.BT; lanes > 1 (gemm): vectorised over the batch.
+    """
+    b, v, K = g.b, spec.vec_len, spec.K
+    cbt, G = a.p(A_CBT), a.n(A_GROUPS)
+    W = spec.BT if lanes == 1 else 1
+    with g.loop(0, spec.stages, name="ls") as s:
+        cb_sg = b.gep(cbt, [b.mul(b.add(b.mul(s, G), grp), g.i64(v * K))], source_etype=lc.F32)
+        with g.loop(0, jl, name="lj") as jj:
+            xoff = b.mul(b.add(j0, jj), g.i64(v * lanes))
+            xp = [b.gep(xsrc, [b.add(xoff, g.i64(t * lanes))], source_etype=lc.F32) for t in range(v)]
+            row = b.mul(b.add(b.mul(s, g.i64(spec.JB if lanes == 1 else spec.JS)), jj), g.i64(K * lanes))
+            if lanes == 1:
+                xs1 = [b.load(p_, typ=lc.F32) for p_ in xp]
+                for width, k0, k1 in ((W, 0, K - K % W), (1, K - K % W, K)):
+                    if k1 > k0:
+                        _lut_loop(g, cb_sg, lut, row, [g.splat(x_, width) for x_ in xs1], k0, k1, width, 1, v, K)
+            else:
+                vt = ir.VectorType(lc.F32, lanes)
+                xs = [b.load(p_, typ=vt, align=4) for p_ in xp]
+                _lut_loop(g, cb_sg, lut, row, xs, 0, K, 1, lanes, v, K)
+
+
+def _lut_loop(g: lc.Gen, cb_sg, lut, row, xs, k0, k1, width, lanes, v, K):
+    """For k in [k0, k1) step width: lut[row + k*lanes] = sum_t cb[t*K + k : +width] (*) xs[t]."""
+    b = g.b
+    n = max(width, lanes)
+    vt = ir.VectorType(lc.F32, n)
+    with g.loop(k0, k1, step=width, name="lk") as k:
+        acc = ir.Constant(vt, [0.0] * n)
+        for t in range(v):
+            wp = b.gep(cb_sg, [b.add(k, g.i64(t * K))], source_etype=lc.F32)
+            w = b.load(wp, typ=vt, align=4) if width > 1 else g.splat(b.load(wp, typ=lc.F32), n)
+            acc = g.fma(w, xs[t], acc)
+        b.store(acc, b.gep(lut, [b.add(row, b.mul(k, g.i64(lanes)))], source_etype=lc.F32), align=4)
+
+
+def _emit_prep_x(g: lc.Gen, a: _Args, spec: KernelSpec, xq, xo):
+    """xq[i] = x[perm[n_out + i]] (zero past in_q), xo[i] = x[perm[i]]; identity when perm is null."""
+    b = g.b
+    x, perm, n_out = a.p(A_X), a.n(A_PERM), a.n(A_NOUT)
+    n_pad = b.mul(a.n(A_NVEC), g.i64(spec.vec_len))
+    in_f = a.n(A_IN_F)
+    has_perm = b.icmp_signed("!=", perm, g.i64(0))
+    pp = b.inttoptr(perm, lc.PTR)
+    with g.loop(0, b.add(n_pad, n_out), name="px") as i:
+        src = b.select(has_perm, g.load(lc.I64, pp, g.min(i, b.sub(in_f, g.i64(1)))), i)
+        val = b.select(b.icmp_signed("<", i, in_f), g.load(lc.F32, x, src), ir.Constant(lc.F32, 0.0))
+        is_out = b.icmp_signed("<", i, n_out)
+        dst = b.select(is_out, b.gep(xo, [i], source_etype=lc.F32),
+                       b.gep(xq, [b.sub(i, n_out)], source_etype=lc.F32))
+        b.store(val, dst)
+
+
+def _gen_gemv(mod, spec: KernelSpec):
+    fn = ir.Function(mod, lc.WORK_TYPE, "gemv_work")
+    g = lc.Gen(fn)
+    b = g.b
+    args, tid, rb0, rb1 = fn.args
+    a = _Args(g, args)
+    R, K, v = spec.R, spec.K, spec.vec_len
+    vt, it = ir.VectorType(lc.F32, R), ir.VectorType(lc.I32, R)
+    n_vec, n_out = a.n(A_NVEC), a.n(A_NOUT)
+    scr = b.gep(a.p(A_SCR), [b.mul(tid, a.n(A_SSTRIDE))], source_etype=lc.I8)
+    lut = scr
+    xq = b.gep(lut, [g.i64(spec.stages * spec.JB * K)], source_etype=lc.F32)
+    xo = b.gep(xq, [b.mul(n_vec, g.i64(v))], source_etype=lc.F32)
+    _emit_prep_x(g, a, spec, xq, xo)
+    y = a.p(A_Y)
+    with g.loop(b.mul(rb0, g.i64(R)), b.mul(rb1, g.i64(R)), name="z") as r:
+        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
+    rpg = a.n(A_RPG)
+    g0 = b.sdiv(b.mul(rb0, g.i64(R)), rpg)
+    g1 = g.min(b.add(b.sdiv(b.sub(b.mul(rb1, g.i64(R)), g.i64(1)), rpg), g.i64(1)), a.n(A_GROUPS))
+    acc_v = [g.var(vt, name=f"acc{u}") for u in range(2)]
+    zero = ir.Constant(vt, [0.0] * R)
+    with g.loop(g0, g1, name="grp") as grp:
+        lo, hi = _group_rows(g, a, spec, grp, rb0, rb1)
+        with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
+            jl = g.min(g.i64(spec.JB), b.sub(n_vec, j0))
+            _emit_lut(g, a, spec, lut, xq, grp, j0, jl, 1)
+            with g.loop(lo, hi, name="rb") as rb:
+                yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
+                b.store(b.load(yp, typ=vt, align=4), acc_v[0])
+                b.store(zero, acc_v[1])
+                with g.loop(0, spec.stages, name="s") as s:
+                    cb = _code_base(g, a, spec, s, j0, jl, rb)
+                    lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
+                    jl2 = b.and_(jl, g.i64(-2))
+
+                    def step(jj, u):
+                        c = b.load(b.gep(cb, [b.mul(jj, g.i64(R))], source_etype=spec.ctype),
+                                   typ=ir.VectorType(spec.ctype, R), align=1)
+                        idx = b.add(b.zext(c, it), g.splat(b.trunc(b.mul(jj, g.i64(K)), lc.I32), R))
+                        b.store(b.fadd(b.load(acc_v[u], typ=vt), g.gather(lb, idx, R)), acc_v[u])
+
+                    with g.loop(0, jl2, step=2, name="jj") as jj:
+                        step(jj, 0)
+                        step(b.add(jj, g.i64(1)), 1)
+                    with b.if_then(b.icmp_signed("<", jl2, jl)):
+                        step(jl2, 0)
+                tot = b.fadd(b.load(acc_v[0], typ=vt), b.load(acc_v[1], typ=vt))
+                b.store(tot, yp, align=4)
+    _emit_epilogue(g, a, spec, xo, b.mul(rb0, g.i64(R)), g.min(b.mul(rb1, g.i64(R)), a.n(A_OUT)))
+    b.ret_void()
+    return fn
+
+
+def _emit_epilogue(g: lc.Gen, a: _Args, spec: KernelSpec, xo, r0, r1):
+    """y[r] = (y[r] + <outlier_w[r], xo>) * scale[r] + bias[r] for rows [r0, r1)."""
+    b = g.b
+    y, n_out = a.p(A_Y), a.n(A_NOUT)
+    ow, sc, bi = a.n(A_OW), a.n(A_SCALE), a.n(A_BIAS)
+    acc = g.var(lc.F32, name="ep")
+    with g.loop(r0, r1, name="er") as r:
+        b.store(g.load(lc.F32, y, r), acc)
+        with b.if_then(b.icmp_signed("!=", ow, g.i64(0))):
+            owr = b.gep(b.inttoptr(ow, lc.PTR), [b.mul(r, n_out)], source_etype=lc.F32)
+            with g.loop(0, n_out, name="eo") as i:
+                b.store(g.fma(g.load(lc.F32, owr, i), g.load(lc.F32, xo, i), b.load(acc, typ=lc.F32)), acc)
+        with b.if_then(b.icmp_signed("!=", sc, g.i64(0))):
+            b.store(b.fmul(b.load(acc, typ=lc.F32), g.load(lc.F32, b.inttoptr(sc, lc.PTR), r)), acc)
+        with b.if_then(b.icmp_signed("!=", bi, g.i64(0))):
+            b.store(b.fadd(b.load(acc, typ=lc.F32), g.load(lc.F32, b.inttoptr(bi, lc.PTR), r)), acc)
+        g.store(lc.F32, b.load(acc, typ=lc.F32), y, r)
+
+
+def _gen_gemm(mod, spec: KernelSpec):
+    """Prefill: xt[bt][n_vec*v][BT] -> yt[bt][n_rb*R][BT] (VQ part only; epilogue in torch)."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "gemm_work")
+    g = lc.Gen(fn)
+    b = g.b
+    args, tid, rb0, rb1 = fn.args
+    a = _Args(g, args)
+    R, K, BT, JS = spec.R, spec.K, spec.BT, spec.JS
+    U = min(4, R)
+    vt = ir.VectorType(lc.F32, BT)
+    n_vec = a.n(A_NVEC)
+    lut = b.gep(a.p(A_SCR), [b.mul(tid, a.n(A_SSTRIDE))], source_etype=lc.I8)
+    out_pad = b.mul(a.n(A_NRB), g.i64(R))
+    rpg = a.n(A_RPG)
+    g0 = b.sdiv(b.mul(rb0, g.i64(R)), rpg)
+    g1 = g.min(b.add(b.sdiv(b.sub(b.mul(rb1, g.i64(R)), g.i64(1)), rpg), g.i64(1)), a.n(A_GROUPS))
+    accs = [g.var(vt, name=f"a{u}") for u in range(U)]
+    with g.loop(0, a.n(A_NBT), name="bt") as bt:
+        xb = b.gep(a.p(A_X), [b.mul(bt, b.mul(n_vec, g.i64(spec.vec_len * BT)))], source_etype=lc.F32)
+        yb = b.gep(a.p(A_Y), [b.mul(bt, b.mul(out_pad, g.i64(BT)))], source_etype=lc.F32)
+        with g.loop(b.mul(rb0, g.i64(R * BT)), b.mul(rb1, g.i64(R * BT)), name="z") as i:
+            g.store(lc.F32, ir.Constant(lc.F32, 0.0), yb, i)
+        with g.loop(g0, g1, name="grp") as grp:
+            lo, hi = _group_rows(g, a, spec, grp, rb0, rb1)
+            with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
+                jl = g.min(g.i64(spec.JB), b.sub(n_vec, j0))
+                with g.loop(0, jl, step=JS, name="js") as js:
+                    jsl = g.min(g.i64(JS), b.sub(jl, js))
+                    _emit_lut(g, a, spec, lut, xb, grp, b.add(j0, js), jsl, BT)
+                    with g.loop(lo, hi, name="rb") as rb:
+                        with g.loop(0, R, step=U, name="ru") as ru:
+                            row = b.add(b.mul(rb, g.i64(R)), ru)
+                            yps = [b.gep(yb, [b.mul(b.add(row, g.i64(u)), g.i64(BT))], source_etype=lc.F32)
+                                   for u in range(U)]
+                            for u in range(U):
+                                b.store(b.load(yps[u], typ=vt, align=4), accs[u])
+                            with g.loop(0, spec.stages, name="s") as s:
+                                cb = b.gep(_code_base(g, a, spec, s, j0, jl, rb), [ru], source_etype=spec.ctype)
+                                lb = b.gep(lut, [b.mul(s, g.i64(JS * K * BT))], source_etype=lc.F32)
+                                with g.loop(0, jsl, name="jj") as jj:
+                                    cj = b.gep(cb, [b.mul(b.add(js, jj), g.i64(R))], source_etype=spec.ctype)
+                                    lj = b.gep(lb, [b.mul(jj, g.i64(K * BT))], source_etype=lc.F32)
+                                    for u in range(U):
+                                        c = b.zext(g.load(spec.ctype, cj, g.i64(u)), lc.I64)
+                                        w = b.load(b.gep(lj, [b.mul(c, g.i64(BT))], source_etype=lc.F32), typ=vt,
+                                                   align=4)
+                                        b.store(b.fadd(b.load(accs[u], typ=vt), w), accs[u])
+                            for u in range(U):
+                                b.store(b.load(accs[u], typ=vt), yps[u], align=4)
+    b.ret_void()
+    return fn
+
+
+def build_module(spec: KernelSpec, triple: str | None = None):
+    mod = lc.new_module(f"codebook_{spec.vec_len}_{spec.K}_{spec.R}", triple)
+    lc.add_parallel_for(mod, _gen_gemv(mod, spec))
+    lc.add_parallel_for(mod, _gen_gemm(mod, spec))
+    return mod
+
+
+_PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
+@functools.cache
+def compiled(spec: KernelSpec) -> dict[str, object]:
+    """JIT the kernels for `spec` on this host (once per process)."""
+    addrs = lc.jit(build_module(spec), ["gemv_work_par", "gemm_work_par"])
+    return {k.removesuffix("_work_par"): _PAR_T(v) for k, v in addrs.items()}
+
+
+def available() -> bool:
+    try:
+        lc.target_machine()
+        return True
+    except Exception:  # noqa: BLE001 - no usable LLVM target here -> the reference serves
+        return False
+
+
+# -- one-time repack per weight tensor -------------------------------------------------------------------
+@dataclass
+class Packed:
+    spec: KernelSpec
+    codes_r: torch.Tensor
+    cbt: torch.Tensor
+    perm: torch.Tensor | None
+    ow: torch.Tensor | None
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
+    out_f: int
+    in_f: int
+    n_out: int
+    n_vec: int
+    groups: int
+    n_rb: int
+
+    def static_args(self) -> list[int]:
+        a = [0] * N_ARGS
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        a[A_PERM], a[A_CODES], a[A_CBT] = ptr(self.perm), self.codes_r.data_ptr(), self.cbt.data_ptr()
+        a[A_OW], a[A_SCALE], a[A_BIAS] = ptr(self.ow), ptr(self.scale), ptr(self.bias)
+        a[A_OUT], a[A_NOUT], a[A_NVEC], a[A_GROUPS] = self.out_f, self.n_out, self.n_vec, self.groups
+        a[A_RPG], a[A_NRB], a[A_IN_F] = self.out_f // self.groups, self.n_rb, self.in_f
+        return a
+
+
+def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: KernelSpec) -> torch.Tensor:
+    """Stored codes [S, out, row_bytes] -> the kernel layout codes_r (see the module docstring)."""
+    idx = unpack_codes(codes, code_bits, n_vec)  # [S, out, n_vec]
+    S, out = idx.shape[:2]
+    R = spec.R
+    n_rb = math.ceil(out / R)
+    idx = torch.nn.functional.pad(idx, (0, 0, 0, n_rb * R - out)).view(S, n_rb, R, n_vec)
+    blocks = [idx[..., j0:j0 + spec.JB].permute(0, 1, 3, 2).reshape(S, -1) for j0 in range(0, n_vec, spec.JB)]
+    flat = torch.cat(blocks, 1).to(torch.int32)
+    return flat.to(torch.uint8 if spec.code_bytes == 1 else torch.int16).contiguous()  # int16 wraps: same bits
+
+
+def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
+                vector_bits: int | None = None) -> Packed | None:
+    """The kernel's form of one weight (vector_bits: the target's SIMD width, default this host's)."""
+    stages, out_f, _ = codes.shape
+    _, groups, K, v = codebooks.shape
+    n_out = outlier_w.shape[1] if outlier_w.numel() else 0
+    n_vec = math.ceil((in_features - n_out) / vec_len)
+    spec = make_spec(vec_len, K, stages, out_f // groups, groups > 1, vector_bits)
+    if spec is None or v != vec_len:
+        return None
+    f32 = lambda t: t.detach().to(torch.float32).contiguous() if t.numel() else None  # noqa: E731
+    cbt = codebooks.detach().to(torch.float32).permute(0, 1, 3, 2).contiguous()  # [S, G, v, K]
+    return Packed(spec, repack_codes(codes, code_bits, n_vec, spec), cbt,
+                  perm.detach().to(torch.int64).contiguous() if perm.numel() else None,
+                  f32(outlier_w), f32(scale), f32(bias), out_f, in_features, n_out, n_vec, groups,
+                  math.ceil(out_f / spec.R))
+
+
+class _PackCache:
+    """Packed weights keyed by the identity and version of the tensors they came from (weakly held)."""
+
+    def __init__(self):
+        self._d: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tensors: tuple, make):
+        codes = tensors[0]
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+        hit = self._d.get(id(codes))
+        if hit is not None and hit[0]() is codes and hit[1] == key:
+            return hit[2]
+        packed = make()
+        with self._lock:
+            i = id(codes)
+            self._d[i] = (weakref.ref(codes, lambda _r, i=i: self._d.pop(i, None)), key, packed)
+        return packed
+
+
+_CACHE = _PackCache()
+_CACHE_FAST = _PackCache()
+_FAST_GEMV: list = []  # (pack_weight, gemv) of a faster batch-1 kernel for this host (llvm_codebook_q16)
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf
+
+
+def _threads(p: Packed, n_threads: int | None) -> int:
+    n = torch.get_num_threads() if n_threads is None else n_threads
+    work = p.spec.stages * p.out_f * p.n_vec
+    return max(1, min(n, p.n_rb, work // MIN_CODES_PER_THREAD if n_threads is None else n))
+
+
+def gemv_stride(p: Packed) -> int:
+    """Scratch bytes per thread of the gemv kernel: LUT block, permuted x, outlier x."""
+    n = 4 * (p.spec.stages * p.spec.JB * p.spec.K + p.n_vec * p.spec.vec_len + p.n_out) + 64
+    return n + (-n % 64)
+
+
+def gemm_stride(p: Packed) -> int:
+    n = 4 * p.spec.stages * p.spec.JS * p.spec.K * p.spec.BT + 64
+    return n + (-n % 64)
+
+
+def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
+    """One input vector x [in] (float32, contiguous) -> y [out]."""
+    spec, nt, stride = p.spec, _threads(p, n_threads), gemv_stride(p)
+    scr = _scratch(stride * nt)
+    y = torch.empty(p.n_rb * spec.R, dtype=torch.float32)
+    a = p.static_args()
+    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), stride
+    compiled(spec)["gemv"]((ctypes.c_int64 * N_ARGS)(*a), p.n_rb, nt)
+    return y if y.numel() == p.out_f else y[:p.out_f].clone()
+
+
+def gemm_inputs(p: Packed, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [B, in] -> (permuted x [B, in], xt [n_bt, n_vec*v, BT]: the quantized columns, batch-minor)."""
+    B, BT, v = x2.shape[0], p.spec.BT, p.spec.vec_len
+    n_bt = math.ceil(B / BT)
+    xp = x2.index_select(1, p.perm) if p.perm is not None else x2
+    xq = torch.nn.functional.pad(xp[:, p.n_out:], (0, p.n_vec * v - (p.in_f - p.n_out), 0, n_bt * BT - B))
+    return xp, xq.view(n_bt, BT, -1).transpose(1, 2).contiguous()
+
+
+def gemm_finish(p: Packed, yt: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """yt [n_bt, n_rb*R, BT] (VQ part) -> y [B, out] with outliers, scale and bias."""
+    y = yt.transpose(1, 2).reshape(-1, yt.shape[1])[:xp.shape[0], :p.out_f]
+    if p.ow is not None:
+        y = torch.addmm(y, xp[:, :p.n_out], p.ow.T)
+    if p.scale is not None:
+        y = y * p.scale
+    if p.bias is not None:
+        y = y + p.bias
+    return y.contiguous()
+
+
+def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
+    """Inputs x2 [B, in] (float32) -> y [B, out]."""
+    spec, nt, stride = p.spec, _threads(p, n_threads), gemm_stride(p)
+    xp, xt = gemm_inputs(p, x2)
+    yt = torch.empty(xt.shape[0], p.n_rb * spec.R, spec.BT, dtype=torch.float32)
+    scr = _scratch(stride * nt)
+    a = p.static_args()
+    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE], a[A_NBT] = xt.data_ptr(), yt.data_ptr(), scr.data_ptr(), stride, xt.shape[0]
+    compiled(spec)["gemm"]((ctypes.c_int64 * N_ARGS)(*a), p.n_rb, nt)
+    return gemm_finish(p, yt, xp)
+
+
+def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
+                       n_threads: int | None = None, exact: bool = False):
+    """Same signature and result as `codebook_gemm_reference`; formats it does not take go there.
+
+    exact=False lets batch-1 calls use the int16-LUT kernel (llvm_codebook_q16) where the host and format
+    allow it (relative error ~1e-5 of the output range); exact=True keeps the float32 LUT everywhere.
+    """
+    args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
+    if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
+        return codebook_gemm_reference(*args)
+    tensors = (codes, codebooks, perm, outlier_w, scale, bias)
+    p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
+    if p is None:
+        return codebook_gemm_reference(*args)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    if x2.shape[0] == 1 and _FAST_GEMV and not exact:
+        pack_fast, gemv_fast = _FAST_GEMV
+        pq = _CACHE_FAST.get(tensors, lambda: pack_fast(*tensors, in_features, vec_len, code_bits))
+        y = gemv(p, x2[0], n_threads) if pq is None else gemv_fast(pq, x2[0], n_threads)
+    elif x2.shape[0] == 1:
+        y = gemv(p, x2[0], n_threads)
+    elif x2.shape[0] == 0:
+        y = x2.new_zeros(0, p.out_f)
+    else:
+        y = gemm(p, x2, n_threads)
+    return y.reshape(*lead, p.out_f)
+
+
+table.register("codebook_gemm", "cpu", "eager", "llvm", codebook_gemm_llvm, priority=10, available=available)
+table.register("codebook_gemm", "cpu", "eager", "llvm-f32", functools.partial(codebook_gemm_llvm, exact=True),
+               priority=5, available=available)
+
+from . import llvm_codebook_q16 as _q16  # noqa: E402  (registers the int16-LUT gemv where the host has it)
+
+if _q16.host_ok():
+    _FAST_GEMV[:] = [_q16.pack_weight, _q16.gemv]

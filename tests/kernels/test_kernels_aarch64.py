@@ -1,0 +1,32 @@
+"""The aarch64 (NEON) object emitted by the llvmlite generator, run under qemu-aarch64, vs the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetk.kernels import aarch64_check as ac
+from edgetk.kernels import codebook_gemm as cg
+from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_common as lc
+
+from test_kernels_llvm_codebook import SHAPES, check, make_weight
+
+pytestmark = pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
+
+
+def test_object_is_aarch64_with_neon():
+    spec = lk.make_spec(4, 256, 1, 64, False, vector_bits=ac.NEON_BITS)
+    asm = lc.emit_assembly(lk.build_module(spec, ac.TRIPLE), ac.TRIPLE)
+    assert "fmla" in asm and "v0.4s" in asm.replace("v1.4s", "v0.4s")
+    assert lc.emit_object(lk.build_module(spec, ac.TRIPLE), ac.TRIPLE)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("shape,rows,threads", [("outliers_perm", 1, 2), ("groups_odd_rows", 1, 1),
+                                                ("residual", 7, 2), ("bits12", 1, 1)])
+def test_aarch64_kernel_under_qemu(tmp_path, shape, rows, threads):
+    out, inf, v, K, bits, stages, groups, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape])
+    p = lk.pack_weight(*w, inf, v, bits, vector_bits=ac.NEON_BITS)
+    exe = ac.build(p.spec, tmp_path)
+    x = torch.randn(rows, inf)
+    check(ac.run(exe, p, x, threads, tmp_path), cg.codebook_gemm_reference(x, *w, inf, v, bits))

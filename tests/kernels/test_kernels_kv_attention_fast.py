@@ -1,0 +1,67 @@
+"""The llvmlite fused-dequantization kv_attention kernel against kv_attention_reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edgetk.kernels import kv_attention as kva
+from edgetk.kernels import kv_attention_fast as kf
+from edgetk.kernels import table
+
+
+def make_case(B=1, H=3, Hq=9, T=1, S=80, D=64, bits=4, n_q=48, n_fp=20, kg=16, vg=32, nbk=None, seed=0,
+              uniform=False):
+    g = torch.Generator().manual_seed(seed)
+    L, P = 1 << bits, D * bits // 8
+    NBk = nbk or math.ceil(S / kg)
+    q = torch.randn(B, Hq, T, D, generator=g)
+    kc = torch.randint(0, 256, (B, H, S, P), generator=g, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (B, H, S, P), generator=g, dtype=torch.uint8)
+    km = (torch.rand(B, H, NBk, 2, D, generator=g) + 0.1).half()
+    vm = (torch.rand(B, H, S, 2, D // vg, generator=g) + 0.1).half()
+    lev = (torch.linspace(-1, 1, L).repeat(2, 1) if uniform
+           else torch.sort(torch.rand(2, L, generator=g) * 2 - 1).values)
+    fp = torch.randn(2, B, H, S, D, generator=g).half()
+    ang = torch.arange(S)[:, None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.cat([ang, ang], 1)
+    n = n_q + n_fp
+    mask = torch.ones(T, S, dtype=torch.bool)
+    mask[:, :n] = torch.tril(torch.ones(T, n, dtype=torch.bool), diagonal=n - T)
+    e = torch.empty(0).half()
+    return (q, kc, km, vc, vm, lev, fp, torch.empty(0, dtype=torch.int32), e, e, e, ang.cos(), ang.sin(), mask,
+            n_q, n_fp, kg, vg, bits)
+
+
+CASES = {
+    "kv4_gqa": {},
+    "kv2_nuq": dict(bits=2),
+    "kv4_uniform_calibrated": dict(nbk=1, uniform=True, n_fp=0),
+    "prefill_batch2": dict(B=2, T=5),
+    "fp_region_only": dict(n_q=0),
+    "kv8_mha_odd": dict(D=32, vg=8, H=2, Hq=2, bits=8, n_q=33, n_fp=3, kg=7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kv_attention_llvm_matches_reference(case, threads):
+    args = make_case(**CASES[case])
+    ref = kva.kv_attention_reference(*args)
+    y = kf.kv_attention_llvm(*args, n_threads=threads)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_op_selects_llvm_and_falls_back_for_outliers():
+    args = list(make_case())
+    assert table.select("kv_attention", "cpu", "eager").name == "llvm"
+    with table.force("reference"):
+        ref = torch.ops.edgetk.kv_attention(*args)
+    torch.testing.assert_close(torch.ops.edgetk.kv_attention(*args), ref, rtol=1e-5, atol=2e-6)
+    # dense-and-sparse outliers are not fused: the kernel hands the call to the reference
+    args[7] = torch.tensor([[[[5, -1]] * 3], [[[7, 9]] * 3]], dtype=torch.int32)
+    args[8] = torch.full((2, 1, 3, 2), 3.0).half()
+    assert not kf.supported(args[0], args[1], args[4], args[5], args[7], args[9], args[13], 4, 32)
+    assert torch.equal(kf.kv_attention_llvm(*args), kva.kv_attention_reference(*args))

@@ -1,0 +1,111 @@
+"""The llvmlite codebook_gemm kernels (gemv, prefill gemm) against the plain-PyTorch reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edgetk.kernels import codebook_gemm as cg
+from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import table
+
+# (out, in, vec_len, K, code_bits, stages, groups, n_outliers, scale, bias)
+SHAPES = {
+    "square": (64, 64, 4, 256, 8, 1, 1, 0, False, False),
+    "tall": (160, 32, 4, 256, 8, 1, 1, 0, False, False),
+    "wide": (24, 200, 4, 256, 8, 1, 1, 0, True, False),
+    "odd": (37, 53, 3, 200, 8, 1, 1, 0, False, True),
+    "outliers_perm": (48, 70, 4, 256, 8, 1, 1, 6, True, True),
+    "residual": (32, 64, 4, 256, 8, 2, 1, 0, False, False),
+    "groups": (96, 40, 2, 64, 6, 1, 4, 0, True, True),
+    "groups_odd_rows": (36, 40, 4, 256, 8, 2, 3, 3, True, True),
+    "bits12": (40, 64, 4, 4096, 12, 1, 1, 0, False, False),
+    "bits16": (32, 48, 2, 3000, 16, 1, 1, 0, True, False),
+    "bits5": (20, 30, 5, 32, 5, 1, 1, 0, False, False),
+}
+
+
+def make_weight(out, inf, v, K, bits, stages, groups, n_out, has_scale, has_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_vec = math.ceil((inf - n_out) / v)
+    codes = cg.pack_codes(torch.randint(0, K, (stages, out, n_vec), generator=g), bits)
+    cb = torch.randn(stages, groups, K, v, generator=g).half()
+    perm = torch.randperm(inf, generator=g) if n_out else torch.empty(0, dtype=torch.int64)
+    ow = torch.randn(out, n_out, generator=g).half() if n_out else torch.empty(0)
+    scale = torch.rand(out, generator=g) + 0.5 if has_scale else torch.empty(0)
+    bias = torch.randn(out, generator=g) if has_bias else torch.empty(0)
+    return codes, cb, perm, ow, scale, bias
+
+
+def check(y, ref):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = (y - ref).abs().max().item()
+    assert err <= 2e-6 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("lead", [(1,), (2, 9)], ids=["batch1", "prefill"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_llvm_matches_reference(shape, lead, threads):
+    out, inf, v, K, bits, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape])
+    x = torch.randn(*lead, inf)
+    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
+    check(lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads), ref)
+
+
+def test_op_selects_llvm_and_matches_reference():
+    w = make_weight(*SHAPES["outliers_perm"])
+    x = torch.randn(3, 70)
+    assert table.select("codebook_gemm", "cpu", "eager").name == "llvm"
+    y = torch.ops.edgetk.codebook_gemm(x, *w, 70, 4, 8)
+    with table.force("reference"):
+        ref = torch.ops.edgetk.codebook_gemm(x, *w, 70, 4, 8)
+    check(y, ref)
+    check(torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8), ref[:1])
+
+
+def test_large_gemv_two_threads_and_vector_widths():
+    """A 4096-wide row set split over pthreads; and the AVX2/NEON-width (R=8, R=4) code paths on this host."""
+    w = make_weight(512, 1024, 4, 256, 8, 1, 1, 0, False, False)
+    x = torch.randn(1, 1024)
+    ref = cg.codebook_gemm_reference(x, *w, 1024, 4, 8)
+    check(lk.codebook_gemm_llvm(x, *w, 1024, 4, 8, n_threads=2), ref)
+    for bits in (256, 128):
+        spec = lk.make_spec(4, 256, 1, 512, False, vector_bits=bits)
+        p = lk.pack_weight(*w, 1024, 4, 8)
+        p = lk.Packed(spec, lk.repack_codes(w[0], 8, p.n_vec, spec), p.cbt, p.perm, p.ow, p.scale, p.bias,
+                      p.out_f, p.in_f, p.n_out, p.n_vec, p.groups, math.ceil(512 / spec.R))
+        check(lk.gemv(p, x[0], 2)[None], ref)
+        check(lk.gemm(p, x.expand(5, -1).contiguous(), 2), ref.expand(5, -1))
+
+
+def test_repacked_layout_matches_docstring():
+    out, inf, v = 40, 100, 4
+    w = make_weight(out, inf, v, 256, 8, 2, 1, 0, False, False)
+    p = lk.pack_weight(*w, inf, v, 8)
+    s, R, JB, n_vec, n_rb = p.spec, p.spec.R, p.spec.JB, p.n_vec, p.n_rb
+    idx = cg.unpack_codes(w[0], 8, n_vec)
+    flat = p.codes_r.flatten()
+    for st, r, j in [(0, 0, 0), (1, 39, 24), (0, 17, 13), (1, 5, n_vec - 1)]:
+        jblk, jj, rb, i = j // JB, j % JB, r // R, r % R
+        jl = min(JB, n_vec - jblk * JB)
+        off = st * n_rb * R * n_vec + jblk * JB * n_rb * R + rb * jl * R + jj * R + i
+        assert int(flat[off]) == int(idx[st, r, j]), (st, r, j, s)
+
+
+def test_in_place_weight_update_invalidates_the_repack():
+    w = list(make_weight(*SHAPES["square"]))
+    x = torch.randn(1, 64)
+    lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
+    w[0].add_(1)  # in-place: new codes, same tensor
+    check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8), cg.codebook_gemm_reference(x, *w, 64, 4, 8))
+
+
+def test_unhandled_formats_fall_back_to_the_reference():
+    w = make_weight(*SHAPES["square"])
+    x = torch.randn(2, 64, dtype=torch.float64)
+    y = lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, cg.codebook_gemm_reference(x, *w, 64, 4, 8))
