@@ -32,28 +32,32 @@ from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import kv_attention as kva
 from edgetk.kernels import kv_attention_fast as kvf
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_q16 as q16
 
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 SHAPES = [(4096, 4096), *SMOLLM2]
 MB = 1 << 20
 
 
-def stats(times: list[float]) -> dict:
+def stats(times: list[float], cpu: list[float]) -> dict:
     t = sorted(times)
-    return {"median_us": 1e6 * statistics.median(t), "p90_us": 1e6 * t[min(len(t) - 1, int(0.9 * len(t)))]}
+    return {"median_us": 1e6 * statistics.median(t), "p90_us": 1e6 * t[min(len(t) - 1, int(0.9 * len(t)))],
+            "cpu_median_us": 1e6 * statistics.median(cpu)}
 
 
 def timed_cycles(fn, items: list, reps: int) -> dict:
-    """Per-item time of `fn(item)` over `reps` passes through `items` (after one warm-up pass)."""
+    """Per-item wall time of `fn(item)` over `reps` passes through `items` (after one warm-up pass), plus the
+    process CPU time per item (all threads; on a shared machine wall time includes waiting for a core)."""
     for it in items:
         fn(it)
-    per = []
+    per, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for it in items:
             fn(it)
         per.append((time.perf_counter() - t0) / len(items))
-    return stats(per)
+        cpu.append((time.process_time() - c0) / len(items))
+    return stats(per, cpu)
 
 
 def bandwidth(threads: int, reps: int) -> dict:
@@ -117,9 +121,15 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     stored = cg.CodebookFormat(out, inf).storage_bits() / 8
     x = torch.randn(inf)
     x2 = x[None]
-    ours = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
-    op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, 8), ws, reps)
+    f32 = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
     del ps
+    fast = q16.host_ok()
+    ps = [q16.pack_weight(*w, inf, 4, 8) for w in ws] if fast else []
+    ours = timed_cycles(lambda p: q16.gemv(p, x), ps, reps) if fast else f32
+    del ps
+    op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, 8), ws, reps)
+    lk._CACHE._d.clear()
+    lk._CACHE_FAST._d.clear()
     n_lin = max(2, math.ceil(mb * MB / (out * inf * 4)))
     lin_w = [torch.randn(out, inf) for _ in range(n_lin)]
     lin = timed_cycles(lambda w: F.linear(x2, w), lin_w, reps)
@@ -129,12 +139,15 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     feed = {"A": x2.numpy()}
     ort_t = timed_cycles(lambda _: sess.run(None, feed), [0], reps)
     ort_t = {k: v / n_ort for k, v in ort_t.items()}
+    used = lk._threads(lk.pack_weight(*ws[0], inf, 4, 8), None)
+    del ws
     del sess
     med = ours["median_us"]
     gbs = stored / med / 1e3
     return {"case": "gemv", "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
             "cycled_MB": n * code_bytes / MB, "bits_per_weight": cg.CodebookFormat(out, inf).bits_per_weight(),
-            "edgetk_us": ours, "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
+            "kernel": "q16" if fast else "f32", "threads_used": used,
+            "edgetk_us": ours, "edgetk_f32_us": f32, "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
             "ort_cycled_MB": n_ort * ort_bytes / MB, "linear_fp32_us": lin,
             "x_vs_ort": ort_t["median_us"] / med, "x_vs_linear": lin["median_us"] / med,
             "op_x_vs_linear": lin["median_us"] / op["median_us"], "GBps": gbs, "bw_frac": gbs / bw,
@@ -191,15 +204,17 @@ def row(r: dict) -> str:
         return f"bandwidth  t={r['threads']}  {r['read_GBps']:.1f} GB/s"
     med = r["edgetk_us"]["median_us"]
     if c == "gemv":
-        return (f"gemv {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us (p90 {r['edgetk_us']['p90_us']:.1f}, "
-                f"op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
+        return (f"gemv {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us "
+                f"(p90 {r['edgetk_us']['p90_us']:.1f}, cpu {r['edgetk_us']['cpu_median_us']:.1f}, "
+                f"f32 {r['edgetk_f32_us']['median_us']:.1f}, op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
     if c == "prefill":
         return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us  linear "
                 f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}")
-    return (f"kv_attention ctx={r['context']} t={r['threads']}  edgetk {med:.1f} us  sdpa {r['sdpa_fp32_us']['median_us']:.1f}"
-            f" (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  x_sdpa {r['x_vs_sdpa']:.2f}  "
+    return (f"kv_attention ctx={r['context']} t={r['threads']}  edgetk {med:.1f} us  "
+            f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "
+            f"x_sdpa {r['x_vs_sdpa']:.2f}  "
             f"mem x{r['mem_x_vs_fp16']:.2f} vs fp16")
 
 

@@ -90,7 +90,7 @@ def cosine(ref_model, model, batch) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--r", type=int, nargs="+", default=[8, 12, 16, 24])
+    ap.add_argument("--r", type=int, nargs="+", default=[8, 16, 24, 32])
     ap.add_argument("--passages", type=int, default=32)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])

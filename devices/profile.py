@@ -14,7 +14,7 @@ import dataclasses
 import os
 import platform
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -99,37 +99,27 @@ class TargetInfo:
                 "ops": sorted(self.ops) if self.ops is not None else None}
 
 
-# attribute/key names a device profile may use for the fields above (profiles are owned by edgetk.devices)
-_TARGET_FIELDS = {"name": ("name",), "static_shapes": ("static_shapes", "npu_static_shapes"),
-                  "ops": ("ops", "op_set", "npu_ops", "supported_ops")}
-
-
 def resolve_target(target: Any) -> TargetInfo:
+    """None (host), a TargetInfo, a dict with TargetInfo's fields, a device-profile name or a DeviceProfile.
+
+    From a device profile: its name, and static shapes if it has an NPU that needs them. A profile's NPU op
+    set (ONNX names) is not a hard limit here: nodes outside it fall back to the CPU at compile time
+    (`edgetk compile` writes the placement report). A dict/TargetInfo `ops` set (ATen names) is a hard limit."""
     if target is None:
         return TargetInfo()
     if isinstance(target, TargetInfo):
         return target
+    if isinstance(target, dict):
+        ops = target.get("ops")
+        return TargetInfo(name=str(target.get("name", "target")), static_shapes=bool(target.get("static_shapes")),
+                          ops=frozenset(_op_key(o) for o in ops) if ops is not None else None, profile=target)
     if isinstance(target, str):
-        target = _load_profile(target)
-        if isinstance(target, TargetInfo):
-            return target
-    get = (lambda k: target.get(k)) if isinstance(target, dict) else (lambda k: getattr(target, k, None))
-    vals = {f: next((get(k) for k in keys if get(k) is not None), None) for f, keys in _TARGET_FIELDS.items()}
-    ops = vals["ops"]
-    return TargetInfo(name=str(vals["name"] or "target"), static_shapes=bool(vals["static_shapes"]),
-                      ops=frozenset(_op_key(o) for o in ops) if ops is not None else None, profile=target)
+        from edgetk.devices import load_profile  # raises ConfigError naming the known profiles
 
-
-def _load_profile(name: str) -> Any:
-    try:
-        import edgetk.devices as devices
-    except ImportError:  # pragma: no cover
-        return TargetInfo(name=name)
-    for fn_name in ("load_profile", "get_profile", "profile"):
-        fn = getattr(devices, fn_name, None)
-        if callable(fn):
-            return fn(name)  # raises the devices module's own error for an unknown name
-    return TargetInfo(name=name)
+        target = load_profile(target)
+    npu = getattr(target, "npu", None)
+    return TargetInfo(name=str(getattr(target, "name", "target")),
+                      static_shapes=bool(getattr(npu, "static_shapes", False)), profile=target)
 
 
 # -- custom operators -------------------------------------------------------------------------------
@@ -274,7 +264,21 @@ def decomposes(op: torch._ops.OpOverload) -> bool:
 
 
 def check_support(ep: torch.export.ExportedProgram, exporter: Exporter, target: TargetInfo) -> None:
-    """Walk every call node; the first one the format or the target cannot run raises UnsupportedOpError."""
+    """Walk every call node; the first one the format or the target cannot run raises UnsupportedOpError.
+    A target op set is checked on the core-ATen form of the graph (the names device profiles list)."""
+    _check_nodes(ep, exporter, TargetInfo(name=target.name))
+    if target.ops is not None:
+        keep = {c.overload for q, c in CUSTOM_OPS.items() if _registered(q)}
+        table = {k: v for k, v in torch.export.default_decompositions().items() if k not in keep}
+        _check_nodes(ep.run_decompositions(table), exporter, target)
+
+
+def _registered(qualname: str) -> bool:
+    ns, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, ns), name)
+
+
+def _check_nodes(ep: torch.export.ExportedProgram, exporter: Exporter, target: TargetInfo) -> None:
     for node in ep.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue

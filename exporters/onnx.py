@@ -126,14 +126,15 @@ def _cbg_function(opset: int):
     n("Gather", ["codes", "byte_i"], "gb", axis=2)
     n("Cast", ["shift_i"], "shift_u8", to=TensorProto.UINT8)
     n("BitShift", ["gb", "shift_u8"], "gbs", direction="RIGHT"), n("BitwiseAnd", ["gbs", "u1"], "bit_u8")
-    n("Cast", ["bit_u8"], "bit64", to=TensorProto.INT64)
+    n("Cast", ["bit_u8"], "bit64", to=TensorProto.INT32)  # int32 indices: half the RAM if folded at load
     n("Reshape", ["bits", "one"], "bits1")
     n("Concat", ["zero", "zero", "nvec1", "bits1"], "bits_shape", axis=0)
     n("Reshape", ["bit64", "bits_shape"], "bits4")
-    n("Range", ["s0", "bits", "s1"], "t"), n("Pow", ["s2", "t"], "w2")
+    n("Range", ["s0", "bits", "s1"], "t"), n("Pow", ["s2", "t"], "w2_64"), n("Cast", ["w2_64"], "w2", to=TensorProto.INT32)
     n("Mul", ["bits4", "w2"], "bw"), n("ReduceSum", ["bw", "neg1"], "idx", keepdims=0)
     # flat index j*K + idx, grouped rows: [S, G, 1, (O/G)*n_vec] broadcast over B
-    n("Range", ["s0", "nvec", "s1"], "j"), n("Mul", ["j", "K"], "jk"), n("Add", ["idx", "jk"], "flat")
+    n("Range", ["s0", "nvec", "s1"], "j"), n("Mul", ["j", "K"], "jk64"), n("Cast", ["jk64"], "jk", to=TensorProto.INT32)
+    n("Add", ["idx", "jk"], "flat")
     n("Concat", ["S", "G", "one", "neg1"], "f4_shape", axis=0), n("Reshape", ["flat", "f4_shape"], "flat4d")
     n("Concat", ["one", "one", "B", "one"], "exp_shape", axis=0), n("Expand", ["flat4d", "exp_shape"], "flatE")
     n("GatherElements", ["lutf", "flatE"], "picked", axis=3)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgetk.errors import ConfigError, ParityError, UnsupportedOpError, require
+from edgetk.errors import UnsupportedOpError, require
 
 from . import EXPORTERS
 from .common import (CUSTOM_OPS, ExportConfig, Exporter, ExportPlan, TargetInfo, compare,
@@ -133,8 +134,9 @@ def _codebook_gemm_converter(kind: str) -> Callable:
         k = tc.shape_from_tensors(tuple(meta[0].shape), tuple(meta[1].shape), tuple(meta[2].shape),
                                   meta[3].numel(), tuple(meta[4].shape), meta[5].numel(), meta[6].numel(),
                                   int(in_f), int(vec_len), int(code_bits), dtypes)
+        k = dataclasses.replace(k, algo=tc.choose_algo(k, kind))
         bb = importer.block_builder
-        gv = bb.add_func(tc.scheduled_primfunc(k, kind), f"codebook_gemm_{k.key()}")
+        gv = bb.add_func(tc.scheduled_primfunc(k, kind, k.algo), f"codebook_gemm_{k.key()}")
         lead = [int(d) for d in meta[0].shape[:-1]]
         x2 = bb.emit(relax.op.reshape(x, (k.rows, k.in_features))) if len(lead) != 1 else x
         y = bb.emit(relax.call_tir(gv, [x2, codes, cbs, perm, ow, scale, bias],
@@ -231,10 +233,9 @@ def _constants_report(mod) -> dict[str, Any]:
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    floats = [s for s in sizes if s[2].startswith(("float", "bfloat"))]
-    largest = max(floats, default=(0, [], ""))
+    floats = sorted((s for s in sizes if s[2].startswith(("float", "bfloat"))), key=lambda s: -s[0])
     return {"count": len(sizes), "bytes": sum(s[0] for s in sizes),
-            "largest_float": {"bytes": largest[0], "shape": largest[1], "dtype": largest[2]}}
+            "largest_float": [{"bytes": b, "shape": sh, "dtype": dt} for b, sh, dt in floats[:8]]}
 
 
 def _modules(mod) -> list:
@@ -251,8 +252,8 @@ def _cuda_sources(ex, bt: BuildTarget, out_dir: Path) -> dict[str, Any]:
     if not src:
         raise UnsupportedOpError(f"TVM produced no CUDA code for {bt.name}", hint="check the TVM build (CUDA codegen)")
     (out_dir / "kernels.cu").write_text(src)
-    info: dict[str, Any] = {"source": f"{bt.name}/kernels.cu", "kernels": src.count("__global__ void") // 2 or
-                            src.count("__global__ void"), "arch": bt.target["arch"]}
+    kernels = sorted(set(re.findall(r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(", src)))
+    info: dict[str, Any] = {"source": f"{bt.name}/kernels.cu", "kernels": len(kernels), "arch": bt.target["arch"]}
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         info["nvcc"] = "not installed: source kept; NVRTC compiles it when the library is loaded on the GPU"

@@ -42,10 +42,24 @@ class KVSpec:
     D: int
     bits: int
     value_group: int
+    permvar: bool = False  # levels looked up with vpermps (x86 AVX-512, <= 16 levels, D % 16 == 0)
 
     @property
     def P(self) -> int:
         return self.D * self.bits // 8
+
+    @property
+    def LS(self) -> int:
+        """Row stride of the (padded) levels table handed to the kernel."""
+        return max(16, 1 << self.bits)
+
+
+def _permvar_ok(D: int, bits: int) -> bool:
+    lc._init()
+    f = lc.llvm.get_host_cpu_features()
+    chunks = D // 16
+    return (bits <= 4 and D % 16 == 0 and chunks & (chunks - 1) == 0 and bool(f.get("avx512f"))
+            and lc.llvm.get_process_triple().startswith("x86"))
 
 
 def _vt(n, t=lc.F32):
@@ -85,6 +99,21 @@ class _K:
             parts = [self.shuffle(parts[i], parts[i + 1], range(2 * n)) for i in range(0, len(parts), 2)]
         order = [k * P + i for i in range(P) for k in range(per)]  # code d = i*per + k
         return b.zext(self.shuffle(parts[0], parts[0], order), _vt(s.D, lc.I32))
+
+    def lookup(self, table, codes):
+        """<D x float> = table[codes]: vpermps on 16-code chunks where allowed, else a gather."""
+        if not self.s.permvar:
+            return self.g.gather(table, codes, self.s.D)
+        b, D = self.b, self.s.D
+        v16 = _vt(16)
+        fn = self.g.fn.module.globals.get("llvm.x86.avx512.permvar.sf.512") or ir.Function(
+            self.g.fn.module, ir.FunctionType(v16, [v16, _vt(16, lc.I32)]), "llvm.x86.avx512.permvar.sf.512")
+        tab = b.load(table, typ=v16, align=4)
+        chunks = [b.call(fn, [tab, self.shuffle(codes, codes, range(16 * i, 16 * i + 16))]) for i in range(D // 16)]
+        while len(chunks) > 1:
+            n = chunks[0].type.count
+            chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
+        return chunks[0]
 
     def half_vec(self, ptr, n):
         return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
@@ -145,7 +174,6 @@ def _emit_item(k: _K, tid, item):
     kc = b.gep(k.p(A_KC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
     vc = b.gep(k.p(A_VC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
     lev = k.p(A_LEV)
-    L = 1 << s.bits
     fp_k = b.gep(k.p(A_FP), [b.mul(b.mul(item, k.n(A_C)), i64(D))], source_etype=F16)
     fp_v = b.gep(fp_k, [b.mul(b.mul(b.mul(k.n(A_B), H), k.n(A_C)), i64(D))], source_etype=F16)
     half = D // 2
@@ -160,7 +188,7 @@ def _emit_item(k: _K, tid, item):
                 blk = g.min(b.sdiv(p, k.n(A_KG)), b.sub(k.n(A_NBK), i64(1)))
                 meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, k.n(A_NBK)), blk), i64(2 * D))], source_etype=F16)
                 c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8))
-                lv = g.gather(lev, c, D)
+                lv = k.lookup(lev, c)
                 scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
                 b.store(g.fma(lv, scale, zero), kvar)
             with other:
@@ -181,7 +209,7 @@ def _emit_item(k: _K, tid, item):
     NG = D // s.value_group
     gmap = [d // s.value_group for d in range(D)]
     vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
-    lev1 = b.gep(lev, [i64(L)], source_etype=lc.F32)
+    lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
     with g.loop(0, n, name="pv") as p:
         with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
             with then:
@@ -189,7 +217,7 @@ def _emit_item(k: _K, tid, item):
                 sc_ = k.half_vec(meta, NG)
                 zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
                 c = k.codes(b.gep(vc, [b.mul(p, i64(P))], source_etype=lc.I8))
-                lv = g.gather(lev1, c, D)
+                lv = k.lookup(lev1, c)
                 b.store(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar)
             with other:
                 b.store(k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
@@ -273,22 +301,37 @@ def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group
             and mask.dtype == torch.bool and q.device.type == "cpu")
 
 
+def _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, cos, sin, mask, n_q, n_fp, bits) -> bool:
+    """Every index the kernel forms stays inside its tensor (else the reference raises or handles it)."""
+    B, Hq, T, D = q.shape
+    _, H, S, P = k_codes.shape
+    n = n_q + n_fp
+    return (H > 0 and Hq % H == 0 and P * 8 == D * bits and tuple(v_codes.shape) == (B, H, S, P)
+            and tuple(k_meta.shape[:2]) == (B, H) and tuple(k_meta.shape[3:]) == (2, D) and k_meta.shape[2] >= 1
+            and tuple(v_meta.shape[:4]) == (B, H, S, 2) and tuple(kv_fp.shape[:3]) == (2, B, H)
+            and kv_fp.shape[3] >= n_fp and kv_fp.shape[4] == D and 0 <= n_q and 0 <= n_fp and n <= S
+            and cos.shape[0] >= n and sin.shape[0] >= n and cos.shape[1] == D and sin.shape[1] == D
+            and mask.shape[0] == T and mask.shape[1] >= n)
+
+
 def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos,
                       sin, mask, n_q: int, n_fp: int, key_group: int, value_group: int, bits: int,
                       n_threads: int | None = None):
     """Same signature and result as `kv_attention_reference`; cases it does not take go there."""
     args = (q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin, mask,
             n_q, n_fp, key_group, value_group, bits)
-    if not supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group):
+    if not (supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group)
+            and _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, cos, sin, mask, n_q, n_fp, bits)):
         return kv_attention_reference(*args)
     B, Hq, T, D = q.shape
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
     npad = max(W, -(-n // W) * W)
-    spec = KVSpec(D, bits, value_group)
+    spec = KVSpec(D, bits, value_group, _permvar_ok(D, bits))
     c = lambda t: t.contiguous()  # noqa: E731
     q, k_codes, k_meta, v_codes, v_meta = c(q), c(k_codes), c(k_meta.half()), c(v_codes), c(v_meta.half())
-    levels, kv_fp, mask = c(levels.float()), c(kv_fp.half()), c(mask.to(torch.uint8))
+    levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1])).contiguous()
+    kv_fp, mask = c(kv_fp.half()), c(mask.to(torch.uint8))
     cos, sin = c(cos.float()), c(sin.float())
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
     nq = (Hq // H) * T

@@ -21,8 +21,10 @@ vector j = jblk*JB + jj of stage s; a column block holds jl = min(JB, n_vec - jb
 is ``s*n_rb*R*n_vec + jblk*JB*n_rb*R + rb*jl*R + jj*R + i``. Rows are padded to n_rb*R with code 0 (their outputs
 are dropped). A thread therefore streams its rows' codes sequentially within every column block. Codebooks are
 repacked to float32 ``cbT[s][g][t][k]`` (codeword k, component t) so the LUT is built with unit-stride vectors.
-Formats it does not take (non-float32 activations, codes wider than 16 bits, R not dividing the rows of a
-group) go to `codebook_gemm_reference`.
+Formats it does not take (non-float32 activations, more than 65536 codewords, malformed tensors) go to
+`codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the int16-LUT kernel of
+`llvm_codebook_q16` where the host has AVX-512BW and K == 256, else the float32 kernels) and "llvm-f32"
+(priority 5: the float32 kernels only, equal to the reference up to summation order).
 """
 from __future__ import annotations
 
@@ -363,8 +365,9 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
     n_out = outlier_w.shape[1] if outlier_w.numel() else 0
     n_vec = math.ceil((in_features - n_out) / vec_len)
     spec = make_spec(vec_len, K, stages, out_f // groups, groups > 1, vector_bits)
-    if spec is None or v != vec_len:
-        return None
+    if spec is None or not _well_formed(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len,
+                                        code_bits, n_vec):
+        return None  # the reference raises or handles it; the kernel never reads out of bounds
     f32 = lambda t: t.detach().to(torch.float32).contiguous() if t.numel() else None  # noqa: E731
     cbt = codebooks.detach().to(torch.float32).permute(0, 1, 3, 2).contiguous()  # [S, G, v, K]
     return Packed(spec, repack_codes(codes, code_bits, n_vec, spec), cbt,
@@ -373,8 +376,21 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
                   math.ceil(out_f / spec.R))
 
 
+def _well_formed(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits, n_vec) -> bool:
+    stages, out_f, row_bytes = codes.shape
+    S, G, K, v = codebooks.shape
+    n_out = outlier_w.shape[1] if outlier_w.numel() else 0
+    ok = (S == stages and v == vec_len and out_f % G == 0 and row_bytes * 8 >= n_vec * code_bits
+          and (not outlier_w.numel() or tuple(outlier_w.shape) == (out_f, n_out))
+          and scale.numel() in (0, out_f) and bias.numel() in (0, out_f)
+          and (perm.numel() == in_features if perm.numel() or n_out else True))
+    if ok and perm.numel():
+        ok = int(perm.min()) >= 0 and int(perm.max()) < in_features
+    return ok and int(unpack_codes(codes, code_bits, n_vec).max()) < K
+
+
 class _PackCache:
-    """Packed weights keyed by the identity and version of the tensors they came from (weakly held)."""
+    """Packed weights keyed by the identity (weak references) and `_version` of the tensors they came from."""
 
     def __init__(self):
         self._d: dict[int, tuple] = {}
@@ -382,14 +398,17 @@ class _PackCache:
 
     def get(self, tensors: tuple, make):
         codes = tensors[0]
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
         hit = self._d.get(id(codes))
-        if hit is not None and hit[0]() is codes and hit[1] == key:
-            return hit[2]
+        if hit is not None:
+            refs, versions, packed = hit
+            if all(r() is t for r, t in zip(refs, tensors)) and versions == tuple(t._version for t in tensors):
+                return packed
         packed = make()
+        i = id(codes)
+        refs = (weakref.ref(codes, lambda _r, i=i: self._d.pop(i, None)),
+                *(weakref.ref(t) for t in tensors[1:]))
         with self._lock:
-            i = id(codes)
-            self._d[i] = (weakref.ref(codes, lambda _r, i=i: self._d.pop(i, None)), key, packed)
+            self._d[i] = (refs, tuple(t._version for t in tensors), packed)
         return packed
 
 
@@ -478,22 +497,23 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
         return codebook_gemm_reference(*args)
     tensors = (codes, codebooks, perm, outlier_w, scale, bias)
+    rows = x.numel() // in_features
+    if rows == 1 and _FAST_GEMV and not exact:
+        pack_fast, gemv_fast = _FAST_GEMV
+        pq = _CACHE_FAST.get(tensors, lambda: pack_fast(*tensors, in_features, vec_len, code_bits))
+        if pq is not None:
+            return gemv_fast(pq, x.reshape(in_features).contiguous(), n_threads).reshape(*x.shape[:-1], -1)
     p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
     if p is None:
         return codebook_gemm_reference(*args)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).contiguous()
-    if x2.shape[0] == 1 and _FAST_GEMV and not exact:
-        pack_fast, gemv_fast = _FAST_GEMV
-        pq = _CACHE_FAST.get(tensors, lambda: pack_fast(*tensors, in_features, vec_len, code_bits))
-        y = gemv(p, x2[0], n_threads) if pq is None else gemv_fast(pq, x2[0], n_threads)
-    elif x2.shape[0] == 1:
+    x2 = x.reshape(rows, in_features).contiguous()
+    if rows == 1:
         y = gemv(p, x2[0], n_threads)
-    elif x2.shape[0] == 0:
+    elif rows == 0:
         y = x2.new_zeros(0, p.out_f)
     else:
         y = gemm(p, x2, n_threads)
-    return y.reshape(*lead, p.out_f)
+    return y.reshape(*x.shape[:-1], p.out_f)
 
 
 table.register("codebook_gemm", "cpu", "eager", "llvm", codebook_gemm_llvm, priority=10, available=available)

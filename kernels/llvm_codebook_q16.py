@@ -1,11 +1,12 @@
 """Batch-1 codebook GEMV with an int16 lookup table held in registers (x86 AVX-512BW; llvmlite-generated).
 
 The generic gemv of `llvm_codebook` fetches every LUT entry with a gather (one load per code). This variant
-quantises the LUT of each column block of JB code vectors to int16 with one scale per block
-(|error| <= scale/2 = max|LUT|/65534 per entry), keeps the 256 entries of column j in 8 zmm registers and
-looks up 32 output rows at once with four `vpermi2w` (64-entry permutes) + two selects on code bits 6 and 7,
-accumulating in int32; per block y += float(acc) * scale. Memory-bound instead of load-port-bound.
-Only for K == 256 (8-bit codes), any vec_len, stages and groups whose rows are a multiple of 32.
+quantises the LUT of each column block of JB code vectors to int16 with one scale per block (|q| <= QMAX =
+32767, so |error| <= scale/2 = max|LUT|/65534 per entry), keeps the 256 entries of column j in 8 zmm registers
+and looks up 32 output rows at once with four `vpermi2w` (64-entry permutes) + two selects on code bits 6 and
+7, accumulating in int32; per block y += float(acc) * scale.
+Memory-bound instead of load-port-bound. Only for K == 256 (8-bit codes), any vec_len, stages, and groups
+whose rows are a multiple of 32. aarch64 keeps the generic kernel (a NEON `tbl` variant is the next step).
 
 Repacked code layout (one-time per weight, cached): ``codes_q[s][j][rb][i]`` (uint8) = code of output row
 rb*32 + i for code vector j of stage s (rows padded to a multiple of 32 with code 0), so for a fixed column the
@@ -27,6 +28,7 @@ ir = lc.ir
 R = 32
 K = 256
 JB = 32
+QMAX = 32767  # int16 LUT range
 
 
 def host_ok() -> bool:
@@ -97,9 +99,9 @@ def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi):
         sh = b.shuffle_vector(m, m, ir.Constant(_vec(W, lc.I32), list(range(half, 2 * half)) + list(range(half, W))))
         m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
     m = b.extract_element(m, ir.Constant(lc.I32, 0))
-    scale = b.fmul(m, ir.Constant(lc.F32, 1.0 / 32767))
+    scale = b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
     inv = b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
-                   b.fdiv(ir.Constant(lc.F32, 32767.0), m), ir.Constant(lc.F32, 0.0))
+                   b.fdiv(ir.Constant(lc.F32, float(QMAX)), m), ir.Constant(lc.F32, 0.0))
     rint = _intrinsic(g.fn.module, f"llvm.rint.v{W}f32", vw, [vw])
     with g.loop(0, n_el, step=W, name="qz") as i:
         x = b.fmul(b.load(b.gep(lut, [i], source_etype=lc.F32), typ=vw, align=4), g.splat(inv, W))
@@ -118,28 +120,40 @@ def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi):
 
 
 def _emit_lookup(g, a, s, lutq, acc, j0, jl, lo, hi):
+    """acc[rows] += LUTq[j][code] for the block's columns, one column per pass.
+
+    (Two columns per pass with an int16 pair sum ran 1.7x slower when cycling 256 MB of weights: two code
+    streams per row tile.)
+    """
     b, i64 = g.b, g.i64
     v16 = _vec(R, lc.I16)
     perm = _intrinsic(g.fn.module, "llvm.x86.avx512.vpermi2var.hi.512", v16, [v16, v16, v16])
     n_rb = a.n(lk.A_NRB)
     codes = a.p(lk.A_CODES)
-    c64, c128 = ir.Constant(v16, [64] * R), ir.Constant(v16, [128] * R)
-    zero = ir.Constant(v16, [0] * R)
-    with g.loop(0, jl, name="jj") as jj:
-        j = b.add(j0, jj)
+    c64, c128, zero = ir.Constant(v16, [64] * R), ir.Constant(v16, [128] * R), ir.Constant(v16, [0] * R)
+    vi = _vec(R, lc.I32)
+
+    def tables(jj):
         tp = b.gep(lutq, [b.mul(jj, i64(K))], source_etype=lc.I16)
-        tabs = [b.load(b.gep(tp, [i64(32 * t)], source_etype=lc.I16), typ=v16, align=2) for t in range(8)]
-        row0 = b.mul(b.add(b.mul(s, a.n(lk.A_NVEC)), j), b.mul(n_rb, i64(R)))
+        return [b.load(b.gep(tp, [i64(32 * t)], source_etype=lc.I16), typ=v16, align=2) for t in range(8)]
+
+    def look(tabs, jj, rb):
+        row0 = b.mul(b.add(b.mul(s, a.n(lk.A_NVEC)), b.add(j0, jj)), b.mul(n_rb, i64(R)))
+        cp = b.gep(codes, [b.add(row0, b.mul(rb, i64(R)))], source_etype=lc.I8)
+        ci = b.zext(b.load(cp, typ=_vec(R, lc.I8), align=1), v16)
+        parts = [b.call(perm, [tabs[2 * t], ci, tabs[2 * t + 1]]) for t in range(4)]
+        b6 = b.icmp_unsigned("!=", b.and_(ci, c64), zero)
+        b7 = b.icmp_unsigned("!=", b.and_(ci, c128), zero)
+        return b.select(b7, b.select(b6, parts[3], parts[2]), b.select(b6, parts[1], parts[0]))
+
+    def accumulate(rb, val):
+        ap = b.gep(acc, [b.mul(rb, i64(R))], source_etype=lc.I32)
+        b.store(b.add(b.load(ap, typ=vi, align=4), b.sext(val, vi)), ap, align=4)
+
+    with g.loop(0, jl, name="jj") as jj:
+        ta = tables(jj)
         with g.loop(lo, hi, name="rb") as rb:
-            cp = b.gep(codes, [b.add(row0, b.mul(rb, i64(R)))], source_etype=lc.I8)
-            ci = b.zext(b.load(cp, typ=_vec(R, lc.I8), align=1), v16)
-            parts = [b.call(perm, [tabs[2 * t], ci, tabs[2 * t + 1]]) for t in range(4)]
-            b6 = b.icmp_unsigned("!=", b.and_(ci, c64), zero)
-            b7 = b.icmp_unsigned("!=", b.and_(ci, c128), zero)
-            val = b.select(b7, b.select(b6, parts[3], parts[2]), b.select(b6, parts[1], parts[0]))
-            ap = b.gep(acc, [b.mul(rb, i64(R))], source_etype=lc.I32)
-            vi = _vec(R, lc.I32)
-            b.store(b.add(b.load(ap, typ=vi, align=4), b.sext(val, vi)), ap, align=4)
+            accumulate(rb, look(ta, jj, rb))
 
 
 def make_spec(vec_len: int, Kc: int, stages: int, rows_per_group: int, grouped: bool) -> lk.KernelSpec | None:

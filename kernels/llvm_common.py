@@ -65,12 +65,6 @@ def target_machine(triple: str | None = None):
                                         jit=triple == llvm.get_process_triple())
 
 
-def host_key() -> str:
-    """Identifies the code a host JIT produces (part of every kernel cache key)."""
-    _init()
-    return f"{llvm.get_process_triple()}:{llvm.get_host_cpu_name()}"
-
-
 def host_vector_bits() -> int:
     _init()
     feats = llvm.get_host_cpu_features()

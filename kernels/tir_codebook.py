@@ -22,6 +22,7 @@ Tested against `edgetk.kernels.codebook_gemm.codebook_gemm_reference`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -54,8 +55,11 @@ class TirCodebookShape:
     outlier_dtype: str = "float16"
     scale_dtype: str = "float16"
     bias_dtype: str = "float16"
+    algo: str = "direct"      # "direct" gather-dot, or "lut": LUT-GEMV (see ALGOS)
 
     def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown codebook_gemm algorithm {self.algo!r}", hint=f"one of {sorted(ALGOS)}")
         if self.x_dtype != "float32":
             raise ConfigError(f"TIR codebook_gemm takes float32 activations, got {self.x_dtype}",
                               hint="cast the model to float32 before exporting to TVM")
@@ -77,7 +81,7 @@ class TirCodebookShape:
     def key(self) -> str:
         """A short, unique, identifier-safe name for this specialisation."""
         flags = "".join(c for c, on in (("p", self.has_perm), ("s", self.has_scale), ("b", self.has_bias)) if on)
-        return (f"b{self.rows}_i{self.in_features}_o{self.out_features}_v{self.vec_len}_c{self.code_bits}"
+        return (f"{self.algo}_b{self.rows}_i{self.in_features}_o{self.out_features}_v{self.vec_len}_c{self.code_bits}"
                 f"_s{self.stages}_g{self.groups}_k{self.codebook_size}_n{self.n_outliers}{flags}"
                 f"_{self.codebook_dtype}")
 
@@ -117,6 +121,14 @@ def _code_expr(codes, s, r, j, bits: int, row_bytes: int):
     return (word >> (off % 8)) & ((1 << bits) - 1)
 
 
+def _dot_expr(xq, cbt, b, s, g, j, c, vec_len: int):
+    """<x_j, codeword c> written out over the (static) vector length, so the LUT block stays spatial."""
+    acc = xq[b, j * vec_len] * cbt[s, g, 0, c]
+    for t in range(1, vec_len):
+        acc = acc + xq[b, j * vec_len + t] * cbt[s, g, t, c]
+    return acc
+
+
 def _epilogue_expr(acc, oacc, scale, bias, b, r, has_o: bool, has_s: bool, has_b: bool):
     """(acc + oacc) * scale + bias, with the absent parts left out at parse time."""
     from tvm.script import tirx as T
@@ -141,7 +153,9 @@ def codebook_gemm_primfunc(k: TirCodebookShape):
     OW_SHAPE = (OUT, NO) if HAS_O else (0,)
     SN, BN = (OUT if HAS_S else 0), (OUT if HAS_B else 0)
     XDT, CBDT, ODT, SDT, BDT = k.x_dtype, k.codebook_dtype, k.outlier_dtype, k.scale_dtype, k.bias_dtype
-    code, epilogue = _code_expr, _epilogue_expr
+    code, epilogue, dot = _code_expr, _epilogue_expr, _dot_expr
+    LUT = k.algo == "lut"
+    LUT_SHAPE = (B, S, G, NV, K) if LUT else (1,)
 
     @T.prim_func(private=True, s_tir=True)
     def codebook_gemm(x: T.Buffer((B, IN), XDT), codes: T.Buffer((S, OUT, RB), "uint8"),
@@ -150,6 +164,8 @@ def codebook_gemm_primfunc(k: TirCodebookShape):
                       y: T.Buffer((B, OUT), "float32")):
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
         xq = T.sblock_alloc_buffer((B, NV * V), "float32")
+        cbt = T.sblock_alloc_buffer((S, G, V, K), "float32")
+        lut = T.sblock_alloc_buffer(LUT_SHAPE, "float32")
         acc = T.sblock_alloc_buffer((B, OUT), "float32")
         oacc = T.sblock_alloc_buffer((B, OUT), "float32")
         for b, c in T.grid(B, NV * V):
@@ -159,13 +175,29 @@ def codebook_gemm_primfunc(k: TirCodebookShape):
                     xq[vb, vc] = T.if_then_else(vc < INQ, x[vb, perm[T.min(vc + NO, IN - 1)]], T.float32(0))
                 else:
                     xq[vb, vc] = T.if_then_else(vc < INQ, x[vb, T.min(vc, IN - 1)], T.float32(0))
-        for b, r, s, j, t in T.grid(B, OUT, S, NV, V):
-            with T.sblock("acc"):
-                vb, vr, vs, vj, vt = T.axis.remap("SSRRR", [b, r, s, j, t])
-                with T.init():
-                    acc[vb, vr] = T.float32(0)
-                acc[vb, vr] = acc[vb, vr] + T.Cast("float32", cb[vs, vr // RPG, code(codes, vs, vr, vj, BITS, RB),
-                                                                 vt]) * xq[vb, vj * V + vt]
+        for s, g, t, c in T.grid(S, G, V, K):
+            with T.sblock("cbt"):  # codebooks in float32, component-major: converted once per call, not per use
+                vs, vg, vt, vc = T.axis.remap("SSSS", [s, g, t, c])
+                cbt[vs, vg, vt, vc] = T.Cast("float32", cb[vs, vg, vc, vt])
+        if LUT:
+            for b, s, g, j, c in T.grid(B, S, G, NV, K):
+                with T.sblock("lut"):  # dot products of every input vector with every codeword (spatial in k)
+                    vb, vs, vg, vj, vc = T.axis.remap("SSSSS", [b, s, g, j, c])
+                    lut[vb, vs, vg, vj, vc] = dot(xq, cbt, vb, vs, vg, vj, vc, V)
+            for b, r, s, j in T.grid(B, OUT, S, NV):
+                with T.sblock("acc"):  # gather-and-sum over the row's codes
+                    vb, vr, vs, vj = T.axis.remap("SSRR", [b, r, s, j])
+                    with T.init():
+                        acc[vb, vr] = T.float32(0)
+                    acc[vb, vr] = acc[vb, vr] + lut[vb, vs, vr // RPG, vj, code(codes, vs, vr, vj, BITS, RB)]
+        else:
+            for b, r, s, j, t in T.grid(B, OUT, S, NV, V):
+                with T.sblock("acc"):
+                    vb, vr, vs, vj, vt = T.axis.remap("SSRRR", [b, r, s, j, t])
+                    with T.init():
+                        acc[vb, vr] = T.float32(0)
+                    acc[vb, vr] = acc[vb, vr] + cbt[vs, vr // RPG, vt, code(codes, vs, vr, vj, BITS, RB)] * \
+                        xq[vb, vj * V + vt]
         if HAS_O:
             for b, r, o in T.grid(B, OUT, NO):
                 with T.sblock("oacc"):
@@ -190,16 +222,27 @@ def _has_block(sch, name: str) -> bool:
         return False
 
 
-def schedule_llvm(func, k: TirCodebookShape, threads: int | None = None):
-    """CPU: one parallel loop over output rows; the vector loop unrolled; epilogue fused into it."""
+def schedule_llvm(func, k: TirCodebookShape):
+    """CPU: LUT built with unit-stride vectors over codewords (parallel over input vectors); the row loop of the
+    gather-and-sum (or of the direct gather-dot) parallel over threads in tiles of 16 rows."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    acc = sch.get_sblock("acc")
-    b, r, s, j, t = sch.get_loops(acc)
-    sch.reorder(r, b, s, j, t)
-    sch.unroll(t)
-    ro, ri = sch.split(r, [None, max(1, min(16, k.out_features))])
+    if k.algo == "lut":
+        b, s, g, j, c = sch.get_loops(sch.get_sblock("lut"))
+        sch.parallel(sch.fuse(b, s, g, j))
+        vec = next((w for w in (16, 8, 4) if k.codebook_size % w == 0), None)
+        if vec:
+            _, ci = sch.split(c, [None, vec])
+            sch.vectorize(ci)
+        b, r, s, j = sch.get_loops(sch.get_sblock("acc"))
+        sch.reorder(r, b, s, j)
+    else:
+        b, r, s, j, t = sch.get_loops(sch.get_sblock("acc"))
+        sch.reorder(r, b, s, j, t)
+        sch.unroll(t)
+    r = sch.get_loops(sch.get_sblock("acc"))[0]
+    ro, _ = sch.split(r, [None, min(16, k.out_features)])
     sch.parallel(ro)
     if _has_block(sch, "oacc"):
         ob, orr, _ = sch.get_loops(sch.get_sblock("oacc"))
@@ -215,8 +258,12 @@ def schedule_cuda(func, k: TirCodebookShape, rows_per_block: int = 4):
     input permutation/padding is inlined into the reduction and the epilogue runs in the same kernel."""
     from tvm import s_tir
 
+    if k.algo != "direct":
+        raise ConfigError(f"the CUDA schedule takes the direct algorithm, not {k.algo!r}",
+                          hint="use choose_algo(k, 'cuda')")
     sch = s_tir.Schedule(func)
     sch.compute_inline(sch.get_sblock("xq"))
+    sch.compute_inline(sch.get_sblock("cbt"))
     acc = sch.get_sblock("acc")
     b, r, s, j, t = sch.get_loops(acc)
     rpb = max(1, min(rows_per_block, k.rows * k.out_features))
@@ -240,19 +287,36 @@ def schedule_cuda(func, k: TirCodebookShape, rows_per_block: int = 4):
 
 
 SCHEDULES: dict[str, Callable] = {"llvm": schedule_llvm, "cuda": schedule_cuda}
+ALGOS = {"direct": "y[b, r] = Σ codebook[code(r, j)] · x_j (a gather-dot per output; CUDA, and CPU when the LUT "
+                   "would not pay off)",
+         "lut": "LUT-GEMV: LUT[j, k] = <x_j, codeword k> once per call, then y[b, r] = Σ_j LUT[j, code(r, j)] (CPU)"}
+LUT_MAX_BYTES = 8 << 20
 
 
-def scheduled_primfunc(k: TirCodebookShape, target_kind: str):
-    """The PrimFunc for `k` with the schedule of TVM target kind `target_kind` ("llvm" or "cuda")."""
+def choose_algo(k: TirCodebookShape, target_kind: str) -> str:
+    """LUT-GEMV on CPUs when its table is small and building it (vectorised, ~8 MACs per instruction) plus the
+    gathers costs less than the direct gather-dot; the direct form everywhere else."""
+    if target_kind != "llvm":
+        return "direct"
+    table = k.rows * k.stages * k.groups * k.n_vec * k.codebook_size
+    lut_cost = table * k.vec_len / 8 + k.rows * k.stages * k.out_features * k.n_vec
+    direct_cost = k.rows * k.stages * k.out_features * k.n_vec * k.vec_len
+    return "lut" if table * 4 <= LUT_MAX_BYTES and lut_cost < direct_cost else "direct"
+
+
+def scheduled_primfunc(k: TirCodebookShape, target_kind: str, algo: str | None = None):
+    """The PrimFunc for `k` with the schedule of TVM target kind `target_kind` ("llvm" or "cuda"); the algorithm
+    is `algo` if given, else chosen per target (`choose_algo`)."""
     if target_kind not in SCHEDULES:
         raise ConfigError(f"no TIR codebook_gemm schedule for TVM target kind {target_kind!r}",
                           hint=f"targets with a schedule: {sorted(SCHEDULES)}")
+    k = dataclasses.replace(k, algo=algo or choose_algo(k, target_kind))
     return SCHEDULES[target_kind](codebook_gemm_primfunc(k), k)
 
 
-def build(k: TirCodebookShape, target):
+def build(k: TirCodebookShape, target, algo: str | None = None):
     """Compile the standalone kernel (tests, benchmarks): a runtime module with function `codebook_gemm`."""
     tvm = require("tvm", "tvm")
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    func = scheduled_primfunc(k, target.kind.name).with_attr("global_symbol", "codebook_gemm")
+    func = scheduled_primfunc(k, target.kind.name, algo).with_attr("global_symbol", "codebook_gemm")
     return tvm.compile(tvm.IRModule({"codebook_gemm": func}), target=target)

@@ -4,7 +4,8 @@ ADED, Medusa-style tree attention).
 Inputs (one draft tree of T nodes, node 0 = the root = the last token already generated, whose logits
 predict the first new token; nodes are in breadth-first order so parents[i] < i):
 * `logits`   float [T, V]: the target model's logits at every node (computed with a tree attention mask).
-* `tokens`   int64 [T]: the draft token of each node (tokens[0] is the root's token, not a draft).
+* `tokens`   int64 [T]: the draft token of each node (tokens[0] is the root's token, not a draft);
+             a negative token disables the node (never accepted).
 * `parents`  int64 [T]: parent node index, -1 for the root.
 * `u_accept` float [T]: uniforms in [0, 1) (sampling only): node i's acceptance test uses u_accept[i].
 * `u_sample` float [T]: uniforms (sampling only): the residual draw after the last accepted node j uses u_sample[j].
@@ -60,7 +61,7 @@ def tree_verify_reference(logits, tokens, parents, u_accept, u_sample, temperatu
     while True:
         if greedy:
             target = int(logits[node].argmax())
-            nxt = next((c for c in kids[node] if tok[c] == target), None)
+            nxt = next((c for c in kids[node] if tok[c] == target and tok[c] >= 0), None)
             if nxt is None:
                 out_next = target
                 break
@@ -68,6 +69,8 @@ def tree_verify_reference(logits, tokens, parents, u_accept, u_sample, temperatu
             p = target_probs(logits[node], temperature, top_p)
             nxt = None
             for c in kids[node]:
+                if tok[c] < 0:  # a disabled node
+                    continue
                 mass = float(p.sum())
                 if mass > 0 and float(u_accept[c]) < float(p[tok[c]]) / mass:
                     nxt = c
@@ -77,7 +80,7 @@ def tree_verify_reference(logits, tokens, parents, u_accept, u_sample, temperatu
                 cdf = p.cumsum(0)
                 total = float(cdf[-1])
                 if total <= 0:  # every candidate took all the mass (cannot happen for exact probs)
-                    out_next = int(tok[kids[node][0]]) if kids[node] else int(logits[node].argmax())
+                    out_next = int(logits[node].argmax())
                 else:
                     u = float(u_sample[node]) * total
                     out_next = int(torch.searchsorted(cdf, torch.tensor([u]), right=True).clamp(max=p.numel() - 1))

@@ -94,6 +94,14 @@ def peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
 
 
+def _gpu_peak_mb() -> float | None:
+    """Peak CUDA memory of this process when torch has used the GPU (None otherwise)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def _fill(shape: Sequence[int], dtype: str, vocab: int = 100, rng=None) -> np.ndarray:
     rng = rng or np.random.default_rng(0)
     dt = np.dtype(dtype)
@@ -102,6 +110,18 @@ def _fill(shape: Sequence[int], dtype: str, vocab: int = 100, rng=None) -> np.nd
     if dt.kind == "b":
         return np.ones(tuple(shape), dtype=dt)
     return rng.standard_normal(tuple(shape)).astype(dt)
+
+
+def _named(name: str, shape: Sequence[int], dtype: str) -> np.ndarray:
+    """Plausible values by input role: positions count up, masks are ones, caches start empty."""
+    n = name.lower()
+    if "pos" in n and np.dtype(dtype).kind in "iu":
+        return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), tuple(shape)).copy()
+    if "mask" in n:
+        return np.ones(tuple(shape), dtype=dtype)
+    if "cache" in n or "past" in n:
+        return np.zeros(tuple(shape), dtype=dtype)
+    return _fill(shape, dtype)
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
@@ -130,14 +150,15 @@ def example_inputs(art, seq_len: int = 16) -> list[np.ndarray]:
     spec = m.get("inputs") or {}
     if spec.get("shapes"):
         dtypes = spec.get("dtypes") or ["float32"] * len(spec["shapes"])
-        return [_fill(s, d) for s, d in zip(spec["shapes"], dtypes)]
+        names = spec.get("names") or [""] * len(spec["shapes"])
+        return [_named(n, s, d) for n, s, d in zip(names, spec["shapes"], dtypes)]
     if m.get("format") == "eager" and m.get("model_kind") == "encoder":
         return [_fill((1, seq_len), "int64"), np.ones((1, seq_len), dtype=np.int64)]
     if m.get("format") == "eager":
         return [_fill((1, seq_len), "int64")]
     onnx_files = [f for f in m.get("files", {}) if f.endswith(".onnx")]
     if onnx_files:
-        return [_fill(s, d) for s, d, _ in _onnx_specs(art.root / onnx_files[0], seq_len)]
+        return [_named(n, s, d) for s, d, n in _onnx_specs(art.root / onnx_files[0], seq_len)]
     raise ArtifactError(f"artifact {art.root} declares no input shapes",
                         hint="write manifest['inputs'] = {'names': [...], 'shapes': [...], 'dtypes': [...]}")
 
@@ -178,7 +199,7 @@ def bench(artifact, runs: int = 20, warmup: int = 3, seq_len: int = 16, decode_t
         torch.set_num_threads(threads)
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     t0 = time.perf_counter()
-    sess = Session(art)
+    sess = Session(art, **({"threads": threads} if threads else {}))
     inputs = example_inputs(art, seq_len)
     sess.run(inputs)  # first run completes loading (lazy initialisation counts as load time)
     load_s = time.perf_counter() - t0
@@ -191,12 +212,13 @@ def bench(artifact, runs: int = 20, warmup: int = 3, seq_len: int = 16, decode_t
         lat.append((time.perf_counter() - t) * 1e3)
     res = BenchResult(artifact=str(art.root), format=art.manifest.get("format", "?"), runs=runs, warmup=warmup,
                       latencies_ms=lat, load_s=load_s, model_bytes=art.total_bytes, peak_rss_mb=peak_rss_mb(),
-                      profile=(art.manifest.get("target") or {}).get("name") if isinstance(art.manifest.get("target"), dict) else None)
+                      profile=None)
     if decode_tokens and art.manifest.get("model_kind") == "decoder" and hasattr(sess, "loaded"):
         res.ttft_ms, res.tokens_per_s = _decoder_figures(sess, seq_len, decode_tokens)
         res.extra["decode_tokens"] = decode_tokens
     res.extra["seq_len"] = seq_len
     res.peak_rss_mb = peak_rss_mb()
+    res.gpu_peak_mb = _gpu_peak_mb()
     return res
 
 

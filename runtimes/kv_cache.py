@@ -40,6 +40,7 @@ class KVCacheConfig(Config):
     levels: str = "uniform"  # "uniform" or "nuq" (non-uniform levels fit on calibration data)
     outlier_frac: float = 0.0  # dense-and-sparse: fraction of entries kept exact
     gear_rank: int = 0  # GEAR low-rank rank of the quantization error per block (0 = off)
+    sink_tokens: int = 1  # the first tokens (attention sinks) kept exact, as sparse entries
     calib_windows: int = 4
     calib_seq_len: int = 512
 
@@ -52,6 +53,7 @@ class KVCacheConfig(Config):
         check(self.levels in LEVELS, "levels", self.levels, f"one of {LEVELS}")
         check(0.0 <= self.outlier_frac < 0.2, "outlier_frac", self.outlier_frac, "in [0, 0.2)")
         check(self.gear_rank >= 0, "gear_rank", self.gear_rank, ">= 0")
+        check(0 <= self.sink_tokens <= 64, "sink_tokens", self.sink_tokens, "in [0, 64]")
         check(self.calib_windows >= 1, "calib_windows", self.calib_windows, ">= 1")
 
     @property
@@ -139,10 +141,11 @@ def calibrate(model, windows: torch.Tensor, cfg: KVCacheConfig) -> list[LayerCal
         for w in windows:
             model(w[None], torch.arange(seq))
         out = []
+        skip = cfg.sink_tokens  # sinks are kept exact: keep them out of the statistics
         for layer in model.model.layers:
             rec = layer.self_attn.kv_cache
-            k = torch.cat(rec.keys, 2)[0]  # [H, N, D]
-            v = torch.cat(rec.values, 2)[0]
+            k = torch.cat([x[:, :, skip:] for x in rec.keys], 2)[0]  # [H, N, D]
+            v = torch.cat([x[:, :, skip:] for x in rec.values], 2)[0]
             out.append(_layer_calibration(k, v, cfg))
         return out
     finally:
@@ -208,7 +211,7 @@ class QuantKVCache(nn.Module):
         levels = calib.levels if calib is not None else torch.linspace(-1, 1, 2 ** cfg.bits).repeat(2, 1)
         buf("levels", levels.float().clone(), persistent=False)
         buf("kv_fp", torch.zeros(2, batch, heads, self.capacity, head_dim, dtype=torch.float16), persistent=False)
-        n_out = math.ceil(cfg.outlier_frac * max_seq * head_dim * 1.25) if cfg.outlier_frac else 0
+        n_out = math.ceil(cfg.outlier_frac * max_seq * head_dim * 1.25) + cfg.sink_tokens * head_dim
         buf("out_idx", torch.full((2, batch, heads, n_out), -1, dtype=torch.int32), persistent=False)
         buf("out_val", torch.zeros(2, batch, heads, n_out, dtype=torch.float16), persistent=False)
         r = cfg.gear_rank
@@ -229,25 +232,40 @@ class QuantKVCache(nn.Module):
 
     # -- writing ----------------------------------------------------------------------------------
     def write(self, k: torch.Tensor, v: torch.Tensor, p0: int) -> None:
-        """Write raw keys/values [B, H, T, D] at slots [p0, p0 + T); flush full blocks when the fp region overflows."""
+        """Write raw keys/values [B, H, T, D] at slots [p0, p0 + T).
+
+        Flush schedule (depends only on p0, so plain and speculative decoding quantize the same tokens
+        at the same positions): first, while the committed tokens before p0 that sit in the fp region
+        number >= fp_window + key_group, the oldest block is quantized; then, if the write still does
+        not fit the fp region (a long prefill), more blocks are quantized."""
         if p0 == 0:
             self.reset()
         if p0 < self.n_q or p0 > self.n_q + self.n_fp:
             raise ConfigError(f"KV cache write at slot {p0} outside the fp region [{self.n_q}, "
                               f"{self.n_q + self.n_fp}]", hint="decode positions must be contiguous")
-        start = p0 - self.n_q
         kv = torch.stack([k, v]).to(torch.float16)
-        pending = torch.cat([self.kv_fp[:, :, :, :start], kv], 3)  # [2, B, H, n, D]
-        while pending.shape[3] > self.capacity:
-            if self.n_q + self.kg > self.max_seq:
-                break
-            self._flush(pending[:, :, :, : self.kg].float())
-            pending = pending[:, :, :, self.kg:]
+        pending = torch.cat([self.kv_fp[:, :, :, : p0 - self.n_q], kv], 3)  # [2, B, H, n, D]
+        while p0 - self.n_q >= self.cfg.fp_window + self.kg:
+            pending = self._flush_front(pending)
+        while pending.shape[3] > self.capacity and self.n_q + self.kg <= self.max_seq:
+            pending = self._flush_front(pending)
         if pending.shape[3] > self.capacity:
             raise ConfigError(f"{pending.shape[3]} tokens do not fit the KV cache's fp region "
                               f"({self.capacity})", hint="raise extra_slots or max_seq_len")
         self.kv_fp[:, :, :, : pending.shape[3]] = pending
         self.n_fp = pending.shape[3]
+
+    def _flush_front(self, pending: torch.Tensor) -> torch.Tensor:
+        self._flush(pending[:, :, :, : self.kg].float())
+        return pending[:, :, :, self.kg:]
+
+    def depth_limit(self, length: int) -> int:
+        """Deepest draft depth whose query would see the same quantized/fp split as plain decoding
+        (a write at `length` flushes first; a plain query at length + d must not flush more)."""
+        nq = self.n_q
+        while length - nq >= self.cfg.fp_window + self.kg:
+            nq += self.kg
+        return nq + self.cfg.fp_window + self.kg - 1 - length
 
     def _flush(self, blk: torch.Tensor) -> None:
         """Quantize one block [2, B, H, kg, D] into slots [n_q, n_q + kg)."""
@@ -257,7 +275,8 @@ class QuantKVCache(nn.Module):
         if self.cfg.key_scaling == "calibrated":
             ks, kz = self.k_meta[:, :, 0, 0].float()[:, :, None], self.k_meta[:, :, 0, 1].float()[:, :, None]
         else:
-            ks, kz = _range(k, 2, frac)  # per channel over the block's tokens: [B, H, D]
+            sk = self.cfg.sink_tokens - s0  # sinks (kept exact) stay out of the block statistics
+            ks, kz = _range(k[:, :, sk:] if 0 < sk < k.shape[2] else k, 2, frac)  # per channel: [B, H, D]
             self.k_meta[:, :, s0 // self.kg, 0], self.k_meta[:, :, s0 // self.kg, 1] = ks, kz
             ks, kz = ks[:, :, None], kz[:, :, None]
         b, h, t, d = v.shape
@@ -273,6 +292,12 @@ class QuantKVCache(nn.Module):
         vd = self.levels[1][vc] * vs_f + vz_f
         k_out = (k - kz).abs() > ks * 1.0001  # outside the range: dense-and-sparse outliers
         v_out = (v - vz_f).abs() > vs_f * 1.0001
+        if not frac:
+            k_out, v_out = torch.zeros_like(k_out), torch.zeros_like(v_out)
+        sink = self.cfg.sink_tokens - s0  # attention-sink slots in this block: stored exactly
+        if sink > 0:
+            k_out[:, :, :sink], v_out[:, :, :sink] = True, True
+        frac = frac or sink > 0
         if self.cfg.gear_rank:  # GEAR: low-rank fit of the error left once outliers are exact
             self._low_rank(0, torch.where(k_out, 0.0, k - kd) if frac else k - kd, s0)
             self._low_rank(1, torch.where(v_out, 0.0, v - vd) if frac else v - vd, s0)

@@ -141,6 +141,12 @@ class EagerDecoder:
     def kv_cache_bytes(self) -> int:
         return self.model.kv_cache_bytes()
 
+    def depth_limit(self, length: int) -> int:
+        """Deepest draft-tree depth the cache serves exactly as plain decoding would (quantized caches)."""
+        limits = [l.self_attn.kv_cache.depth_limit(length) for l in self.model.model.layers
+                  if hasattr(l.self_attn.kv_cache, "depth_limit")]
+        return min(limits) if limits else 1 << 30
+
 
 def _calib_windows(loaded: LoadedModel, cfg: kvc.KVCacheConfig, text: str | None) -> torch.Tensor:
     from edgetk.data import calibration_windows
@@ -266,8 +272,11 @@ class LLM:
             raise ConfigError(f"backend {self.decoder.name!r} cannot verify draft trees",
                               hint="use backend='eager' for speculative decoding")
         cfg = self.spec_config.replace(method=speculative)  # validates the name
-        # a fresh drafter per generation keeps results independent of earlier prompts
-        return SpeculativeStepper(self.decoder, cfg, self.decoder.vocab)
+        if not cfg.persist:  # a fresh drafter per generation: results independent of earlier prompts
+            return SpeculativeStepper(self.decoder, cfg, self.decoder.vocab)
+        if speculative not in self._steppers:
+            self._steppers[speculative] = SpeculativeStepper(self.decoder, cfg, self.decoder.vocab)
+        return self._steppers[speculative]
 
 
 class _Run:

@@ -20,6 +20,10 @@ class OnnxSession(SessionBackend):
         path = artifact.file(artifact.manifest.get("file", "model.onnx"))
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if options.get("unpack", "load") == "per-call" and _has_functions(artifact):
+            # ORT's constant folding unpacks the packed codes into int32 index tensors at load time (fast calls,
+            # up to 16x the packed bytes in RAM); "per-call" keeps them packed and unpacks on every call
+            so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         threads = options.get("threads")
         if threads:
             so.intra_op_num_threads = int(threads)
@@ -45,6 +49,11 @@ class OnnxSession(SessionBackend):
                                 f"got {len(inputs)}", hint="pass inputs in the manifest's input order")
         feed = {n: to_numpy(x) for n, x in zip(self._names, inputs)}
         return list(self.session.run(None, feed))
+
+
+def _has_functions(artifact: Artifact) -> bool:
+    ops = (artifact.manifest.get("compression") or {}).get("custom_ops") or {}
+    return any(v.get("lowering") == "function" for v in ops.values())
 
 
 SESSION_BACKENDS.register("onnx", OnnxSession)

@@ -40,6 +40,7 @@ class SpecConfig(Config):
     max_nodes: int = 24  # draft nodes in the tree (the root excluded)
     max_depth: int = 6
     template: tuple = ()  # explicit tree: rank paths like ((0,), (1,), (0, 0)); empty = built from the above
+    persist: bool = True  # keep the drafter's tables across generations of one LLM (they only get better)
 
     def validate(self) -> None:
         check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
@@ -165,6 +166,14 @@ class TrigramDrafter(RecyclingDrafter):
         return torch.tensor(toks, dtype=torch.int64)
 
 
+def _check_finite(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        from .llm import NonFiniteLogitsError
+
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or Inf) on a draft tree",
+                                   hint="the weights are broken or overflowed; check with `edgetk eval`")
+
+
 DRAFTERS: dict[str, Callable[[int, int, Tree], RecyclingDrafter]] = {
     "recycling": RecyclingDrafter, "aded": TrigramDrafter}
 
@@ -205,13 +214,16 @@ class SpeculativeStepper:
         tokens = self.drafter.draft(root, prev)
         mask = self.backend.tree_mask(length, tr.ancestors)
         logits = self.backend.forward(tokens, length, attn_mask=mask, rope_pos=length + tr.depth)
+        _check_finite(logits)
+        # nodes deeper than the cache can serve exactly (quantized-cache flush boundary) never match
+        vt = torch.where(tr.depth > self.backend.depth_limit(length), -1, tokens)
         if sample is None:
             u = torch.zeros(tr.size)
-            path, nxt = torch.ops.edgetk.tree_verify(logits, tokens, tr.parents, u, u, 1.0, 1.0, True)
+            path, nxt = torch.ops.edgetk.tree_verify(logits, vt, tr.parents, u, u, 1.0, 1.0, True)
         else:
             temp, top_p, gen = sample
             ua, us = torch.rand(tr.size, generator=gen), torch.rand(tr.size, generator=gen)
-            path, nxt = torch.ops.edgetk.tree_verify(logits, tokens, tr.parents, ua, us, temp, top_p, False)
+            path, nxt = torch.ops.edgetk.tree_verify(logits, vt, tr.parents, ua, us, temp, top_p, False)
         path = path[path >= 0]
         prev_tok = torch.cat([torch.tensor([prev]), tokens[tr.parents[1:]]])
         self.drafter.observe(tokens, logits, prev_tok)

@@ -42,15 +42,15 @@ class TvmSession(SessionBackend):
             raise ArtifactError(f"the TVM session runs the host library on the CPU, not {device!r}",
                                 hint="run the CUDA / aarch64 libraries on their device (edgetk bench --device)")
         if options.get("threads"):
-            os.environ["TVM_NUM_THREADS"] = str(int(options["threads"]))
+            _set_threads(int(options["threads"]))
         path = artifact.file(artifact.manifest.get("file", "model.so"))
         try:
             self.lib = tvm.runtime.load_module(str(path))
             self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
             self._main = self.vm["main"]
         except Exception as exc:  # TVM raises its own error types for bad/alien libraries
-            raise ArtifactError(f"TVM cannot load {path.name} from {artifact.root}: "
-                                f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__}",
+            why = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"TVM cannot load {path.name} from {artifact.root}: {why}",
                                 hint="the library is corrupt or built for another machine; re-export it") from exc
         self._tvm = tvm
         self._n_inputs = len(self.input_names) or None
@@ -62,6 +62,16 @@ class TvmSession(SessionBackend):
         dtypes = self.artifact.manifest.get("inputs", {}).get("dtypes") or [None] * len(inputs)
         args = [self._tvm.runtime.tensor(np.ascontiguousarray(_cast(to_numpy(x), dt))) for x, dt in zip(inputs, dtypes)]
         return flatten(self._main(*args))
+
+
+def _set_threads(n: int) -> None:
+    """TVM sizes its pool from TVM_NUM_THREADS when first used; reconfigure it too if it already started."""
+    import tvm_ffi
+
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    config = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(0, n)
 
 
 def _cast(a: np.ndarray, dtype: str | None) -> np.ndarray:

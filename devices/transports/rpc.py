@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -68,8 +69,12 @@ class RpcTransport(Transport):
     scheme = "rpc"
 
     def __init__(self, spec: str, profile=None):
-        super().__init__(spec, profile)
         self.host, self.port, self.key = parse_rpc(spec)
+        if profile is None:  # fleets are keyed by profile name: rpc://tracker:9190/rpi5 means an rpi5
+            from edgetk.devices.profile import list_profiles, load_profile
+
+            profile = load_profile(self.key) if self.key in list_profiles() else None
+        super().__init__(spec, profile)
 
     def library(self, art) -> str:
         triple = self.profile.triple if self.profile is not None else None
@@ -91,42 +96,36 @@ class RpcTransport(Transport):
             raise DeviceError(f"no RPC server with key {self.key!r} is registered at {self.host}:{self.port}",
                               hint=f"on the device: python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} "
                                    f"--key {self.key}")
-        tracker = rpc.connect_tracker(self.host, self.port)
-        tracker._sock.settimeout(opts.timeout_s)  # a request never blocks forever on a busy or vanished fleet
-        try:
-            return tracker.request(self.key, session_timeout=opts.timeout_s, max_retry=1)
-        except (OSError, RuntimeError) as exc:
-            raise DeviceError(f"no RPC session for key {self.key!r} within {opts.timeout_s:.0f} s: {exc}",
-                              hint="all devices are busy or gone; check `python -m tvm.exec.query_rpc_tracker`") from None
+        return _request(rpc, self.host, self.port, self.key, opts)
 
     def bench(self, artifact, opts: BenchOptions = BenchOptions()) -> BenchResult:
         from edgetk.artifact import Artifact
 
         art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
         rel = self.library(art)
-        remote = self.request(opts)
+        remote, server = self.request(opts)
         try:
-            return self._run(remote, art, rel, opts)
+            return self._run(remote, server, art, rel, opts)
         except DeviceError:
             raise
         except Exception as exc:  # TVMError / socket errors when the device goes away mid-run
-            raise DeviceError(f"RPC benchmark on {self.spec} failed: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__}",
+            msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise DeviceError(f"RPC benchmark on {self.name} failed: {msg}",
                               hint="the device disconnected or could not load the library (architecture mismatch?)"
                               ) from exc
 
-    def _run(self, remote, art, rel: str, opts: BenchOptions) -> BenchResult:
+    def _run(self, remote, server: str, art, rel: str, opts: BenchOptions) -> BenchResult:
         import tvm
         from tvm import relax
 
         remote_name = f"edgetk-{os.getpid()}-{Path(rel).name}"
         remote.upload(str(art.root / rel), remote_name)
-        server = remote.get_function("tvm.rpc.server.workpath")("")
         t0 = time.perf_counter()
         try:
             lib = remote.load_module(remote_name)
         except Exception as exc:
             arch = self.profile.arch if self.profile else "this"
-            raise DeviceError(f"device {self.spec} cannot load the {arch} library {rel}: "
+            raise DeviceError(f"device {self.name} cannot load the {arch} library {rel}: "
                               f"{str(exc).strip().splitlines()[-1][:200]}",
                               hint="the device reports another architecture than its profile; use the matching "
                                    "--target / tracker key") from None
@@ -142,8 +141,35 @@ class RpcTransport(Transport):
         return BenchResult(artifact=str(art.root), format="tvm", runs=opts.runs, warmup=opts.warmup, latencies_ms=lat,
                            load_s=load_s, model_bytes=art.manifest["files"][rel]["bytes"], peak_rss_mb=None,
                            arch=self.profile.arch if self.profile else "?", host=f"{self.host}:{self.port}",
-                           device=self.spec, profile=self.key, timer="time_evaluator",
-                           extra={"library": rel, "server": server.rstrip("/")})
+                           device=self.name, profile=self.profile.name if self.profile else self.key,
+                           timer="time_evaluator", extra={"library": rel, "server": server})
+
+
+def _request(rpc, host: str, port: int, key: str, opts: BenchOptions):
+    """Ask the tracker for a free server of `key` (bounded wait), connect to it; -> (session, "addr:port")."""
+    from tvm.rpc import base
+
+    sock = socket.create_connection((host, port), timeout=opts.connect_timeout_s)
+    try:
+        sock.settimeout(opts.timeout_s)  # a request never blocks forever on a busy or vanished fleet
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+            raise DeviceError(f"{host}:{port} is not a TVM RPC tracker", hint="check the port")
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
+        value = base.recvjson(sock)
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"no RPC session for key {key!r} within {opts.timeout_s:.0f} s: {exc}",
+                          hint="all devices are busy or gone; check `python -m tvm.exec.query_rpc_tracker`") from None
+    finally:
+        sock.close()
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise DeviceError(f"the tracker refused the request for {key!r}: {value}", hint="check the tracker's log")
+    url, sport, matchkey = value[1]
+    try:
+        return rpc.connect(url, sport, matchkey, session_timeout=opts.timeout_s), f"{url}:{sport}"
+    except Exception as exc:
+        raise DeviceError(f"RPC server {url}:{sport} ({key}) is unreachable: {exc}",
+                          hint="the device went away after registering; restart its rpc_server") from None
 
 
 def fleet_bench(artifacts: list, spec: str, opts: BenchOptions = BenchOptions(), profile=None) -> list[BenchResult]:

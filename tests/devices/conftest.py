@@ -2,70 +2,12 @@
 and small artifacts built here (an eager tiny decoder, an ONNX MLP, a TVM MLP for host + aarch64)."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sshd:
-    def __init__(self, root: Path):
-        from edgetk.devices.toolchains import require_tool
-
-        self.root = root
-        self.sshd = require_tool("sshd")
-        self.port = _free_port()
-        self.key = root / "client_key"
-        self.wrong_key = root / "wrong_key"
-        for k in (root / "host_key", self.key, self.wrong_key):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)], check=True, timeout=30)
-        shutil.copy(f"{self.key}.pub", root / "authorized_keys")
-        (root / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}",
-            f"PidFile {root / 'sshd.pid'}", "UsePAM no", "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            f"AuthorizedKeysFile {root / 'authorized_keys'}", "StrictModes no", "MaxStartups 50",
-            "MaxSessions 50", "LogLevel ERROR", "Subsystem sftp internal-sftp", ""]))
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self.proc = None
-
-    def start(self) -> "Sshd":
-        self.proc = subprocess.Popen([self.sshd, "-D", "-e", "-f", str(self.root / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.root / "sshd.log", "wb"),
-                                     start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(self.root / 'sshd.log').read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("sshd did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=10)
-
-    def spec(self, key: Path | None = None, **q: str) -> str:
-        import sys
-
-        query = {"key": str(key or self.key), "python": sys.executable,
-                 "known_hosts": str(self.root / "known_hosts"), **q}
-        return f"ssh://{os.environ.get('USER', 'root')}@127.0.0.1:{self.port}?" + "&".join(f"{k}={v}" for k, v in query.items())
+from edgetk.devices.transports.loopback import LoopbackSshd as Sshd
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +73,8 @@ def tiny_decoder_art(tmp_path_factory) -> Path:
     from edgetk.compressed import save
     from edgetk.models import LoadedModel, llama
 
-    from tests.conftest import TINY_LLAMA
-
+    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, max_seq_len=128, tie_embeddings=True)
     out = tmp_path_factory.mktemp("art") / "tiny-decoder"
-    save(LoadedModel("tiny", "decoder", llama.init_random(TINY_LLAMA, seed=0), config=TINY_LLAMA), out)
+    save(LoadedModel("tiny", "decoder", llama.init_random(cfg, seed=0), config=cfg), out)
     return out

@@ -1,12 +1,9 @@
 """Transports over real loopback devices: local, qemu-aarch64, sshd, TVM RPC tracker + servers; adb without a phone."""
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from edgetk.devices.profile import load_profile
@@ -60,7 +57,7 @@ def test_ssh_wrong_credentials(sshd, onnx_mlp):
 
 
 def test_ssh_unreachable_device(onnx_mlp, tmp_path):
-    from tests.devices.conftest import _free_port
+    from edgetk.devices.transports.loopback import _free_port
 
     spec = f"ssh://root@127.0.0.1:{_free_port()}?known_hosts={tmp_path / 'kh'}"
     t0 = time.monotonic()
@@ -87,13 +84,13 @@ def test_ssh_missing_python_and_corrupt_result(sshd, onnx_mlp):
 
 @pytest.mark.backend
 def test_ssh_device_disappears_mid_run(tmp_path, onnx_mlp):
-    from tests.devices.conftest import Sshd
+    from edgetk.devices.transports.loopback import LoopbackSshd as Sshd
 
     d = Sshd(tmp_path).start()
     opts = BenchOptions(runs=1, timeout_s=60, connect_timeout_s=3, retries=1)
     # the remote "python" sleeps; the whole sshd (listener + sessions) is killed while it runs
     spec = d.spec(python="sleep 30; python3")
-    killer = threading.Timer(2.5, lambda: os.killpg(d.proc.pid, 9))
+    killer = threading.Timer(2.5, lambda: _kill_tree(d.proc.pid))
     killer.start()
     t0 = time.monotonic()
     try:
@@ -103,6 +100,18 @@ def test_ssh_device_disappears_mid_run(tmp_path, onnx_mlp):
         killer.cancel()
         d.stop()
     assert time.monotonic() - t0 < 45
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill the sshd we started and every session process it forked (the device "loses power")."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [*root.children(recursive=True), root]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_adb_commands_and_missing_adb(monkeypatch, onnx_mlp, tmp_path):
@@ -145,7 +154,7 @@ def test_rpc_fleet_splits_work(rpc_fleet, tvm_mlp):
 
 @pytest.mark.backend
 def test_rpc_bad_key_unreachable_and_wrong_arch(rpc_fleet, tvm_mlp, onnx_mlp):
-    from tests.devices.conftest import _free_port
+    from edgetk.devices.transports.loopback import _free_port
 
     with pytest.raises(DeviceError, match="no RPC server with key 'rpi5'"):
         open_transport(f"rpc://127.0.0.1:{rpc_fleet.port}/rpi5").bench(tvm_mlp, FAST)

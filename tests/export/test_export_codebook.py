@@ -35,9 +35,12 @@ def test_decomposition_matches_reference(name):
     torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
 
 
+# every variant through ONNX; ExecuTorch (slower to lower) through the VQLinear and MLP tests below
+PARITY_CASES = [("onnx", n) for n in sorted(VARIANTS)]
+
+
 @pytest.mark.backend
-@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("fmt,name", PARITY_CASES)
 def test_codebook_gemm_export_parity(tmp_path, fmt, name):
     m = CodebookLinear(**VARIANTS[name])
     x = torch.randn(2, 3, m.meta[0])
@@ -57,7 +60,8 @@ def test_onnx_keeps_codes_compressed_with_optimizer(tmp_path):
 
     m = CodebookMLP(d=256, hidden=512, bits=2)
     dense_bytes = 2 * 256 * 512 * 4
-    art = edgetk.export(m, (torch.randn(1, 256),), format="onnx", out=tmp_path / "a", optimize=True)
+    art = edgetk.export(m, (torch.randn(1, 256),), format="onnx", target="rpi5", out=tmp_path / "a", optimize=True)
+    assert art.manifest["target"]["name"] == "rpi5"
     model = onnx.load(str(art.file("model.onnx")))
     nodes = [(n.domain, n.op_type) for n in model.graph.node]
     assert nodes.count(("edgetk", "CodebookGemm")) == 2
@@ -80,3 +84,29 @@ def test_executorch_keeps_codes_compressed(tmp_path):
     assert art.manifest["compression"]["custom_ops"]["edgetk::codebook_gemm"]["lowering"] == "decompose"
     # codes 2 x 32 KB + codebooks; a dense fp32 copy would be 1 MB
     assert art.manifest["files"]["model.pte"]["bytes"] < dense_bytes / 8
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        np.testing.assert_allclose(Session(art).run([x])[0], m(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.backend
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_vqlinear_export(tmp_path, fmt):
+    """The VQ method's own layer (int16 perm, fp16 outliers/scale/bias, residual stage, groups, 6-bit codes)."""
+    from edgetk.compress.vq_linear import VQLinear
+    from edgetk.kernels.codebook_gemm import CodebookFormat
+
+    f = CodebookFormat(out_features=64, in_features=70, vec_len=4, code_bits=6, codebook_size=64, stages=2,
+                       groups=2, n_outliers=6, has_scale=True, has_bias=True)
+    g = torch.Generator().manual_seed(3)
+    layer = VQLinear.from_parts(f, torch.randint(0, 64, (2, 64, f.n_vec), generator=g),
+                                torch.randn(2, 2, 64, 4, generator=g), torch.randperm(70, generator=g),
+                                torch.randn(64, 6, generator=g), torch.rand(64, generator=g) + 0.5,
+                                torch.randn(64, generator=g))
+    x = torch.randn(1, 3, 70)
+    art = edgetk.export(layer, (x,), format=fmt, out=tmp_path / "a")
+    assert art.manifest["compression"]["custom_ops"]["edgetk::codebook_gemm"]["count"] == 1
+    x2 = torch.randn(1, 3, 70)
+    with torch.no_grad():
+        ref = x2 @ layer.dequantize().T + layer.bias.float()
+    np.testing.assert_allclose(Session(art).run([x2])[0], ref.numpy(), atol=1e-4, rtol=1e-4)

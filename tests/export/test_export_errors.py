@@ -3,6 +3,7 @@ truncated artifacts, parity failures. Each raises a named edgetk error and leave
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -39,16 +40,15 @@ class UsesMystery(nn.Module):
         return torch.ops.edgetk_test.mystery(x) + 1
 
 
-class Stateful(nn.Module):
-    """Python state the trace bakes in: eager drifts from the exported graph."""
+_CALLS = [0]
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
+
+class Stateful(nn.Module):
+    """Python state (a global call counter) the trace bakes in as a constant: eager drifts from the graph."""
 
     def forward(self, x):
-        self.calls += 1
-        return x * self.calls
+        _CALLS[0] += 1
+        return x * _CALLS[0]
 
 
 @pytest.mark.backend
@@ -82,11 +82,19 @@ def test_op_missing_on_target_op_set(tmp_path):
 
 
 @pytest.mark.backend
-def test_dynamic_shapes_refused_by_static_target(tmp_path):
-    target = TargetInfo(name="static-npu", static_shapes=True)
-    with pytest.raises(UnsupportedOpError, match="static-npu needs static shapes"):
+@pytest.mark.parametrize("target", ["snapdragon-8gen3", TargetInfo(name="static-npu", static_shapes=True)])
+def test_dynamic_shapes_refused_by_static_target(tmp_path, target):
+    name = target if isinstance(target, str) else target.name
+    with pytest.raises(UnsupportedOpError, match=f"target {name} needs static shapes"):
         edgetk.export(small_cnn(), (torch.randn(2, 3, 16, 16),), format="onnx", target=target,
                       out=tmp_path / "a", dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
+    assert not (tmp_path / "a").exists()
+
+
+def test_unknown_target_profile(tmp_path):
+    with pytest.raises(ConfigError, match="unknown target 'no-such-board'"):
+        edgetk.export(small_cnn(), (torch.randn(1, 3, 8, 8),), format="onnx", target="no-such-board",
+                      out=tmp_path / "a")
 
 
 @pytest.mark.backend
@@ -133,9 +141,9 @@ def _rehash(art_dir, name):
 
 @pytest.mark.backend
 @pytest.mark.parametrize("fmt,name", [("onnx", "model.onnx"), ("executorch", "model.pte")])
-def test_truncated_model_file(tmp_path, fmt, name):
-    art = edgetk.export(small_cnn(), (torch.randn(1, 3, 16, 16),), format=fmt, out=tmp_path / "a")
-    f = art.root / name
+def test_truncated_model_file(tmp_path, cnn_artifacts, fmt, name):
+    shutil.copytree(cnn_artifacts(fmt).root, tmp_path / "a")
+    f = tmp_path / "a" / name
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ArtifactError, match="truncated or modified"):
         Session(tmp_path / "a")

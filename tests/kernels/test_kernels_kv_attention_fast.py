@@ -65,3 +65,22 @@ def test_op_selects_llvm_and_falls_back_for_outliers():
     args[8] = torch.full((2, 1, 3, 2), 3.0).half()
     assert not kf.supported(args[0], args[1], args[4], args[5], args[7], args[9], args[13], 4, 32)
     assert torch.equal(kf.kv_attention_llvm(*args), kva.kv_attention_reference(*args))
+
+
+def test_decoder_with_quantized_cache_same_logits_with_either_kernel(tiny_llama):
+    """The runtime's QuantKVCache (prefill + decode steps, block flushes) through the fast kernel vs the reference."""
+    import copy
+
+    from edgetk.runtimes import kv_cache
+
+    cfg = kv_cache.KVCacheConfig(bits=4, key_group=16, fp_window=16)
+    tokens = torch.randint(0, 256, (1, 56), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name in ("reference", "llvm"):
+        model = copy.deepcopy(tiny_llama)
+        model.setup_cache(1, 128, cache_factory=kv_cache.cache_factory(cfg))
+        with torch.no_grad(), table.force(name):
+            steps = [model(tokens[:, :24], torch.arange(24))[:, -1]]
+            steps += [model(tokens[:, i:i + 1], torch.tensor([i]))[:, -1] for i in range(24, 56)]
+        logits[name] = torch.cat(steps)
+    torch.testing.assert_close(logits["llvm"], logits["reference"], rtol=1e-4, atol=1e-4)

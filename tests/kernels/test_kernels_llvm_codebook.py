@@ -8,6 +8,7 @@ import torch
 
 from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_q16 as q16
 from edgetk.kernels import table
 
 # (out, in, vec_len, K, code_bits, stages, groups, n_outliers, scale, bias)
@@ -48,22 +49,58 @@ def check(y, ref):
 @pytest.mark.parametrize("lead", [(1,), (2, 9)], ids=["batch1", "prefill"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_llvm_matches_reference(shape, lead, threads):
+    """The float32-LUT kernels (exact=True): same result as the reference up to summation order."""
     out, inf, v, K, bits, *_ = SHAPES[shape]
     w = make_weight(*SHAPES[shape])
     x = torch.randn(*lead, inf)
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
-    check(lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads), ref)
+    check(lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, exact=True), ref)
+
+
+Q16_SHAPES = ["square", "tall", "wide", "outliers_perm", "residual", "large"]
+
+
+@pytest.mark.skipif(not q16.host_ok(), reason="the int16-LUT gemv needs x86 AVX-512BW")
+@pytest.mark.parametrize("shape", Q16_SHAPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_q16_gemv_within_the_lut_rounding_bound(shape, threads):
+    """Default batch-1 path: int16 LUT, one scale per block of 32 columns -> |error| <= sum of half-steps."""
+    cfg = SHAPES.get(shape, (320, 2048, 4, 256, 8, 1, 5, 0, True, False))
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
+    x = torch.randn(1, inf)
+    assert q16.pack_weight(*w, inf, v, bits) is not None
+    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
+    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads)
+    err = (y - ref).abs().max().item()
+    assert 0 < err <= q16_bound(x, w, inf, v), err
+
+
+def q16_bound(x, w, inf, v):
+    """Worst case of the int16 LUT: every looked-up entry off by half a step of the largest block scale."""
+    codes, cb, perm, ow, scale, _ = w
+    n_out = ow.shape[1] if ow.numel() else 0
+    xp = x[:, perm] if perm.numel() else x
+    n_vec = math.ceil((inf - n_out) / v)
+    xq = torch.nn.functional.pad(xp[0, n_out:], (0, n_vec * v - inf + n_out)).view(n_vec, v)
+    lut_max = torch.einsum("jv,sgkv->sgjk", xq, cb.float()).abs().max().item()
+    row_scale = scale.abs().max().item() if scale.numel() else 1.0
+    return codes.shape[0] * n_vec * lut_max / (2 * q16.QMAX) * row_scale + 1e-5
 
 
 def test_op_selects_llvm_and_matches_reference():
     w = make_weight(*SHAPES["outliers_perm"])
     x = torch.randn(3, 70)
     assert table.select("codebook_gemm", "cpu", "eager").name == "llvm"
-    y = torch.ops.edgetk.codebook_gemm(x, *w, 70, 4, 8)
+    with table.force("llvm-f32"):
+        y = torch.ops.edgetk.codebook_gemm(x, *w, 70, 4, 8)
     with table.force("reference"):
         ref = torch.ops.edgetk.codebook_gemm(x, *w, 70, 4, 8)
     check(y, ref)
-    check(torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8), ref[:1])
+    with table.force("llvm-f32"):
+        check(torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8), ref[:1])
+    err = (torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8) - ref[:1]).abs().max().item()
+    assert err <= (q16_bound(x[:1], w, 70, 4) if q16.host_ok() else 2e-6 * ref.abs().max().item())
 
 
 def test_large_gemv_two_threads_and_vector_widths():
@@ -71,7 +108,7 @@ def test_large_gemv_two_threads_and_vector_widths():
     w = make_weight(512, 1024, 4, 256, 8, 1, 1, 0, False, False)
     x = torch.randn(1, 1024)
     ref = cg.codebook_gemm_reference(x, *w, 1024, 4, 8)
-    check(lk.codebook_gemm_llvm(x, *w, 1024, 4, 8, n_threads=2), ref)
+    check(lk.codebook_gemm_llvm(x, *w, 1024, 4, 8, n_threads=2, exact=True), ref)
     for bits in (256, 128):
         spec = lk.make_spec(4, 256, 1, 512, False, vector_bits=bits)
         p = lk.pack_weight(*w, 1024, 4, 8)
@@ -98,9 +135,13 @@ def test_repacked_layout_matches_docstring():
 def test_in_place_weight_update_invalidates_the_repack():
     w = list(make_weight(*SHAPES["square"]))
     x = torch.randn(1, 64)
-    lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
+    for exact in (True, False):
+        lk.codebook_gemm_llvm(x, *w, 64, 4, 8, exact=exact)
     w[0].add_(1)  # in-place: new codes, same tensor
-    check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8), cg.codebook_gemm_reference(x, *w, 64, 4, 8))
+    ref = cg.codebook_gemm_reference(x, *w, 64, 4, 8)
+    check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8, exact=True), ref)
+    err = (lk.codebook_gemm_llvm(x, *w, 64, 4, 8) - ref).abs().max().item()
+    assert err <= (q16_bound(x, w, 64, 4) if q16.host_ok() else 2e-6 * ref.abs().max().item())
 
 
 def test_unhandled_formats_fall_back_to_the_reference():
@@ -109,3 +150,11 @@ def test_unhandled_formats_fall_back_to_the_reference():
     y = lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
     assert y.dtype == torch.float64
     assert torch.equal(y, cg.codebook_gemm_reference(x, *w, 64, 4, 8))
+
+
+def test_codes_beyond_the_codebook_never_reach_the_kernel():
+    codes, cb, *rest = make_weight(*SHAPES["square"])
+    cb = cb[:, :, :200]  # codes go up to 255: the kernel would read past its LUT
+    assert lk.pack_weight(codes, cb, *rest, 64, 4, 8) is None
+    with pytest.raises(IndexError):  # the reference reports it
+        lk.codebook_gemm_llvm(torch.randn(1, 64), codes, cb, *rest, 64, 4, 8)

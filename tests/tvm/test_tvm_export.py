@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgetk.artifact import Artifact, ArtifactWriter
+from edgetk.artifact import ArtifactWriter
 from edgetk.errors import ArtifactError, UnsupportedOpError
+from edgetk.kernels import table
 from edgetk.models import llama
 
 pytest.importorskip("tvm", reason="apache-tvm is the 'tvm' extra")
@@ -65,12 +66,14 @@ def jetson(tmp_path_factory):
     """One export for the Jetson Orin Nano profile: host library, aarch64 library (qemu parity), CUDA sm_87."""
     model = vq_decoder()
     out = tmp_path_factory.mktemp("tvm") / "vq-jetson"
-    art = export(model, format="tvm", target="jetson-orin-nano", out=out, max_seq_len=MAX_SEQ, golden_steps=32)
+    # eager runs the op's fp32 reference: the default llvm eager kernel sums an fp16 LUT (~1e-4 relative drift)
+    with table.force("reference"):
+        art = export(model, format="tvm", target="jetson-orin-nano", out=out, max_seq_len=MAX_SEQ, golden_steps=32)
     return model, art
 
 
 def eager_step(model, tokens, pos, k, v):
-    with cache_installed(model, MAX_SEQ, lambda *a: StepKVCache()), torch.no_grad():
+    with cache_installed(model, MAX_SEQ, lambda *a: StepKVCache()), torch.no_grad(), table.force("reference"):
         return [t.numpy() for t in DecoderStep(model)(tokens, pos, k, v)]
 
 
@@ -131,18 +134,19 @@ def test_cuda_code_is_generated_and_kept(jetson):
 
 
 def test_no_dense_weight_at_run_time(jetson):
-    """No constant bound into any library has the shape of a VQ layer's dense weight."""
+    """No constant bound into any library has the shape of a VQ layer's dense weight, and the constants add
+    up to the compressed buffers plus the fp tensors (embedding, tied lm_head copy, RoPE tables, mask)."""
     model, art = jetson
     dense = {tuple(m.dequantize().shape) for m in model.modules() if isinstance(m, VQLinear)}
     dense |= {s[::-1] for s in dense}
     dense_bytes = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, VQLinear))
     vq_bytes = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, VQLinear)
                    for b in m.buffers())
-    emb_bytes = CFG.vocab_size * CFG.hidden_size * 4
+    fp_bytes = 2 * CFG.vocab_size * CFG.hidden_size * 4 + 4 * CFG.max_seq_len * CFG.head_dim * 4 + MAX_SEQ ** 2
     for name, build in art.manifest["tvm"]["builds"].items():
         c = build["constants"]
-        assert tuple(c["largest_float"]["shape"]) not in dense, name
-        assert c["bytes"] < emb_bytes + vq_bytes + dense_bytes / 4, (name, c)
+        assert not {tuple(x["shape"]) for x in c["largest_float"]} & dense, (name, c)
+        assert c["bytes"] < fp_bytes + vq_bytes + 8192 < fp_bytes + dense_bytes, (name, c)
 
 
 class SmallCNN(nn.Module):

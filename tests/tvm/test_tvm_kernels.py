@@ -38,9 +38,9 @@ def shape_of(x, fmt, parts):
                                  sc.numel(), bi.numel(), fmt.in_features, fmt.vec_len, fmt.code_bits, DT)
 
 
-def run_llvm(x, fmt, parts):
+def run_llvm(x, fmt, parts, algo=None):
     k = shape_of(x, fmt, parts)
-    lib = tc.build(k, {"kind": "llvm"})
+    lib = tc.build(k, {"kind": "llvm"}, algo)
     y = tvm.runtime.empty((k.rows, k.out_features), "float32")
     args = [tvm.runtime.tensor(np.ascontiguousarray(a.numpy())) for a in (x.reshape(k.rows, -1), *parts)]
     lib["codebook_gemm"](*args, y)
@@ -58,13 +58,14 @@ CASES = {  # shape classes: square, tall, wide, odd sizes with every optional pa
 }
 
 
+@pytest.mark.parametrize("algo", ["direct", "lut"])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tir_codebook_gemm_matches_reference(case, rows):
+def test_tir_codebook_gemm_matches_reference(case, rows, algo):
     fmt, parts = make_layer(**CASES[case])
     x = torch.randn(rows, fmt.in_features, generator=torch.Generator().manual_seed(rows))
     ref = cg.codebook_gemm_reference(x, *parts, fmt.in_features, fmt.vec_len, fmt.code_bits).numpy()
-    got = run_llvm(x, fmt, parts)
+    got = run_llvm(x, fmt, parts, algo)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
@@ -77,13 +78,27 @@ def test_leading_dims_are_flattened():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
-def test_no_dense_weight_in_the_primfunc():
-    """The only buffers the kernel allocates are per-row activations/accumulators, never [out, in]."""
+@pytest.mark.parametrize("algo", ["direct", "lut"])
+def test_no_dense_weight_in_the_primfunc(algo):
+    """The kernel allocates activations, accumulators, the fp32 codebook and (LUT) the table, never [out, in]."""
+    import dataclasses
+
     fmt, parts = make_layer(96, 128, 4, 8, 256, n_out=4, scale=True)
-    k = shape_of(torch.zeros(1, 128), fmt, parts)
+    k = dataclasses.replace(shape_of(torch.zeros(1, 128), fmt, parts), algo=algo)
     func = tc.codebook_gemm_primfunc(k)
-    allocs = [list(b.shape) for b in func.body.block.alloc_buffers]
-    assert allocs and all(int(np.prod(s)) <= 128 for s in allocs), allocs
+    allocs = {b.name: int(np.prod([int(d) for d in b.shape])) for b in func.body.block.alloc_buffers}
+    limits = {"xq": 128, "acc": 96, "oacc": 96, "cbt": 256 * 4, "lut": 31 * 256 if algo == "lut" else 1}
+    assert allocs.keys() == limits.keys() and all(allocs[n] <= limits[n] for n in allocs), allocs
+    assert max(allocs.values()) < 96 * 128
+
+
+def test_algorithm_choice():
+    big = tc.TirCodebookShape(rows=1, in_features=576, out_features=1536, vec_len=4, code_bits=8, stages=1, groups=1,
+                              codebook_size=256, row_bytes=144)
+    assert tc.choose_algo(big, "llvm") == "lut" and tc.choose_algo(big, "cuda") == "direct"
+    small = tc.TirCodebookShape(rows=1, in_features=64, out_features=16, vec_len=4, code_bits=12, stages=1,
+                                groups=1, codebook_size=4096, row_bytes=24)
+    assert tc.choose_algo(small, "llvm") == "direct"  # a 4096-entry table per vector costs more than 16 rows
 
 
 def test_cuda_codegen_warp_reduction_and_nvcc():
@@ -123,3 +138,34 @@ def test_unknown_schedule_and_bad_shapes_are_named():
     with pytest.raises(ConfigError, match="float32 activations"):
         tc.shape_from_tensors((1, 16), tuple(codes.shape), tuple(cbs.shape), 0, (0,), 0, 0, 16, 4, 8,
                               {**DT, "x_dtype": "float16"})
+
+
+CHILD = """
+import sys, numpy as np, torch
+sys.path.insert(0, {here!r})
+from test_tvm_kernels import make_layer, run_llvm, CASES
+from edgetk.kernels import codebook_gemm as cg
+import tvm_ffi
+fmt, parts = make_layer(**CASES["odd-5bit-outliers-scale-bias-2stages"])
+x = torch.randn(3, fmt.in_features, generator=torch.Generator().manual_seed(7))
+ref = cg.codebook_gemm_reference(x, *parts, fmt.in_features, fmt.vec_len, fmt.code_bits).numpy()
+for algo in ("direct", "lut"):
+    got = run_llvm(x, fmt, parts, algo)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+print("threads", tvm_ffi.get_global_func("runtime.NumThreads")())
+"""
+
+
+def test_one_and_many_threads(tmp_path):
+    """TVM sizes its thread pool once per process: run the parallel schedules with 1 and with 3 threads."""
+    import os
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(here=str(Path(__file__).parent)))
+    for n in (1, 3):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "TVM_NUM_THREADS": str(n)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"threads {n}" in proc.stdout

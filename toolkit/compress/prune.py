@@ -166,20 +166,39 @@ class NMSparseLinear(nn.Module):
                 q.bias.copy_(linear.bias.detach())
         return q
 
+    def kept_positions(self) -> torch.Tensor:
+        pos = unpack_indices(self.indices, self.bits, self.values.shape[1])
+        return pos.view(self.out_features, -1, self.n)
+
     def dense_weight(self) -> torch.Tensor:
-        count = self.values.shape[1]
-        pos = unpack_indices(self.indices, self.bits, count)
         w = torch.zeros(self.out_features, self.in_features // self.m, self.m, dtype=self.values.dtype,
                         device=self.values.device)
-        w = w.scatter(2, pos.view(self.out_features, -1, self.n), self.values.view(self.out_features, -1, self.n))
+        w = w.scatter(2, self.kept_positions(), self.values.view(self.out_features, -1, self.n))
         return w.reshape(self.out_features, self.in_features)
 
     @property
-    def weight(self) -> torch.Tensor:  # read-only dense view (quantizers, evaluation)
-        return self.dense_weight()
+    def weight(self) -> torch.Tensor:
+        """Dense working copy for code that reads or edits `.weight` in place (e.g. a quantizer applied after
+        pruning). Once materialised, forward uses it, and saving packs it back (pruned positions stay zero)."""
+        if self.__dict__.get("_work") is None:
+            self.__dict__["_work"] = self.dense_weight().detach()
+        return self.__dict__["_work"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+        work = self.__dict__.get("_work")
+        return F.linear(x, work if work is not None else self.dense_weight(), self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        work = self.__dict__.get("_work")
+        if work is not None:  # pack edits of the working copy back into the kept values
+            with torch.no_grad():
+                g = work.view(self.out_features, -1, self.m).gather(2, self.kept_positions())
+                self.values.copy_(g.reshape(self.out_features, -1))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__["_work"] = None  # the loaded values win over a stale working copy
+        super()._load_from_state_dict(*args, **kwargs)
 
     def stored_bits(self) -> int:
         return self.values.numel() * 32 + self.values.numel() * self.bits
@@ -198,9 +217,10 @@ def pack_indices(pos: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Arithmetic unpacking (floor-div and remainder export everywhere; bit shifts do not in ONNX)."""
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
-    p = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
+    div = (2 ** (torch.arange(per, dtype=torch.int64, device=packed.device) * bits))
+    p = torch.div(packed.to(torch.int64)[..., None], div, rounding_mode="floor") % (1 << bits)
     return p.reshape(packed.shape[0], -1)[:, :count]
 
 

@@ -86,17 +86,18 @@ class VQConfig(Config):
 
 # -- k-means weighted by the Hessian diagonal ------------------------------------------------------
 def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v])."""
+    """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v]) as one fused matmul:
+    [w, w⊙x] @ [c²; -2c]ᵀ."""
     out = torch.empty(x.shape[0], dtype=torch.long)
-    c2t, ct = (c * c).T, c.T
+    rhs = torch.cat([c * c, -2 * c], 1).T.contiguous()
     for i in range(0, x.shape[0], chunk):
-        xs, ws = x[i:i + chunk], w[i:i + chunk]
-        out[i:i + chunk] = (ws @ c2t - 2 * (ws * xs) @ ct).argmin(1)
+        ws = w[i:i + chunk]
+        out[i:i + chunk] = (torch.cat([ws, ws * x[i:i + chunk]], 1) @ rhs).argmin(1)
     return out
 
 
 def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator,
-           max_points: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+           max_points: int = 24576) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted k-means; iterates on at most `max_points` vectors (seeded sample), assigns all at the end."""
     x_all, w_all = x, w
     if x.shape[0] > max_points:
@@ -218,8 +219,8 @@ def _nearest(t: torch.Tensor, a: torch.Tensor, cbs: torch.Tensor) -> tuple[torch
     idx = torch.empty(S, out, dtype=torch.long)
     for s in range(S):
         ca = cbs[s] @ a  # [G, K, v]
-        d = (ca * ca).sum(-1)[:, None, :] - 2 * r @ ca.transpose(1, 2)
-        k = d.argmin(-1)  # [G, rows]
+        rhs = torch.cat([-2 * ca, (ca * ca).sum(-1, keepdim=True)], -1).transpose(1, 2).contiguous()  # [G, v+1, K]
+        k = (torch.cat([r, torch.ones_like(r[..., :1])], -1) @ rhs).argmin(-1)  # [G, rows]
         sel = torch.gather(cbs[s], 1, k[..., None].expand(-1, -1, v))
         q += sel
         r = r - sel @ a
@@ -326,33 +327,51 @@ def _codes_step(p: LayerProblem, st: LayerState) -> None:
     rows = out // G
     grad = (p.w - st.what()) @ p.h  # [out, n]
     s = st.s.view(G, rows, 1)
-    for j in range(nv):
-        c0, c1 = j * v, (j + 1) * v
-        hjj = p.h[c0:c1, c0:c1]
-        for stg in range(S):
-            cb = st.cbs[stg]  # [G, K, v]
-            quad = ((cb @ hjj) * cb).sum(-1)  # [G, K]
-            old = st.codes[stg, :, j].view(G, rows)
-            cur = torch.gather(cb, 1, old[..., None].expand(-1, -1, v))  # [G, rows, v]
-            z = grad[:, c0:c1].view(G, rows, v) + s * (cur @ hjj)
-            score = s * s * quad[:, None, :] - 2 * s * (z @ cb.transpose(1, 2))  # [G, rows, K]
-            k = score.argmin(-1)
-            keep = torch.gather(score, 2, old[..., None])[..., 0] <= torch.gather(score, 2, k[..., None])[..., 0]
-            k = torch.where(keep, old, k)
-            step = (s * (torch.gather(cb, 1, k[..., None].expand(-1, -1, v)) - cur)).reshape(out, v)
-            st.codes[stg, :, j] = k.reshape(-1)
-            grad -= step @ p.h[c0:c1]
+    blk = max(1, 128 // v)
+    for j0 in range(0, nv, blk):  # lazy updates as in GPTQ: eager inside a column block, the rest per block
+        j1 = min(j0 + blk, nv)
+        b0, b1 = j0 * v, j1 * v
+        steps = torch.zeros(out, b1 - b0)
+        for j in range(j0, j1):
+            c0, c1 = j * v, (j + 1) * v
+            step = _codes_vector(st, p.h[c0:c1, c0:c1], grad[:, c0:c1], s, j)
+            steps[:, c0 - b0:c1 - b0] = step
+            grad[:, c1:b1] -= step @ p.h[c0:c1, c1:b1]
+        grad[:, b1:] -= steps @ p.h[b0:b1, b1:]
 
 
-def refine_layer(p: LayerProblem, st: LayerState, cfg: VQConfig) -> list[dict]:
+def _codes_vector(st: LayerState, hjj: torch.Tensor, g: torch.Tensor, s: torch.Tensor, j: int) -> torch.Tensor:
+    S, out, _ = st.codes.shape
+    _, G, K, v = st.cbs.shape
+    rows = out // G
+    total = torch.zeros(out, v)
+    for stg in range(S):
+        cb = st.cbs[stg]  # [G, K, v]
+        quad = ((cb @ hjj) * cb).sum(-1)  # [G, K]
+        old = st.codes[stg, :, j].view(G, rows)
+        cur = torch.gather(cb, 1, old[..., None].expand(-1, -1, v))  # [G, rows, v]
+        z = (g - total @ hjj).view(G, rows, v) + s * (cur @ hjj)
+        # score/s = s·quad_k - 2 z·a_k, one matmul: [z, s] @ [-2a; quad]
+        rhs = torch.cat([-2 * cb, quad[..., None]], -1).transpose(1, 2).contiguous()  # [G, v+1, K]
+        score = torch.cat([z, s], -1) @ rhs  # [G, rows, K]
+        k = score.argmin(-1)
+        keep = torch.gather(score, 2, old[..., None])[..., 0] <= torch.gather(score, 2, k[..., None])[..., 0]
+        k = torch.where(keep, old, k)
+        total += (s * (torch.gather(cb, 1, k[..., None].expand(-1, -1, v)) - cur)).reshape(out, v)
+        st.codes[stg, :, j] = k.reshape(-1)
+    return total
+
+
+def refine_layer(p: LayerProblem, st: LayerState, cfg: VQConfig, loss: float) -> list[dict]:
     steps = []
     for rnd in range(cfg.refine_rounds):
         for name, fn in (("scales", lambda: _scale_step(p, st) if p.fmt.has_scale else None),
                          ("codebooks", lambda: _codebook_step(p, st, cfg.cg_iters)),
                          ("codes", lambda: _codes_step(p, st))):
-            before = p.loss(st.what())
             fn()
-            steps.append({"stage": f"layer.{name}", "round": rnd, "before": before, "after": p.loss(st.what())})
+            after = p.loss(st.what())
+            steps.append({"stage": f"layer.{name}", "round": rnd, "before": loss, "after": after})
+            loss = after
     return steps
 
 
@@ -369,7 +388,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor, cfg: VQConfig, gen: torch.G
     p = _problem(w, h, fmt, cfg.damp)
     st = init_layer(p, cfg, gen)
     stages = [{"stage": "layer.init", "round": 0, "before": p.ref(), "after": p.loss(st.what())}]
-    stages += refine_layer(p, st, cfg)
+    stages += refine_layer(p, st, cfg, stages[0]["after"])
     st.cbs = st.cbs.half().float()  # what the fp16 storage holds
     st.s = st.s.half().float()
     st.outl = (st.outl / st.s[:, None]).half().float() * st.s[:, None]
@@ -513,11 +532,11 @@ def _preset(name: str, desc: str, **kw) -> None:
     register_preset(name, VQConfig(**kw), description=desc)
 
 
-_preset("vq2", "VQ v=4 K=256 (8-bit codes) + per-channel scale, Hessian k-means, GPTQ feedback, "
-        "refinement (~2.1 bpw)", vec_len=4, codebook_size=256, block_steps=40)
-_preset("vq2-res", "VQ v=8 2x256 residual codebooks + 8 fp16 outlier columns (~2.25 bpw)",
-        vec_len=8, codebook_size=256, stages=2, outliers=4, block_steps=40)
-_preset("vq3", "VQ v=2 K=64 (6-bit codes) + per-channel scale (~3.05 bpw)", vec_len=2, codebook_size=64,
-        block_steps=40)
-_preset("vq2-fast", "vq2 without block fine-tuning and one refinement round (quick)", vec_len=4,
-        codebook_size=256, refine_rounds=1, kmeans_iters=8)
+_preset("vq2", "VQ v=4 K=256 (8-bit codes) + fp16 per-channel scale: Hessian k-means, GPTQ feedback, "
+        "codebook/scale/code refinement (~2.06 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10)
+_preset("vq2-res", "VQ v=8, 2 residual codebooks of 256 + 4 fp16 outlier columns + scale (~2.2 bpw)",
+        vec_len=8, codebook_size=256, stages=2, outliers=4, refine_rounds=1, kmeans_iters=10)
+_preset("vq3", "VQ v=2 K=64 (6-bit codes) + fp16 per-channel scale (~3.03 bpw)", vec_len=2, codebook_size=64,
+        refine_rounds=1, kmeans_iters=10)
+_preset("vq2-ft", "vq2 + block-output fine-tuning of codebooks/scales (slower)", vec_len=4, codebook_size=256,
+        refine_rounds=1, kmeans_iters=10, block_steps=20, block_batch=2)

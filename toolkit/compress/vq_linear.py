@@ -39,6 +39,9 @@ class VQLinear(nn.Module):
                                                       dtype=cb_dtype))
         self.register_buffer("perm", torch.arange(f.in_features, dtype=torch.int16) if f.n_outliers
                              else torch.zeros(0, dtype=torch.int16))
+        # int64 copy of perm for the op (not saved: rebuilt from `perm` on load)
+        self.register_buffer("perm_i64", self.perm.to(torch.int64), persistent=False)
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod._sync_perm())
         self.register_buffer("outlier_w", torch.zeros(f.out_features, f.n_outliers, dtype=torch.float16)
                              if f.n_outliers else _EMPTY_F.clone())
         self.register_buffer("scale", torch.ones(f.out_features, dtype=torch.float16) if f.has_scale
@@ -59,16 +62,20 @@ class VQLinear(nn.Module):
             if fmt.n_outliers:
                 m.perm.copy_(perm.to(torch.int16))
                 m.outlier_w.copy_(outlier_w.to(torch.float16))
+            m._sync_perm()
             if fmt.has_scale:
                 m.scale.copy_(scale.to(torch.float16))
             if fmt.has_bias:
                 m.bias.copy_(bias.to(torch.float16))
         return m
 
+    def _sync_perm(self) -> None:
+        self.perm_i64 = self.perm.to(torch.int64)
+
     # -- inference -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
-        return torch.ops.edgetk.codebook_gemm(x, self.codes, self.codebooks, self.perm.to(torch.int64),
+        return torch.ops.edgetk.codebook_gemm(x, self.codes, self.codebooks, self.perm_i64,
                                               self.outlier_w, self.scale, self.bias, f.in_features,
                                               f.vec_len, f.code_bits)
 
@@ -86,7 +93,7 @@ class VQLinear(nn.Module):
 
     def buffer_bits(self) -> int:
         """Bits actually held by the buffers (equals storage_bits(); checked by the tests)."""
-        return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
+        return sum(b.numel() * b.element_size() * 8 for b in self.state_dict().values())
 
     def extra_repr(self) -> str:
         f = self.fmt

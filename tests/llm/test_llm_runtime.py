@@ -1,0 +1,171 @@
+"""The LLM runtime on a tiny random decoder: lossless speculative decoding, caches, streaming, bad input."""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from edgetk.errors import ConfigError, DataError, ModelLoadError
+from edgetk.models import LoadedModel
+from edgetk.runtimes.kv_cache import KVCacheConfig, LayerCalibration, QuantKVCache, cache_factory
+from edgetk.runtimes.llm import LLM, NonFiniteLogitsError
+from edgetk.runtimes.spec import SpecConfig, build_tree, default_template
+
+PROMPTS = ["hello world, this is a test of the runtime", "abcabcabcabcabc", "the cat sat on the mat. the cat"]
+QCACHE = KVCacheConfig(bits=4, key_group=8, value_group=16, fp_window=4)
+
+
+@pytest.mark.parametrize("kv", [None, QCACHE], ids=["fp-cache", "kv4-cache"])
+def test_speculative_greedy_is_token_identical(tiny_lm, kv):
+    llm = LLM.load(tiny_lm, kv_cache=kv, max_seq_len=256)
+    steps = []
+    for p in PROMPTS:
+        plain = llm.generate(p, 48)
+        for method in ("recycling", "aded"):
+            r = llm.generate(p, 48, speculative=method)
+            assert r.token_ids == plain.token_ids, (method, p)
+            assert r.text == plain.text
+            steps.append(r.metrics.steps)
+    assert min(steps) < 47  # drafts were really accepted (fewer forward passes than tokens)
+
+
+def test_tree_template_is_prefix_closed_and_masks_ancestors():
+    paths = default_template(top_k=4, max_nodes=12, max_depth=4)
+    assert len(paths) == 12 and len(set(paths)) == 12
+    assert all(p[:-1] in paths or len(p) == 1 for p in paths)
+    tree = build_tree(paths)
+    for i in range(tree.size):
+        par = int(tree.parents[i])
+        assert (par < i) and (par == -1 or tree.ancestors[i, par])
+        assert int(tree.ancestors[i].sum()) == int(tree.depth[i]) + 1
+
+
+def test_speculative_sampling_keeps_target_distribution(tiny_lm):
+    """Joint law of the first two sampled tokens: speculative vs exact target probabilities."""
+    llm = LLM.load(tiny_lm, max_seq_len=64)
+    prompt, temp, top_p = "abcabcabc", 0.7, 0.6
+    ids = llm.encode(prompt)
+    model = tiny_lm.model
+    from edgetk.kernels.tree_verify import target_probs
+
+    with torch.inference_mode():
+        model_c = copy.deepcopy(model)
+        model_c.clear_cache()
+        p1 = target_probs(model_c(torch.tensor([ids]))[0, -1], temp, top_p)
+        exact = {}
+        for a in torch.nonzero(p1).flatten().tolist():
+            p2 = target_probs(model_c(torch.tensor([ids + [a]]))[0, -1], temp, top_p)
+            for b in torch.nonzero(p2).flatten().tolist():
+                exact[(a, b)] = float(p1[a] * p2[b])
+    n = 400  # the drafter persists across generations: after a warm-up its drafts are the target's top-k
+    seen, accepted = Counter(), 0
+    for s in range(n):
+        r = llm.generate(prompt, 2, greedy=False, temperature=temp, top_p=top_p, seed=s, speculative="recycling")
+        seen[tuple(r.token_ids[:2])] += 1
+        accepted += r.metrics.mean_accepted > 0
+    tv = 0.5 * sum(abs(seen[k] / n - exact.get(k, 0.0)) for k in set(seen) | set(exact))
+    assert set(seen) <= set(exact)  # never a token outside the target's support
+    assert accepted > n // 4  # the drafts were used
+    assert tv < 0.12, (tv, seen.most_common(5))
+
+
+def test_streaming_stop_and_metrics(tiny_lm):
+    llm = LLM.load(tiny_lm, max_seq_len=128)
+    pieces = []
+    r = llm.generate("hello", 20, on_token=lambda t, s: pieces.append(s))
+    assert "".join(pieces) == r.text and len(r.token_ids) == 20 and r.stop_reason == "length"
+    m = r.metrics
+    assert m.ttft_s > 0 and m.decode_tok_s > 0 and m.prefill_tok_s > 0 and m.kv_cache_bytes > 0
+    assert m.peak_rss_mib > 10 and m.tokens_per_step == pytest.approx(1.0)
+    never = llm.generate("hello", 20, stop=["\x00never-appears\x00"])
+    assert never.token_ids == r.token_ids and never.stop_reason == "length"
+    cut = r.text[5:7]
+    stopped = llm.generate("hello", 20, stop=[cut])
+    assert stopped.stop_reason == "stop" and stopped.text == r.text[: r.text.find(cut)]
+
+
+def test_bad_input(tiny_lm):
+    llm = LLM.load(tiny_lm, max_seq_len=32)
+    with pytest.raises(DataError, match="empty"):
+        llm.generate("", 4)
+    with pytest.raises(DataError, match="KV cache holds 32"):
+        llm.generate("x" * 40, 4)
+    full = llm.generate("x" * 28, 50)  # fits, but the continuation does not: documented stop
+    assert full.stop_reason == "cache_full" and len(full.token_ids) <= 5
+    with pytest.raises(ConfigError):
+        llm.generate("hi", 0)
+    with pytest.raises(ConfigError):
+        llm.generate("hi", 4, speculative="medusa")
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        LLM.load(tiny_lm, max_seq_len=4096)
+
+
+def test_tokenizer_mismatch(tiny_lm, make_byte_tokenizer):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from edgetk.models import Tokenizer
+
+    other = HFTokenizer.from_str(tiny_lm.tokenizer.json_text)
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ModelLoadError, match="differs"):
+        LLM.load(tiny_lm, tokenizer=Tokenizer(other.to_str()), max_seq_len=32)
+    bare = LoadedModel("bare", "decoder", tiny_lm.model, None, tiny_lm.config)
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        LLM.load(bare, tokenizer=Tokenizer(other.to_str()), max_seq_len=32)
+    assert LLM.load(bare, tokenizer=make_byte_tokenizer(), max_seq_len=32).generate("ok", 2).token_ids
+
+
+def test_non_finite_logits_raise(tiny_lm):
+    broken = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        broken.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    llm = LLM.load(broken, max_seq_len=64)
+    with pytest.raises(NonFiniteLogitsError):
+        llm.generate("hello", 4)
+    with pytest.raises(NonFiniteLogitsError):
+        llm.generate("hello", 4, speculative="recycling")
+
+
+def test_quant_cache_chunked_prefill_equals_token_by_token(tiny_lm):
+    model = tiny_lm.model
+    x = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for name, chunk in {"chunk": 30, "step": 1}.items():
+        model.setup_cache(1, 128, cache_factory(QCACHE))
+        with torch.inference_mode():
+            outs[name] = torch.cat([model(x[:, s: s + chunk], torch.arange(s, min(s + chunk, 90)))
+                                    for s in range(0, 90, chunk)], 1)
+        n_q = model.model.layers[0].self_attn.kv_cache.n_q
+        assert n_q >= 72
+    model.clear_cache()
+    # same tokens quantized at the same block boundaries; only the flush timing differs inside a chunk
+    with torch.inference_mode():
+        ref = model(x)
+    err_chunk = (outs["chunk"] - ref).abs().mean()
+    err_step = (outs["step"] - ref).abs().mean()
+    assert err_chunk < 0.1 * ref.abs().mean() and err_step < 0.1 * ref.abs().mean()
+
+
+def test_cache_memory_at_2048_is_3_5x_below_fp16():
+    """smollm2-135m's cache geometry (3 KV heads x 64 dims per layer), kv4 preset, context 2048."""
+    from edgetk.runtimes.kv_cache import preset
+
+    cfg = preset("kv4")
+    calib = LayerCalibration(torch.ones(3, 2, 64), torch.linspace(-1, 1, 16).repeat(2, 1))
+    q = QuantKVCache(cfg, 1, 3, 2048, 64, calib)
+    fp16 = 2 * 3 * 2048 * 64 * 2
+    assert fp16 / q.nbytes >= 3.5, fp16 / q.nbytes
+    q2 = QuantKVCache(preset("kv2"), 1, 3, 2048, 64, calib.__class__(calib.key_range, torch.linspace(-1, 1, 4).repeat(2, 1)))
+    assert q2.nbytes < q.nbytes
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="bits"):
+        KVCacheConfig(bits=5)
+    with pytest.raises(ConfigError, match="method"):
+        SpecConfig(method="x")
+    with pytest.raises(ConfigError, match="calibration"):
+        QuantKVCache(KVCacheConfig(key_scaling="calibrated"), 1, 2, 64, 16)
+    assert KVCacheConfig.from_json(KVCacheConfig(bits=2, gear_rank=2).to_json()) == KVCacheConfig(bits=2, gear_rank=2)
