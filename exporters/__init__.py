@@ -23,6 +23,7 @@ import torch
 
 from edgetk.artifact import Artifact, ArtifactWriter
 from edgetk.errors import ConfigError
+from edgetk.progress import task
 from edgetk.registry import Registry
 
 from .common import (CUSTOM_OPS, ExportConfig, Exporter, ExportPlan, TargetInfo, check_dynamic_shapes,
@@ -55,13 +56,16 @@ def export(model_or_loaded: Any, example_inputs: Sequence[torch.Tensor] | None =
     tgt = resolve_target(target)
     loaded = load(model_or_loaded)
     plan = build_plan(loaded, example_inputs, cfg, exporter, dynamic_shapes, input_names, output_names)
-    with _decoder_cache(plan, loaded):
+    with _decoder_cache(plan, loaded), task(f"export {loaded.name} -> {cfg.format}", total=2) as progress:
         check_dynamic_shapes(plan, exporter, tgt)
         traced = trace(plan)
         custom = _custom_ops(traced, exporter.format)  # before a format decomposes them away
         ep = exporter.prepare(traced, plan)
         check_support(ep, exporter, tgt)
-        return _write(ep, plan, exporter, tgt, cfg, Path(out), custom)
+        progress.advance()
+        art = _write(ep, plan, exporter, tgt, cfg, Path(out), custom)
+        progress.advance()
+        return art
 
 
 def _make_config(fmt: str, opts: dict[str, Any]) -> ExportConfig:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,7 +345,9 @@ def _dims(spec: Any):
 def trace(plan: ExportPlan) -> torch.export.ExportedProgram:
     """torch.export with the reason for a failure named (data-dependent control flow and the like)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # DecoderStep hands cache tensors to StepKVCache attributes on purpose (they are graph inputs)
+            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             return torch.export.export(plan.module, plan.args, dynamic_shapes=plan.dynamic_shapes, strict=False)
     except Exception as exc:  # torch raises many unrelated types here; all mean "cannot trace"
         if isinstance(exc, (UnsupportedOpError, ConfigError)):
@@ -414,11 +416,3 @@ def parity_check(session: Any, eager: Callable[..., Any], inputs: Sequence[torch
     return {"inputs": [list(x.shape) for x in inputs], "atol": tol.atol, "rtol": tol.rtol, "outputs": per,
             "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
             "max_rel": max((v["max_rel"] for v in per.values()), default=0.0)}
-
-
-def nbytes_of(buffers: Sequence[torch.Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in buffers))
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf  # type: ignore[return-value]

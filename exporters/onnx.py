@@ -216,10 +216,21 @@ class OnnxExporter(Exporter):
         if used and not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
         model.ir_version = min(model.ir_version, IR_VERSION)
+        _strip_debug_info(model.graph)
         path = root / "model.onnx"
         onnx.save_model(model, str(path))
         return {"file": "model.onnx", "onnx": {"opset": opset, "ir_version": model.ir_version,
                                                "functions": [f"{f.domain}.{f.name}" for f in model.functions]}}
+
+
+def _strip_debug_info(graph) -> None:
+    """Drop per-node Python stack traces / doc strings torch.onnx records (often larger than a small model)."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                _strip_debug_info(attr.g)
 
 
 def _custom_ops_in(ep: torch.export.ExportedProgram) -> list[str]:

@@ -41,6 +41,7 @@ from .common import (CUSTOM_OPS, ExportConfig, Exporter, ExportPlan, TargetInfo,
 log = logging.getLogger(__name__)
 
 LIB = "model.so"
+AARCH64_GOLDEN_STEPS = 4   # greedy steps checked under qemu (each step is one emulated process start)
 LOWERING_NOTE = "TensorIR PrimFunc (TVMScript, edgetk.kernels.tir_codebook) scheduled per target; no dense weight"
 
 
@@ -317,7 +318,8 @@ def _check_toolchains(target: TargetInfo, targets: list[BuildTarget]) -> None:
 
 
 def _cross_parity(lib: Path, plan: ExportPlan, cfg: ExportConfig) -> dict[str, Any]:
-    """Run the cross-built library under qemu with the target's TVM runtime on the example inputs."""
+    """Run the cross-built library under qemu with the target's TVM runtime: the example inputs against eager,
+    and for decoders a short greedy golden run with the KV cache carried across steps (one qemu run per step)."""
     from edgetk.devices.tvm_aarch64 import run_aarch64
 
     tol = cfg.tolerance
@@ -325,11 +327,18 @@ def _cross_parity(lib: Path, plan: ExportPlan, cfg: ExportConfig) -> dict[str, A
         ref = to_numpy_list(plan.module(*plan.args))
     t0 = time.perf_counter()
     got = run_aarch64(lib, [a.detach().cpu().numpy() for a in plan.args])
-    seconds = time.perf_counter() - t0
     per = compare(plan.output_names, got, ref, tol, f"aarch64 (qemu) parity of {lib.parent.name}")
-    return {"runner": "qemu-aarch64 + TVM runtime (aarch64)", "atol": tol.atol, "rtol": tol.rtol, "outputs": per,
-            "max_abs": max(v["max_abs"] for v in per.values()), "max_rel": max(v["max_rel"] for v in per.values()),
-            "seconds": round(seconds, 3)}
+    out = {"runner": "qemu-aarch64 + TVM runtime (aarch64)", "atol": tol.atol, "rtol": tol.rtol, "outputs": per,
+           "max_abs": max(v["max_abs"] for v in per.values()), "max_rel": max(v["max_rel"] for v in per.values())}
+    meta = plan.decoder
+    if meta is not None and meta["mode"] == "explicit" and cfg.golden_steps:
+        from .decoder import ExplicitStepper, eager_stepper, golden, prompt_tokens
+
+        prompt = prompt_tokens(plan.source, meta["vocab_size"])
+        rt = ExplicitStepper(lambda arrays: run_aarch64(lib, arrays), meta["cache_shape"])
+        out["golden"] = golden(rt, eager_stepper(plan), prompt, min(AARCH64_GOLDEN_STEPS, cfg.golden_steps), tol)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
 
 
 def _tvm_version() -> str:

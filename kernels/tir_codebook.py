@@ -8,16 +8,21 @@ zero-size buffers, exactly as the PyTorch op receives them), plus the output `y`
     codebook_gemm(x [B, in], codes u8 [S, out, row_bytes], codebooks [S, G, K, v], perm i64 [in] | [0],
                   outlier_w [out, n_out] | [0], scale [out] | [0], bias [out] | [0], y f32 [B, out])
 
-Blocks (no dense W is ever formed; codes are unpacked from the bit stream inside the reduction):
+Blocks (no dense W is ever formed; codes are unpacked from the bit stream where they are used):
 
-    xq    [B, n_vec*v]  the quantized input columns, permuted and zero-padded to whole vectors
-    acc   [B, out]      Σ_stage Σ_j Σ_t codebook[s, g(r), code(s, r, j), t] · xq[b, j*v + t]
-    oacc  [B, out]      Σ_o x[b, perm[o]] · outlier_w[r, o]                  (only with outliers)
-    y     [B, out]      (acc + oacc) · scale + bias
+    xq    [B, n_vec*v]         the quantized input columns, permuted and zero-padded to whole vectors
+    cbt   [S, G, v, K]         the codebooks in float32, component-major (converted once per call, not per use)
+    lut   [B, S, G, n_vec, K]  algo "lut" only: <x_j, codeword k> for every input vector and codeword
+    acc   [B, out]             "lut":    Σ_stage Σ_j lut[b, s, g(r), j, code(s, r, j)]
+                               "direct": Σ_stage Σ_j Σ_t cbt[s, g(r), t, code(s, r, j)] · xq[b, j*v + t]
+    oacc  [B, out]             Σ_o x[b, perm[o]] · outlier_w[r, o]                  (only with outliers)
+    y     [B, out]             (acc + oacc) · scale + bias
 
-Schedules (`SCHEDULES`, keyed by TVM target kind): llvm parallelises output rows over threads and
-unrolls the vector; CUDA gives each output row a warp, splits the code loop across its 32 lanes and
-reduces across threads (so a 576×1536 layer runs 576 warps, not 576 threads).
+`choose_algo` picks the LUT-GEMV on CPUs when its table is small and cheaper than the gather-dot, the direct
+form otherwise and always on CUDA. Schedules (`SCHEDULES`, keyed by TVM target kind): llvm builds the LUT
+with unit-stride vectors over codewords and parallelises output rows over threads; CUDA gives each output
+a warp, splits the code loop across its 32 lanes and reduces with shuffles (a 576x1536 layer runs 576 warps,
+not 576 threads), with the input permutation and, without outliers, the epilogue fused into that kernel.
 Tested against `edgetk.kernels.codebook_gemm.codebook_gemm_reference`.
 """
 from __future__ import annotations

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from edgetk.errors import ConfigError, DataError, EdgetkError, ModelLoadError
+from edgetk.artifact import Artifact
+from edgetk.errors import ArtifactError, ConfigError, DataError, EdgetkError, ModelLoadError
 from edgetk.models import LlamaForCausalLM, LoadedModel, Tokenizer, load
 from edgetk.registry import Registry
 
@@ -154,6 +155,56 @@ def _calib_windows(loaded: LoadedModel, cfg: kvc.KVCacheConfig, text: str | None
     return calibration_windows(loaded.tokenizer, cfg.calib_windows, cfg.calib_seq_len, seed=0, text=text)
 
 
+class SessionDecoder:
+    """An exported decoder-step artifact (ONNX / ExecuTorch / TVM, from `edgetk export`) run through
+    `edgetk.runtimes.Session`, one token per call, dense fp cache carried as the artifact dictates
+    ("explicit": cache tensors in and out; "mutable": cache inside the program). No tree attention
+    (speculative decoding needs the eager backend) and no quantized cache (the graph fixes the cache)."""
+
+    supports_tree = False
+
+    def __init__(self, artifact, max_seq_len: int, kv_cache: kvc.KVCacheConfig | None, **_):
+        import numpy as np
+
+        from .session import Session
+
+        meta = artifact.manifest.get("decoder")
+        if not meta:
+            raise ArtifactError(f"artifact {artifact.root} is not a decoder step",
+                                hint="export a decoder with `edgetk export MODEL --format onnx`")
+        if kv_cache is not None:
+            raise ConfigError("a quantized KV cache needs the eager backend; exported steps carry a dense cache",
+                              hint="drop kv_cache, or load the model (not the export) with backend='eager'")
+        self.name = str(artifact.manifest.get("format"))
+        self.sess, self.meta, self._np = Session(artifact), meta, np
+        self.max_seq_len = min(int(meta["max_seq_len"]), max_seq_len)
+        self.vocab = int(meta["vocab_size"])
+        shape = list(meta["cache_shape"])
+        self._zero = np.zeros(shape, np.float32)
+        self.k = self.v = self._zero
+
+    def forward(self, tokens, start: int, attn_mask=None, rope_pos=None) -> torch.Tensor:
+        np = self._np
+        if start == 0:
+            self.k, self.v = self._zero.copy(), self._zero.copy()
+        rows = []
+        for i, t in enumerate(torch.as_tensor(tokens).flatten().tolist()):
+            ins = [np.array([[t]], np.int64), np.array([start + i], np.int64)]
+            if self.meta["mode"] == "explicit":
+                out = self.sess.run(ins + [self.k, self.v])
+                self.k, self.v = np.asarray(out[1]), np.asarray(out[2])
+            else:
+                out = self.sess.run(ins)
+            rows.append(torch.from_numpy(np.asarray(out[0], np.float32).reshape(-1)))
+        return torch.stack(rows)
+
+    def kv_cache_bytes(self) -> int:
+        return 2 * self._zero.nbytes
+
+    def depth_limit(self, length: int) -> int:
+        return 0
+
+
 BACKENDS: Registry[type] = Registry("LLM backend")
 BACKENDS.register("eager", EagerDecoder)
 
@@ -186,6 +237,9 @@ class LLM:
     def load(cls, model: str | LoadedModel | torch.nn.Module, kv_cache: kvc.KVCacheConfig | str | None = None,
              backend: str = "eager", max_seq_len: int = 2048, tokenizer: Tokenizer | str | None = None,
              spec_config: SpecConfig | None = None, calib_text: str | None = None) -> "LLM":
+        exported = _exported_step(model)
+        if exported is not None:
+            return cls._load_exported(exported, kv_cache, max_seq_len, tokenizer, spec_config)
         loaded = load(model)
         if loaded.kind != "decoder":
             raise ModelLoadError(f"{loaded.name} is a {loaded.kind}, not a decoder",
@@ -197,6 +251,25 @@ class LLM:
         extra = SpeculativeStepper.tree_size_for(spec_cfg)
         dec = BACKENDS.get(backend)(loaded, max_seq_len, kv_cache, extra_slots=extra, calib_text=calib_text)
         return cls(loaded, dec, tok, kv_cache, spec_cfg)
+
+    @classmethod
+    def _load_exported(cls, art: Artifact, kv_cache, max_seq_len: int, tokenizer, spec_config) -> "LLM":
+        from edgetk.models import LlamaConfig
+
+        dec = SessionDecoder(art, max_seq_len, kvc.preset(kv_cache) if isinstance(kv_cache, str) else kv_cache)
+        if tokenizer is None:  # the artifact names its source model; its tokenizer comes from there
+            src = art.manifest.get("source_model", "")
+            try:
+                tokenizer = load(src).tokenizer
+            except EdgetkError:
+                raise ModelLoadError(f"exported artifact {art.root} carries no tokenizer and its source "
+                                     f"{src!r} cannot be loaded", hint="pass tokenizer='tokenizer.json'") from None
+        cfg = LlamaConfig(vocab_size=dec.vocab, max_seq_len=int(dec.meta["max_seq_len"]))
+        shell = LoadedModel(art.manifest.get("source_model", "exported"), "decoder", torch.nn.Identity(),
+                            None, cfg, source=str(art.root))
+        tok = _resolve_tokenizer(shell, tokenizer, dec.vocab)
+        shell.config = cfg.replace(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+        return cls(shell, dec, tok, None, spec_config)
 
     # -- generation -------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -327,7 +400,18 @@ def _check_finite(logits: torch.Tensor) -> None:
                                         "or evaluate the model with `edgetk eval`")
 
 
-def _resolve_tokenizer(loaded: LoadedModel, tokenizer: Tokenizer | str | None) -> Tokenizer:
+def _exported_step(model) -> Artifact | None:
+    """The artifact if `model` is an exported (non-eager) artifact directory, else None."""
+    from pathlib import Path
+
+    if isinstance(model, (str, Path)) and Path(model).is_dir() and Artifact.is_artifact(Path(model)):
+        art = Artifact.load(model)
+        if art.manifest.get("format") not in (None, "eager") and "decoder" in art.manifest:
+            return art
+    return None
+
+
+def _resolve_tokenizer(loaded: LoadedModel, tokenizer: Tokenizer | str | None, vocab: int | None = None) -> Tokenizer:
     tok = loaded.tokenizer
     if tokenizer is not None:
         given = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(
@@ -339,7 +423,7 @@ def _resolve_tokenizer(loaded: LoadedModel, tokenizer: Tokenizer | str | None) -
         tok = given
     if tok is None:
         raise ModelLoadError(f"{loaded.name} has no tokenizer", hint="pass tokenizer='path/to/tokenizer.json'")
-    vocab = loaded.model.cfg.vocab_size
+    vocab = vocab or loaded.model.cfg.vocab_size
     if tok.vocab_size > vocab:
         raise ModelLoadError(f"the tokenizer has {tok.vocab_size} tokens but the model embeds {vocab}: "
                              "they do not belong together", hint="use the tokenizer saved with the model")

@@ -10,6 +10,7 @@ from edgetk.devices.profile import load_profile
 from edgetk.devices.transports import BenchOptions, open_transport
 from edgetk.errors import ArtifactError, ConfigError, DeviceError
 
+pytestmark = pytest.mark.backend  # the artifacts are ONNX / TVM builds
 FAST = BenchOptions(runs=5, warmup=1, timeout_s=120, connect_timeout_s=5)
 
 
@@ -20,7 +21,6 @@ def _check(res, runs=5):
     assert res.model_bytes > 0
 
 
-@pytest.mark.backend
 def test_local_onnx_and_profile(onnx_mlp):
     res = open_transport("local", load_profile("host-x86")).bench(onnx_mlp, FAST)
     _check(res)
@@ -28,14 +28,12 @@ def test_local_onnx_and_profile(onnx_mlp):
     assert res.profile == "host-x86" and res.arch == "x86_64"
 
 
-@pytest.mark.backend
 def test_qemu_runs_aarch64_build(tvm_mlp):
     res = open_transport("qemu", load_profile("rpi5")).bench(tvm_mlp, FAST)
     _check(res)
     assert res.arch == "aarch64" and res.extra["library"] == "aarch64-linux-gnu/model.so"
 
 
-@pytest.mark.backend
 def test_qemu_rejects_x86_only_artifact_and_x86_profile(onnx_mlp, tvm_mlp):
     with pytest.raises(ArtifactError, match="no aarch64 build"):
         open_transport("qemu").bench(onnx_mlp, FAST)
@@ -43,7 +41,6 @@ def test_qemu_rejects_x86_only_artifact_and_x86_profile(onnx_mlp, tvm_mlp):
         open_transport("qemu", load_profile("host-x86")).bench(tvm_mlp, FAST)
 
 
-@pytest.mark.backend
 def test_ssh_pushes_runs_pulls(sshd, onnx_mlp):
     res = open_transport(sshd.spec(), load_profile("host-x86")).bench(onnx_mlp, FAST)
     _check(res)
@@ -82,7 +79,6 @@ def test_ssh_missing_python_and_corrupt_result(sshd, onnx_mlp):
         open_transport(sshd.spec(python="true")).bench(onnx_mlp, FAST)
 
 
-@pytest.mark.backend
 def test_ssh_device_disappears_mid_run(tmp_path, onnx_mlp):
     from edgetk.devices.transports.loopback import LoopbackSshd as Sshd
 
@@ -135,7 +131,6 @@ def test_unknown_device_spec():
         open_transport("telnet://x")
 
 
-@pytest.mark.backend
 def test_rpc_time_evaluator(rpc_fleet, tvm_mlp):
     res = open_transport(rpc_fleet.spec, load_profile("host-x86")).bench(tvm_mlp, FAST)
     _check(res)
@@ -143,7 +138,6 @@ def test_rpc_time_evaluator(rpc_fleet, tvm_mlp):
     assert res.extra["library"] == "model.so"
 
 
-@pytest.mark.backend
 def test_rpc_fleet_splits_work(rpc_fleet, tvm_mlp):
     from edgetk.devices.transports.rpc import fleet_bench
 
@@ -152,7 +146,6 @@ def test_rpc_fleet_splits_work(rpc_fleet, tvm_mlp):
     assert len(results) == 4 and len(servers) == 2, servers
 
 
-@pytest.mark.backend
 def test_rpc_bad_key_unreachable_and_wrong_arch(rpc_fleet, tvm_mlp, onnx_mlp):
     from edgetk.devices.transports.loopback import _free_port
 

@@ -30,3 +30,9 @@ def tiny_lm() -> LoadedModel:
 @pytest.fixture
 def make_byte_tokenizer():
     return byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_shared() -> LoadedModel:
+    """Module-scoped tiny decoder (do not mutate)."""
+    return LoadedModel("tiny", "decoder", llama.init_random(TINY, seed=0), byte_tokenizer(), TINY)

@@ -45,7 +45,7 @@ def test_tree_template_is_prefix_closed_and_masks_ancestors():
 def test_speculative_sampling_keeps_target_distribution(tiny_lm):
     """Joint law of the first two sampled tokens: speculative vs exact target probabilities."""
     llm = LLM.load(tiny_lm, max_seq_len=64)
-    prompt, temp, top_p = "abcabcabc", 0.7, 0.6
+    prompt, temp, top_p = "abcabcabc", 0.3, 0.8  # support: 9 token pairs
     ids = llm.encode(prompt)
     model = tiny_lm.model
     from edgetk.kernels.tree_verify import target_probs
@@ -59,7 +59,7 @@ def test_speculative_sampling_keeps_target_distribution(tiny_lm):
             p2 = target_probs(model_c(torch.tensor([ids + [a]]))[0, -1], temp, top_p)
             for b in torch.nonzero(p2).flatten().tolist():
                 exact[(a, b)] = float(p1[a] * p2[b])
-    n = 400  # the drafter persists across generations: after a warm-up its drafts are the target's top-k
+    n = 300  # the drafter persists across generations: after a warm-up its drafts are the target's top-k
     seen, accepted = Counter(), 0
     for s in range(n):
         r = llm.generate(prompt, 2, greedy=False, temperature=temp, top_p=top_p, seed=s, speculative="recycling")
@@ -68,7 +68,7 @@ def test_speculative_sampling_keeps_target_distribution(tiny_lm):
     tv = 0.5 * sum(abs(seen[k] / n - exact.get(k, 0.0)) for k in set(seen) | set(exact))
     assert set(seen) <= set(exact)  # never a token outside the target's support
     assert accepted > n // 4  # the drafts were used
-    assert tv < 0.12, (tv, seen.most_common(5))
+    assert tv < 0.1, (tv, seen.most_common(5))  # plain sampling, same n: ~0.05
 
 
 def test_streaming_stop_and_metrics(tiny_lm):

@@ -112,6 +112,9 @@ def test_aarch64_library_runs_under_qemu_and_matches_eager(jetson):
     build = art.manifest["tvm"]["builds"]["aarch64-linux-gnu"]
     assert build["target"]["mtriple"] == "aarch64-linux-gnu" and "+neon" in build["target"]["mattr"]
     assert build["parity"]["max_abs"] <= 1e-4 * 10
+    golden = build["parity"]["golden"]  # prompt + 4 greedy steps, KV cache carried across qemu runs
+    assert golden["identical"] and golden["steps"] == 4
+    assert golden["tokens"] == art.manifest["parity"]["golden"]["tokens"][:4]
     lib = art.file(build["file"])
     assert lib.read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine = EM_AARCH64
     inputs = step_inputs(seed=2)

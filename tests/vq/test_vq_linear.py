@@ -77,7 +77,6 @@ def test_op_is_called_not_a_dense_weight(monkeypatch):
 
 def test_vq_artifact_round_trip_and_size(tiny_llama, tmp_path):
     lm = load(copy.deepcopy(tiny_llama))
-    from edgetk.models.tokenizer import Tokenizer  # noqa: F401  (artifacts without a tokenizer are fine)
 
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     reports = compress(lm, VQConfig(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2,

@@ -3,6 +3,7 @@
 * `model_bits(model)`: every bit the model's state dict holds (tied tensors counted once).
 * `weight_totals(...)`: `bits_per_weight` over the quantized layers and `bits_per_weight_model` over the
   whole model (embeddings, norms and head included), against the original parameter count.
+* `kmeans` (weighted by the Hessian diagonal) and `chol_inv_upper` (GPTQ's factor of H⁻¹).
 * `BlockRunner`: walks a Llama decoder one transformer block at a time. Only the current block's
   calibration activations (inputs and fp targets) are held; a `load_block(i)` hook can materialise a block
   from disk and `release_block(i)` drop it again, so a model larger than RAM can be quantized.
@@ -186,3 +187,54 @@ def block_loss(runner: BlockRunner, block: nn.Module, x: torch.Tensor, y: torch.
         num = num + (out - yb).pow(2).sum()
         den = den + (yb - xb).pow(2).sum()
     return num / den
+
+
+# -- k-means weighted by the Hessian diagonal ------------------------------------------------------
+def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v]) as one fused matmul:
+    [w, w⊙x] @ [c²; -2c]ᵀ."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    rhs = torch.cat([c * c, -2 * c], 1).T.contiguous()
+    for i in range(0, x.shape[0], chunk):
+        ws = w[i:i + chunk]
+        out[i:i + chunk] = (torch.cat([ws, ws * x[i:i + chunk]], 1) @ rhs).argmin(1)
+    return out
+
+
+def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator,
+           max_points: int = 24576) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted k-means; iterates on at most `max_points` vectors (seeded sample), assigns all at the end."""
+    x_all, w_all = x, w
+    if x.shape[0] > max_points:
+        pick = torch.randperm(x.shape[0], generator=gen)[:max_points]
+        x, w = x[pick], w[pick]
+    n = x.shape[0]
+    init = torch.randperm(n, generator=gen)[:k]
+    if n < k:
+        init = torch.cat([init, torch.randint(0, n, (k - n,), generator=gen)])
+    c = x[init].clone()
+    a = _assign(x, w, c)
+    for _ in range(iters):
+        num = torch.zeros_like(c).index_add_(0, a, w * x)
+        den = torch.zeros_like(c).index_add_(0, a, w)
+        empty = den.sum(1) <= 0
+        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+        if empty.any():
+            c[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
+        a = _assign(x, w, c)
+    return c, (a if x is x_all else _assign(x_all, w_all, c))
+
+
+def chol_inv_upper(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), as GPTQ uses it."""
+    hd = h.double()
+    for extra in (0.0, 1e-4, 1e-2, 1e-1):
+        try:
+            eye = torch.eye(hd.shape[0], dtype=hd.dtype)
+            l = torch.linalg.cholesky(hd + extra * torch.diag(hd).mean() * eye)
+            li = torch.linalg.solve_triangular(l, eye, upper=False)  # faster than cholesky_inverse here
+            return torch.linalg.cholesky(li.T @ li, upper=True).float()
+        except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
+            continue
+    raise ConfigError("the calibration Hessian is not positive definite even after damping",
+                      hint="raise 'damp' or use more calibration samples")

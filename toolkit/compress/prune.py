@@ -184,6 +184,10 @@ class NMSparseLinear(nn.Module):
             self.__dict__["_work"] = self.dense_weight().detach()
         return self.__dict__["_work"]
 
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:  # e.g. torch.func.functional_call swapping in a tensor
+        self.__dict__["_work"] = value
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         work = self.__dict__.get("_work")
         return F.linear(x, work if work is not None else self.dense_weight(), self.bias)

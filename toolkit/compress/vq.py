@@ -29,11 +29,10 @@ from torch import nn
 from edgetk.kernels.codebook_gemm import CodebookFormat
 
 from ..config import Config, check, config
-from ..errors import ConfigError
 from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
-from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, param_count, set_module,
-                    weight_totals)
+from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, chol_inv_upper, kmeans,
+                    param_count, set_module, weight_totals)
 from .vq_linear import VQLinear
 
 
@@ -82,42 +81,6 @@ class VQConfig(Config):
         return CodebookFormat(out_features=out_f, in_features=in_f, vec_len=self.vec_len, code_bits=self.code_bits,
                               codebook_size=self.codebook_size, stages=self.stages, groups=groups,
                               n_outliers=n_out, has_scale=self.scale, has_bias=False)
-
-
-# -- k-means weighted by the Hessian diagonal ------------------------------------------------------
-def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v]) as one fused matmul:
-    [w, w⊙x] @ [c²; -2c]ᵀ."""
-    out = torch.empty(x.shape[0], dtype=torch.long)
-    rhs = torch.cat([c * c, -2 * c], 1).T.contiguous()
-    for i in range(0, x.shape[0], chunk):
-        ws = w[i:i + chunk]
-        out[i:i + chunk] = (torch.cat([ws, ws * x[i:i + chunk]], 1) @ rhs).argmin(1)
-    return out
-
-
-def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator,
-           max_points: int = 24576) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted k-means; iterates on at most `max_points` vectors (seeded sample), assigns all at the end."""
-    x_all, w_all = x, w
-    if x.shape[0] > max_points:
-        pick = torch.randperm(x.shape[0], generator=gen)[:max_points]
-        x, w = x[pick], w[pick]
-    n = x.shape[0]
-    init = torch.randperm(n, generator=gen)[:k]
-    if n < k:
-        init = torch.cat([init, torch.randint(0, n, (k - n,), generator=gen)])
-    c = x[init].clone()
-    a = _assign(x, w, c)
-    for _ in range(iters):
-        num = torch.zeros_like(c).index_add_(0, a, w * x)
-        den = torch.zeros_like(c).index_add_(0, a, w)
-        empty = den.sum(1) <= 0
-        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
-        if empty.any():
-            c[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
-        a = _assign(x, w, c)
-    return c, (a if x is x_all else _assign(x_all, w_all, c))
 
 
 # -- one layer ---------------------------------------------------------------------------------------
@@ -175,21 +138,6 @@ def _problem(w: torch.Tensor, h: torch.Tensor, fmt: CodebookFormat, damp: float)
         h2[torch.arange(fmt.in_q, nq), torch.arange(fmt.in_q, nq)] = torch.diag(h).mean() * 1e-4
         h = h2
     return LayerProblem(w, h, fmt, perm, nq, order)
-
-
-def _chol_inv_upper(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), as GPTQ uses it."""
-    hd = h.double()
-    for extra in (0.0, 1e-4, 1e-2, 1e-1):
-        try:
-            eye = torch.eye(hd.shape[0], dtype=hd.dtype)
-            l = torch.linalg.cholesky(hd + extra * torch.diag(hd).mean() * eye)
-            li = torch.linalg.solve_triangular(l, eye, upper=False)  # faster than cholesky_inverse here
-            return torch.linalg.cholesky(li.T @ li, upper=True).float()
-        except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
-            continue
-    raise ConfigError("the calibration Hessian is not positive definite even after damping",
-                      hint="raise 'damp' or use more calibration samples")
 
 
 @dataclass
@@ -256,7 +204,7 @@ def init_layer(p: LayerProblem, cfg: VQConfig, gen: torch.Generator) -> LayerSta
     wq = p.w[:, :p.nq]
     s = wq[:, :f.in_q].pow(2).mean(1).sqrt().clamp_min(1e-8) if f.has_scale else torch.ones(wq.shape[0])
     wn = wq / s[:, None]
-    out, v, G, K = wq.shape[0], f.vec_len, f.groups, f.codebook_size
+    v, G, K = f.vec_len, f.groups, f.codebook_size
     elw = (s[:, None] ** 2) * torch.diag(p.h)[None, :p.nq]
     x = wn.reshape(G, -1, v)  # rows of a group are contiguous
     wt = elw.reshape(G, -1, v)
@@ -267,7 +215,7 @@ def init_layer(p: LayerProblem, cfg: VQConfig, gen: torch.Generator) -> LayerSta
             c, a = kmeans(r, wt[g], K, cfg.kmeans_iters, gen)
             cbs[st, g] = c
             r = r - c[a]
-    u = _chol_inv_upper(p.h)
+    u = chol_inv_upper(p.h)
     codes, outl = gptq_assign(p, u, cbs, s)
     return LayerState(codes, cbs, s, outl)
 
