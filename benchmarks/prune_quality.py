@@ -10,7 +10,7 @@ Speed: the fp and the pruned model exported with `torch.onnx.export(dynamo=True)
 tokens returning the last position's logits (what a generation prefill computes) and, separately, all
 positions' logits; both sessions timed interleaved in one run, medians and p90.
 
-    nice -n 10 python benchmarks/prune_quality.py --part quality|evo|structured|all [--windows 20]
+    nice -n 10 python benchmarks/prune_quality.py --part quality evo structured [--windows 20]
 """
 from __future__ import annotations
 
@@ -155,7 +155,8 @@ def table() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["quality", "evo", "structured", "all"], default="all")
+    ap.add_argument("--part", choices=["quality", "evo", "structured", "all"], nargs="+", default=["all"])
+    ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.4, 0.5])
     ap.add_argument("--evo-sparsity", type=float, nargs="+", default=[0.4, 0.5])
@@ -169,7 +170,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--logits", choices=["last", "all", "both"], default="last")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.torch_threads)
+    parts = {"quality", "evo", "structured"} if "all" in args.part else set(args.part)
     base = load("smollm2-135m")
     windows = token_windows(base.tokenizer, eval_text(), 512, args.windows)
     calib = calibration_windows(base.tokenizer, max(args.calib, args.search_samples), 512, seed=0)
@@ -178,11 +180,11 @@ def main() -> None:
     fp = quality(base.model, windows, ref_top1)
     emit({"part": "quality", "case": "fp", "sparsity": 0.0, **fp, "ppl_ratio_vs_fp": 1.0, "compress_s": 0.0,
           "windows": windows.shape[0]})
-    if args.part in ("structured", "all"):
+    if "structured" in parts:
         part_structured(base, calib, windows, ref_top1, fp["perplexity"], args)
-    if args.part in ("quality", "all"):
+    if "quality" in parts:
         part_quality(base, calib, windows, ref_top1, fp["perplexity"], args.sparsity, False, args)
-    if args.part in ("evo", "all"):
+    if "evo" in parts:
         part_quality(base, calib, windows, ref_top1, fp["perplexity"], args.evo_sparsity, True, args)
     table()
 
