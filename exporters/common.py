@@ -4,16 +4,17 @@ the custom-operator table, tracing, and the parity check against eager PyTorch.
 A format plugs in by subclassing `Exporter` (see `edgetk.exporters.onnx`) and registering it in
 `edgetk.exporters.EXPORTERS`. The flow (`edgetk.exporters.export`) is the same for every format:
 
-    plan   = build_plan(loaded, example_inputs, cfg, exporter.cache_mode)   # wrapper + inputs
-    ep     = trace(plan)                                  # torch.export; untraceable -> UnsupportedOpError
+    plan   = build_plan(loaded, example_inputs, cfg, exporter)   # wrapper (decoders: one-token step) + inputs
+    ep     = exporter.prepare(trace(plan), plan)          # torch.export; untraceable -> UnsupportedOpError
     check_support(ep, exporter, target)                   # every node checked BEFORE anything is written
-    files  = exporter.lower(ep, plan, root, target)       # writes model files into the artifact's temp dir
+    files  = exporter.lower(ep, plan, root, target, cfg)  # writes model files into the artifact's temp dir
     parity = exporter's Session vs eager on the same inputs (decoders: greedy golden run), ParityError beyond tol
 
 Custom operators: `CUSTOM_OPS` says, per op, which formats can carry it and how ("function" = a node in
-the edgetk domain plus a body in standard ops, "decompose" = replaced by its plain-PyTorch reference before
-lowering, "kernel" = a native kernel of the format). Adding an op is one entry here plus one lowering entry
-in each format module that claims it.
+the edgetk domain plus a body in standard ops, "decompose" = replaced before lowering by `decomposition`, a
+functional core-ATen form of the kernels/ reference, "kernel" = a native kernel of the format). Adding an op is
+one `register_custom_op(CustomOp(...))` plus one lowering entry in each format module that claims "function"
+or "kernel" (e.g. `edgetk.exporters.onnx.LOWERINGS`).
 """
 from __future__ import annotations
 

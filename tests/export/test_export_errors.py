@@ -91,6 +91,7 @@ def test_dynamic_shapes_refused_by_static_target(tmp_path, target):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.backend
 def test_unknown_target_profile(tmp_path):
     with pytest.raises(ConfigError, match="unknown target 'no-such-board'"):
         edgetk.export(small_cnn(), (torch.randn(1, 3, 8, 8),), format="onnx", target="no-such-board",
@@ -122,6 +123,7 @@ def test_compare_names_first_diverging_output():
     assert per["b"]["max_abs"] == pytest.approx(1e-3)
 
 
+@pytest.mark.backend
 def test_bad_options_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="format"):
         edgetk.export(small_cnn(), (torch.randn(1, 3, 8, 8),), format="tflite", out=tmp_path / "a")

@@ -10,6 +10,7 @@ import torch
 
 import edgetk
 from edgetk.cli.app import main
+from edgetk.exporters.decoder import ExplicitStepper
 from edgetk.runtimes import Session
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend]
@@ -34,8 +35,25 @@ def test_smollm2_golden_32_steps(smollm2_artifact, smollm2):
         for _ in range(4):
             seq.append(int(smollm2.model(torch.tensor([seq]))[0, -1].argmax()))
     assert golden["tokens"][:4] == seq[len(prompt):]
-    # fp32 weights: the file holds ~135M params x 4 bytes (tied embeddings stored once)
-    assert 0.45e9 < smollm2_artifact.total_bytes < 0.65e9
+    # fp32 weights: ~135M params x 4 bytes. ONNX stores the tied embedding once; ExecuTorch twice (the portable
+    # embedding lookup and the XNNPACK-packed lm_head each hold a copy: +113 MB)
+    limit = 0.58e9 if m["format"] == "onnx" else 0.70e9
+    assert 0.5e9 < smollm2_artifact.total_bytes < limit
+
+
+def test_smollm2_artifact_driven_by_caller(smollm2_artifact, smollm2):
+    """What an app does: load the artifact, feed tokens one by one with the cache carried across calls."""
+    m = smollm2_artifact.manifest
+    sess = Session(smollm2_artifact)
+    ids = smollm2.tokenizer.encode("Edge devices")[:3]
+    if m["decoder"]["mode"] == "explicit":
+        st = ExplicitStepper(sess.run, m["decoder"]["cache_shape"])
+        logits = [st.step(t, i) for i, t in enumerate(ids)]
+    else:
+        logits = [sess.run([np.array([[t]]), np.array([i])])[0].reshape(-1) for i, t in enumerate(ids)]
+    with torch.no_grad():
+        ref = smollm2.model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(np.stack(logits), ref, atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "executorch"])

@@ -44,7 +44,7 @@ def test_tree_template_is_prefix_closed_and_masks_ancestors():
 
 def test_speculative_sampling_keeps_target_distribution(tiny_lm):
     """Joint law of the first two sampled tokens: speculative vs exact target probabilities."""
-    llm = LLM.load(tiny_lm, max_seq_len=64)
+    llm = LLM.load(tiny_lm, max_seq_len=64, spec_config=SpecConfig(max_nodes=6))
     prompt, temp, top_p = "abcabcabc", 0.3, 0.8  # support: 9 token pairs
     ids = llm.encode(prompt)
     model = tiny_lm.model
@@ -140,12 +140,18 @@ def test_quant_cache_chunked_prefill_equals_token_by_token(tiny_lm):
         n_q = model.model.layers[0].self_attn.kv_cache.n_q
         assert n_q >= 72
     model.clear_cache()
-    # same tokens quantized at the same block boundaries; only the flush timing differs inside a chunk
+    # the same blocks get quantized either way; only when (inside a chunk) differs. Both stay close to the
+    # fp reference, 4-bit far closer than 2-bit (random tiny model: SNR, not exact equality)
+    from edgetk.eval import snr_db
+
     with torch.inference_mode():
         ref = model(x)
-    err_chunk = (outs["chunk"] - ref).abs().mean()
-    err_step = (outs["step"] - ref).abs().mean()
-    assert err_chunk < 0.1 * ref.abs().mean() and err_step < 0.1 * ref.abs().mean()
+    assert snr_db(ref, outs["chunk"]) > 14 and snr_db(ref, outs["step"]) > 14
+    model.setup_cache(1, 128, cache_factory(QCACHE.replace(bits=2)))
+    with torch.inference_mode():
+        two = torch.cat([model(x[:, s: s + 30], torch.arange(s, s + 30)) for s in range(0, 90, 30)], 1)
+    model.clear_cache()
+    assert snr_db(ref, two) < snr_db(ref, outs["chunk"]) - 6
 
 
 def test_cache_memory_at_2048_is_3_5x_below_fp16():

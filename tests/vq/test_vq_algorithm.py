@@ -62,6 +62,8 @@ def test_outliers_and_residual_and_padding():
     f = mod.fmt
     assert (f.n_outliers, f.stages, f.groups, f.n_vec) == (2, 2, 2, 31)
     assert mod.buffer_bits() == f.storage_bits()
+    # the packed module (perm with outliers first, padded last vector) reproduces the solver's weights
+    assert _out_err(p.dense(st.what()), mod.dequantize(), x) < 1e-5
     single = quantize_layer(w, h, cfg.replace(stages=1, outliers=0), torch.Generator().manual_seed(0))[0]
     assert _out_err(w, mod.dequantize(), x) < _out_err(w, single.dequantize(), x)
 
@@ -168,13 +170,13 @@ def test_presets_are_registered_with_honest_targets():
 
 @pytest.mark.slow
 def test_real_smollm2_layers_vq_beats_rtn(smollm2):
-    """Three real layers (attention 576x576, k 192x576, mlp down 576x1536) of block 5 with their real
+    """Two real layers (attention o 576x576, k 192x576) of block 5 with their real
     calibration Hessians (Wikipedia windows): VQ at ~2.1 bits has a lower output error than RTN at 2.5 bits."""
     from edgetk.data import calibration_windows
 
     model = smollm2.model
     block = model.model.layers[5]
-    names = ("self_attn.o_proj", "self_attn.k_proj", "mlp.down_proj")
+    names = ("self_attn.o_proj", "self_attn.k_proj")
     hs = {}
 
     def hook(name):
@@ -191,7 +193,7 @@ def test_real_smollm2_layers_vq_beats_rtn(smollm2):
             h = layer(h, model.rope_cos, model.rope_sin)
     for hd in handles:
         hd.remove()
-    cfg = resolve_recipe("vq2")[0].replace(kmeans_iters=6)
+    cfg = resolve_recipe("vq2")[0].replace(kmeans_iters=4)
     for name in names:
         w = block.get_submodule(name).weight.detach()
         hmat = hs[name] / calib.numel()

@@ -65,7 +65,7 @@ def test_cli_errors_are_named(tmp_path):
            str(tmp_path / "x")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown recipe 'vq9'" in r.stderr and "vq2" in r.stderr
-    r = subprocess.run(cmd[:5] + ["vq2", "--calib", "eval", "-o", str(tmp_path / "y")], capture_output=True,
+    r = subprocess.run(cmd[:6] + ["vq2", "--calib", "eval", "-o", str(tmp_path / "y")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 8 and "evaluation text" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

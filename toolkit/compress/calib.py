@@ -146,16 +146,18 @@ def block_hessians(runner: BlockRunner, block: nn.Module, names: tuple, x: torch
     """H = XᵀX / tokens of each named linear's input (shared inputs computed once) and the block's
     output on x (the fp targets)."""
     hs: dict[str, torch.Tensor] = {}
-    shared: dict[tuple, torch.Tensor] = {}
+    shared: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input tensor, its XᵀX): q/k/v and gate/up share
     count = {"tokens": 0}
 
     def hook(name):
         def fn(mod, args):
-            inp = args[0].reshape(-1, args[0].shape[-1])
-            key = (inp.data_ptr(), tuple(inp.shape))
-            if key not in shared:
-                shared[key] = (inp.T.float() @ inp.float()).double()
-            hs[name] = hs.get(name, 0) + shared[key]
+            # match by identity while holding a reference (an address could be reused by a later tensor)
+            hit = next((xtx for t, xtx in shared if t is args[0]), None)
+            if hit is None:
+                inp = args[0].reshape(-1, args[0].shape[-1]).float()
+                hit = (inp.T @ inp).double()
+                shared.append((args[0], hit))
+            hs[name] = hs.get(name, 0) + hit
         return fn
 
     handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
