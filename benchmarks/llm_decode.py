@@ -1,6 +1,7 @@
 """Decode speed of the eager LLM runtime: fp model vs VQ 2-bit model, fp cache vs 4-bit KV cache, same run.
 
-    nice -n 10 python benchmarks/llm_decode.py --threads 2 --new-tokens 64 --reps 3 [--vq-artifact DIR | --vq-recipe vq2]
+    nice -n 10 python benchmarks/llm_decode.py --threads 2 --new-tokens 64 --reps 3 \
+        [--vq-artifact DIR | --vq-recipe vq2]
 
 Cases: every (model, cache) pair; a model is the zoo model (fp32) and, when given, a VQ-compressed
 artifact (or the zoo model compressed here with `--vq-recipe`). Each case: one warm-up generation, then

@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
             print(json.dumps(row, sort_keys=True), flush=True)
     plain = runs["None"]
     summary = {"bench": "spec_summary", "model": a.model, "prompts": len(prompts), "new_tokens": a.new_tokens,
-               "threads": a.threads, "kv": a.kv, "persist": not a.cold, "tree_nodes": llm._stepper("recycling").tree_size}
+               "threads": a.threads, "kv": a.kv, "persist": not a.cold,
+               "tree_nodes": llm._stepper("recycling").tree_size}
     for m in MODES[1:]:
         rs = runs[m]
         summary[m] = {

@@ -163,7 +163,8 @@ def test_cache_memory_at_2048_is_3_5x_below_fp16():
     q = QuantKVCache(cfg, 1, 3, 2048, 64, calib)
     fp16 = 2 * 3 * 2048 * 64 * 2
     assert fp16 / q.nbytes >= 3.5, fp16 / q.nbytes
-    q2 = QuantKVCache(preset("kv2"), 1, 3, 2048, 64, calib.__class__(calib.key_range, torch.linspace(-1, 1, 4).repeat(2, 1)))
+    calib2 = LayerCalibration(calib.key_range, torch.linspace(-1, 1, 4).repeat(2, 1))
+    q2 = QuantKVCache(preset("kv2"), 1, 3, 2048, 64, calib2)
     assert q2.nbytes < q.nbytes
 
 

@@ -207,3 +207,26 @@ def test_real_smollm2_layers_vq_beats_rtn(smollm2):
         assert mod.fmt.bits_per_weight() < 2.2
         assert err(mod.dequantize()) < 0.5 * err(rtn.dequantize()), name
         assert stages[-1]["after"] <= stages[0]["after"]
+
+
+def test_block_hessians_match_each_layers_own_inputs(tiny_llama):
+    """q/k/v (and gate/up) share one XᵀX; o_proj and down_proj get their own inputs' XᵀX."""
+    from edgetk.compress.calib import QUANT_LINEARS, BlockRunner, block_hessians
+
+    model = copy.deepcopy(tiny_llama)
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    runner = BlockRunner(model, calib, batch=2)
+    block = model.model.layers[0]
+    seen = {}
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+        for n in QUANT_LINEARS]
+    x = runner.embed()
+    hs, y = block_hessians(runner, block, QUANT_LINEARS, x)
+    for h in hooks:
+        h.remove()
+    for n in QUANT_LINEARS:
+        xs = torch.cat(seen[n])
+        torch.testing.assert_close(hs[n], xs.T @ xs / xs.shape[0], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(hs["self_attn.o_proj"], hs["self_attn.q_proj"])
+    torch.testing.assert_close(y, runner.forward_block(block, x))

@@ -129,3 +129,18 @@ def test_rtn_pads_ragged_groups():
     assert ((q.dequantize() - w).abs() <= step / 2 + 1e-2).all()
     with pytest.raises(Exception):
         RTNConfig(bits=5)
+
+
+@pytest.mark.slow
+def test_real_model_artifact_size_matches_manifest_bits(smollm2, tmp_path):
+    """Whole smollm2 (RTN 2-bit g64, the quick quantizer): file size on disk within 5% of the manifest's
+    bits_per_weight_model x params (header included), and bits_per_weight over the 210 layers = 2.5."""
+    from edgetk.models.loading import LoadedModel
+
+    lm = LoadedModel(smollm2.name, "decoder", copy.deepcopy(smollm2.model), smollm2.tokenizer, smollm2.config)
+    reports = compress(lm, "rtn2-g64")
+    man = save(lm, tmp_path / "rtn", reports).manifest
+    assert man["bits_per_weight"] == pytest.approx(2.5)
+    assert len(reports[0].layers) == 210
+    disk = man["files"]["model.safetensors"]["bytes"]
+    assert abs(disk - man["bits_per_weight_model"] * man["params"] / 8) / disk < 0.05
