@@ -61,3 +61,10 @@ def test_models_info_json(minilm):
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
     assert obj["kind"] == "encoder" and obj["parameters"] > 20_000_000
+
+
+def test_usage_errors_exit_2():
+    r = run("models", "list", "unexpected-extra")
+    assert r.returncode == 2 and "unexpected extra argument" in r.stderr and "internal error" not in r.stderr
+    r = run("eval", "--max-windows", "abc")
+    assert r.returncode == 2 and "internal error" not in r.stderr

@@ -56,15 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors and the like (typer vendors click: match by class name)
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        if "Exit" in kinds:
+            sys.exit(getattr(exc, "exit_code", 0))
+        if "ClickException" in kinds:
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if "Abort" in kinds:
             sys.exit(130)
         if STATE["debug"]:
             raise
