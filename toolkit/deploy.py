@@ -32,7 +32,7 @@ DEFAULT_FORMAT = {"host": "onnx", "npu": "onnx", "tvm-aarch64": "tvm", "tvm-cuda
 @dataclass(frozen=True)
 class DeployConfig(Config):
     model: str = "smollm2-135m"
-    recipe: str = "none"
+    recipe: str = "vq2"
     target: str = "host-x86"
     device: str = "local"
     format: str | None = None

@@ -57,7 +57,8 @@ def test_sampling_keeps_the_target_distribution():
     tv1 = 0.5 * (first / n - p1).abs().sum().item()
     tv2 = 0.5 * (second / second.sum() - p2).abs().sum().item()
     assert tv1 < 0.015, (first / n, p1)
-    assert second.sum() > 2000 and tv2 < 0.03, (second / second.sum(), p2)
+    # draft 0 is accepted about p(root)[0] (~4.7%) of the time: ~950 conditional samples
+    assert second.sum() > 500 and tv2 < 0.03, (second / second.sum(), p2)
     assert first[p1 == 0].sum() == 0  # top-p excluded tokens never come out
 
 

@@ -75,7 +75,8 @@ def test_evopress_keeps_global_sparsity_and_never_loses_to_uniform(tiny4):
     rep = compress(m, cfg, calib=calib)[0]
     units = rep.totals["unit_sparsity"]
     assert len(units) == 4 and sum(units.values()) / 4 == pytest.approx(0.5, abs=1e-6)
-    assert rep.totals["sparsity"] == pytest.approx(0.5, abs=2e-3)
+    # each row keeps round(level * in_features) weights: the budget holds up to that rounding (<= 0.5/64 here)
+    assert rep.totals["sparsity"] == pytest.approx(0.5, abs=0.5 / 64)
     assert rep.totals["kl_searched"] <= rep.totals["kl_uniform"]
     kls = [s["kl"] for s in rep.stages]
     assert all(b <= a for a, b in zip(kls, kls[1:]))  # elitist: the parent only improves

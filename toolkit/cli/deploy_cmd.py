@@ -11,17 +11,22 @@ from .common import console, emit_json, progress, table
 def register(app: typer.Typer) -> None:
     @app.command("deploy")
     def deploy(model: str = typer.Argument("smollm2-135m", help="zoo name, HF dir, .gguf or model artifact"),
-               recipe: str = typer.Option("none", "--recipe", "-r", help="compression recipe ('none' to skip)"),
+               recipe: str = typer.Option("vq2", "--recipe", "-r", help="compression recipe (default vq2, 2-bit VQ; 'none' to skip)"),
                target: str = typer.Option("host-x86", "--target", "-t", help="device profile"),
                device: str = typer.Option("local", "--device", "-d", help="where to benchmark (see edgetk bench)"),
                fmt: Optional[str] = typer.Option(None, "--format", help="export format (default from the target)"),
                runs: int = typer.Option(10, "--runs", "-n"),
-               out: str = typer.Option(..., "--out", "-o", help="run directory (rerun to resume)"),
+               out: Optional[str] = typer.Option(None, "--out", "-o",
+                                                 help="run directory (rerun to resume); default runs/MODEL-RECIPE-TARGET"),
                json_: bool = typer.Option(False, "--json")) -> None:
         """Run the whole chain with progress per stage; rerunning resumes after the last finished stage."""
         from edgetk.deploy import DeployConfig, deploy as _deploy
 
         cfg = DeployConfig(model=model, recipe=recipe, target=target, device=device, format=fmt, runs=runs)
+        if out is None:
+            from pathlib import Path
+
+            out = str(Path("runs") / f"{Path(model.rstrip('/')).name}-{recipe or 'none'}-{target}")
 
         def on_stage(st) -> None:
             if not json_:
