@@ -2,11 +2,13 @@
 
     python benchmarks/export.py                                   # all formats x {cnn, vq-mlp, minilm-l6, smollm2-135m}
     python benchmarks/export.py --formats onnx --models cnn,vq-mlp
+    python benchmarks/export.py --models /tmp/vq/vq2          # a compressed artifact (edgetk compress -o DIR)
 
 Each case runs in a fresh subprocess so its peak RSS is its own. Prints one JSON line per case, then a
 table. `export_s` is the whole `edgetk.export` call (trace, support check, lowering, writing, parity run),
 `export_cpu_s` its CPU time over all threads (less sensitive to a shared machine's load);
-`lower_s` is the format's lowering alone (manifest "export_seconds"). `peak_rss_mb` is the child's
+`lower_s` is the format's lowering alone (manifest "export_seconds"). For a compressed artifact,
+`size_vs_accounting` = exported bytes / the bytes its bits-per-weight accounting gives (manifest `model_bytes`). `peak_rss_mb` is the child's
 peak; `export_rss_mb` = peak minus the RSS after the model was loaded (what exporting added).
 """
 from __future__ import annotations
@@ -51,6 +53,15 @@ def _model(name: str):
 
     lm = load(name)
     return lm, None, sum(p.numel() for p in lm.model.parameters()) * 4
+
+
+def _accounting_bytes(name: str) -> int | None:
+    """A compressed artifact directory (edgetk compress -o DIR): the bytes its bits-per-weight accounting gives."""
+    manifest = os.path.join(name, "manifest.json")
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as f:
+        return json.load(f).get("model_bytes")
 
 
 def _vq_mlp(d: int, hidden: int, bits: int = 2, vec_len: int = 4):
@@ -106,7 +117,10 @@ def child(fmt: str, name: str, threads: int) -> dict:
         m = art.manifest
         parity = m.get("parity", {})
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"bench": "export", "format": fmt, "model": name, "threads": threads, "export_s": round(export_s, 2),
+        acc = _accounting_bytes(name)
+        return {"accounting_bytes": acc,
+                "size_vs_accounting": round(art.total_bytes / acc, 4) if acc else None,
+                "bench": "export", "format": fmt, "model": name, "threads": threads, "export_s": round(export_s, 2),
                 "export_cpu_s": round(cpu_s, 2),
                 "lower_s": m.get("export_seconds"), "peak_rss_mb": round(peak, 1),
                 "export_rss_mb": round(peak - base, 1), "artifact_bytes": art.total_bytes,
@@ -144,7 +158,7 @@ def main() -> None:
 
 def _table(rows: list[dict]) -> None:
     cols = ["model", "format", "export_s", "export_cpu_s", "lower_s", "peak_rss_mb", "export_rss_mb", "artifact_bytes",
-            "size_ratio_to_fp32", "parity_max_abs", "golden_identical"]
+            "size_ratio_to_fp32", "size_vs_accounting", "parity_max_abs", "golden_identical"]
     print("\n" + " | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:

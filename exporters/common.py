@@ -32,6 +32,7 @@ import torch
 
 from edgetk.config import Config, check, config
 from edgetk.errors import ConfigError, ParityError, UnsupportedOpError
+from edgetk.kernels.codebook_gemm import epilogue
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,7 @@ def codebook_gemm_decomposed(x, codes, codebooks, perm, outlier_w, scale, bias, 
     flat = idx.reshape(stages, groups, 1, -1).expand(stages, groups, b, -1)
     y = torch.gather(lut, 3, flat).reshape(stages, groups, b, out_f // groups, n_vec).sum((0, 4))
     y = y.permute(1, 0, 2).reshape(b, out_f)
-    if n_out:
-        y = y + x_out @ outlier_w.to(x.dtype).T
-    if scale.numel():
-        y = y * scale.to(x.dtype)
-    if bias.numel():
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, out_f)
+    return epilogue(y, x_out, outlier_w, scale, bias).reshape(*lead, out_f)
 
 
 def _unpack_arith(packed: torch.Tensor, code_bits: int, n: int) -> torch.Tensor:

@@ -160,13 +160,19 @@ def codebook_gemm_reference(x: torch.Tensor, codes: torch.Tensor, codebooks: tor
                 r1 = min(r0 + row_chunk, (g + 1) * rows_per_group)
                 picked = lut_t[j_idx[None, :], idx[r0:r1]]  # [rows, n_vec, B]
                 y[:, r0:r1] += picked.sum(1).T
-    if n_out:
-        y = y + x_out @ outlier_w.to(x.dtype).T
+    return epilogue(y, x_out, outlier_w, scale, bias).reshape(*lead, out_f)
+
+
+def epilogue(y: torch.Tensor, x_out: torch.Tensor, outlier_w: torch.Tensor, scale: torch.Tensor,
+             bias: torch.Tensor) -> torch.Tensor:
+    """The dense tail every implementation shares: + outlier columns, x per-row scale, + bias (in y's dtype)."""
+    if outlier_w.numel():
+        y = y + x_out @ outlier_w.to(y.dtype).T
     if scale.numel():
-        y = y * scale.to(x.dtype)
+        y = y * scale.to(y.dtype)
     if bias.numel():
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, out_f)
+        y = y + bias.to(y.dtype)
+    return y
 
 
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor, outlier_w: torch.Tensor,

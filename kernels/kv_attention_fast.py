@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -283,14 +282,6 @@ def compiled(spec: KVSpec):
     return _PAR_T(lc.jit(build_module(spec), ["kv_work_par"])["kv_work_par"])
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(nbytes: int) -> torch.Tensor:
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
-    return buf
 
 
 def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group) -> bool:
@@ -338,7 +329,7 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     stride = 4 * (nq * npad + nq * D + nq) + 64
     stride += -stride % 64
     nt = max(1, min(torch.get_num_threads() if n_threads is None else n_threads, B * H))
-    scr = _scratch(stride * nt)
+    scr = lc.scratch(stride * nt)
     a = [0] * N_ARGS
     for i, t in ((A_Q, q), (A_KC, k_codes), (A_KM, k_meta), (A_VC, v_codes), (A_VM, v_meta), (A_LEV, levels),
                  (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr)):

@@ -415,14 +415,6 @@ class _PackCache:
 _CACHE = _PackCache()
 _CACHE_FAST = _PackCache()
 _FAST_GEMV: list = []  # (pack_weight, gemv) of a faster batch-1 kernel for this host (llvm_codebook_q16)
-_SCRATCH = threading.local()
-
-
-def _scratch(nbytes: int) -> torch.Tensor:
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
-    return buf
 
 
 def _threads(p: Packed, n_threads: int | None) -> int:
@@ -445,7 +437,7 @@ def gemm_stride(p: Packed) -> int:
 def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """One input vector x [in] (float32, contiguous) -> y [out]."""
     spec, nt, stride = p.spec, _threads(p, n_threads), gemv_stride(p)
-    scr = _scratch(stride * nt)
+    scr = lc.scratch(stride * nt)
     y = torch.empty(p.n_rb * spec.R, dtype=torch.float32)
     a = p.static_args()
     a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), stride
@@ -479,7 +471,7 @@ def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Ten
     spec, nt, stride = p.spec, _threads(p, n_threads), gemm_stride(p)
     xp, xt = gemm_inputs(p, x2)
     yt = torch.empty(xt.shape[0], p.n_rb * spec.R, spec.BT, dtype=torch.float32)
-    scr = _scratch(stride * nt)
+    scr = lc.scratch(stride * nt)
     a = p.static_args()
     a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE], a[A_NBT] = xt.data_ptr(), yt.data_ptr(), scr.data_ptr(), stride, xt.shape[0]
     compiled(spec)["gemm"]((ctypes.c_int64 * N_ARGS)(*a), p.n_rb, nt)

@@ -199,7 +199,7 @@ def stride(p: lk.Packed) -> int:
 
 def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     nt, st = lk._threads(p, n_threads), stride(p)
-    scr = lk._scratch(st * nt)
+    scr = lc.scratch(st * nt)
     y = torch.empty(p.n_rb * R, dtype=torch.float32)
     a = p.static_args()
     a[lk.A_X], a[lk.A_Y], a[lk.A_SCR], a[lk.A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), st

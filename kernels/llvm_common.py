@@ -254,3 +254,16 @@ def add_parallel_for(mod, work) -> ir.Function:
             b.call(join, [tid, ir.Constant(PTR, None)])
     b.ret_void()
     return par
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(nbytes: int):
+    """A per-thread uint8 work buffer of at least `nbytes` (grown, never shrunk) for the generated kernels."""
+    import torch
+
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf
