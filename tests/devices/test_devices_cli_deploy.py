@@ -74,8 +74,8 @@ def test_deploy_not_built_yet_is_reported_not_faked(tmp_path, monkeypatch):
 @pytest.mark.backend
 def test_deploy_chain_and_resume(tiny_decoder_art, tmp_path):
     out = tmp_path / "run"
-    args = ["deploy", str(tiny_decoder_art), "--target", "host-x86", "--device", "local", "--format", "onnx",
-            "--runs", "3", "-o", str(out), "--json"]
+    args = ["deploy", str(tiny_decoder_art), "--recipe", "none", "--target", "host-x86", "--device", "local",
+            "--format", "onnx", "--runs", "3", "-o", str(out), "--json"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     first = {s["name"]: s["status"] for s in _json_lines(r.stdout)[-1]["stages"]}
