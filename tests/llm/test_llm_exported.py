@@ -1,4 +1,5 @@
-"""The LLM runtime over an exported ONNX decoder step (real export, real onnxruntime): same greedy text as eager."""
+"""The LLM runtime over exported decoder steps (real exports, real onnxruntime / ExecuTorch runtime / TVM VM):
+same greedy text as eager."""
 from __future__ import annotations
 
 import copy
@@ -29,6 +30,21 @@ def test_onnx_step_generates_eager_text(onnx_step, make_byte_tokenizer):
     r = llm.generate("hello world", 16)
     assert r.token_ids == eager.token_ids and r.text == eager.text
     assert r.metrics.backend == "onnx" and r.metrics.decode_tok_s > 0
+
+
+@pytest.mark.parametrize("fmt", ["executorch", "tvm"])
+def test_other_runtimes_generate_eager_text(tmp_path, tiny_lm_shared, make_byte_tokenizer, fmt):
+    if fmt == "tvm":
+        pytest.importorskip("tvm", reason="apache-tvm is the 'tvm' extra")
+    from edgetk.exporters import export
+
+    lm = tiny_lm_shared
+    export(copy.deepcopy(lm), format=fmt, out=tmp_path / fmt, max_seq_len=64, golden_steps=8)
+    eager = LLM.load(copy.deepcopy(lm), max_seq_len=64).generate("hello world", 12)
+    llm = LLM.load(tmp_path / fmt, tokenizer=make_byte_tokenizer(), max_seq_len=64)
+    r = llm.generate("hello world", 12)
+    assert r.token_ids == eager.token_ids and r.text == eager.text
+    assert r.metrics.backend == fmt and r.metrics.decode_tok_s > 0
 
 
 def test_onnx_step_bad_requests(onnx_step, make_byte_tokenizer):
