@@ -282,8 +282,6 @@ def compiled(spec: KVSpec):
     return _PAR_T(lc.jit(build_module(spec), ["kv_work_par"])["kv_work_par"])
 
 
-
-
 def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group) -> bool:
     D = q.shape[-1]
     return (bits in (2, 4, 8) and q.dtype == torch.float32 and not out_idx.numel() and not lr_u.numel()

@@ -42,6 +42,10 @@ class DeployConfig(Config):
         check(self.runs >= 1, "runs", self.runs, "an integer >= 1")
         check(bool(self.model), "model", self.model, "a model name or path")
 
+    def default_run_dir(self) -> Path:
+        """Where a run goes when no directory is given: runs/MODEL-RECIPE-TARGET."""
+        return Path("runs") / f"{Path(self.model.rstrip('/')).name}-{self.recipe or 'none'}-{self.target}"
+
 
 @dataclass
 class StageResult:

@@ -5,28 +5,28 @@ from typing import Optional
 
 import typer
 
+from edgetk.deploy import DeployConfig
+
 from .common import console, emit_json, progress, table
 
 
 def register(app: typer.Typer) -> None:
     @app.command("deploy")
-    def deploy(model: str = typer.Argument("smollm2-135m", help="zoo name, HF dir, .gguf or model artifact"),
-               recipe: str = typer.Option("vq2", "--recipe", "-r", help="compression recipe (default vq2, 2-bit VQ; 'none' to skip)"),
-               target: str = typer.Option("host-x86", "--target", "-t", help="device profile"),
-               device: str = typer.Option("local", "--device", "-d", help="where to benchmark (see edgetk bench)"),
+    def deploy(model: str = typer.Argument(DeployConfig.model, help="zoo name, HF dir, .gguf or model artifact"),
+               recipe: str = typer.Option(DeployConfig.recipe, "--recipe", "-r",
+                                           help="compression recipe (vq2 = 2-bit VQ; 'none' to skip)"),
+               target: str = typer.Option(DeployConfig.target, "--target", "-t", help="device profile"),
+               device: str = typer.Option(DeployConfig.device, "--device", "-d", help="where to benchmark (see edgetk bench)"),
                fmt: Optional[str] = typer.Option(None, "--format", help="export format (default from the target)"),
-               runs: int = typer.Option(10, "--runs", "-n"),
+               runs: int = typer.Option(DeployConfig.runs, "--runs", "-n"),
                out: Optional[str] = typer.Option(None, "--out", "-o",
                                                  help="run directory (rerun to resume); default runs/MODEL-RECIPE-TARGET"),
                json_: bool = typer.Option(False, "--json")) -> None:
         """Run the whole chain with progress per stage; rerunning resumes after the last finished stage."""
-        from edgetk.deploy import DeployConfig, deploy as _deploy
+        from edgetk.deploy import deploy as _deploy
 
         cfg = DeployConfig(model=model, recipe=recipe, target=target, device=device, format=fmt, runs=runs)
-        if out is None:
-            from pathlib import Path
-
-            out = str(Path("runs") / f"{Path(model.rstrip('/')).name}-{recipe or 'none'}-{target}")
+        out = out or str(cfg.default_run_dir())
 
         def on_stage(st) -> None:
             if not json_:
