@@ -83,7 +83,9 @@ def part_quality(base, calib, windows, ref_top1, fp_ppl, sparsities, evo: bool, 
         run_case(base, "wanda-4:8", PruneConfig("wanda", n=4, m=8, n_samples=args.calib), calib, windows, ref_top1,
                  fp_ppl)
         return
-    for s in sparsities:
+    for s in sparsities:  # the uniform allocation the search starts from, beside the searched one
+        run_case(base, f"wanda-{int(s * 100)}", PruneConfig("wanda", s, n_samples=args.calib), calib, windows,
+                 ref_top1, fp_ppl)
         cfg = EvoPruneConfig(s, generations=args.generations, offspring=args.offspring, survivors=args.survivors,
                              search_samples=args.search_samples, search_tokens=256, n_samples=args.calib, seed=0)
         run_case(base, f"evopress-{int(s * 100)}", cfg, calib, windows, ref_top1, fp_ppl)

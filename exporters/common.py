@@ -32,7 +32,7 @@ import torch
 
 from edgetk.config import Config, check, config
 from edgetk.errors import ConfigError, ParityError, UnsupportedOpError
-from edgetk.kernels.codebook_gemm import epilogue
+from edgetk.kernels.codebook_gemm import epilogue, unpack_codes_arith
 
 log = logging.getLogger(__name__)
 
@@ -157,26 +157,27 @@ def codebook_gemm_decomposed(x, codes, codebooks, perm, outlier_w, scale, bias, 
     b = x2.shape[0]
     x_out, xv = _split_input(x2, perm, n_out, in_q, n_vec, vec_len)  # xv [B, n_vec, V]
     lut = torch.einsum("bjv,sgkv->sgbjk", xv, codebooks.to(x.dtype)).reshape(stages, groups, b, n_vec * k)
-    idx = _unpack_arith(codes, code_bits, n_vec) + torch.arange(n_vec) * k  # [S, O, n_vec] into n_vec*K
+    idx = unpack_codes_arith(codes, code_bits, n_vec) + torch.arange(n_vec) * k  # [S, O, n_vec] into n_vec*K
     flat = idx.reshape(stages, groups, 1, -1).expand(stages, groups, b, -1)
     y = torch.gather(lut, 3, flat).reshape(stages, groups, b, out_f // groups, n_vec).sum((0, 4))
     y = y.permute(1, 0, 2).reshape(b, out_f)
     return epilogue(y, x_out, outlier_w, scale, bias).reshape(*lead, out_f)
 
 
-def _unpack_arith(packed: torch.Tensor, code_bits: int, n: int) -> torch.Tensor:
-    """kernels' unpack_codes with floor-division instead of shifts (shifts are not core ATen)."""
-    if code_bits == 8:
-        return packed[..., :n].to(torch.int64)
-    bit = torch.arange(n * code_bits)
-    byte = packed.to(torch.int64)[..., bit // 8]
-    bits = torch.div(byte, torch.pow(2, bit % 8), rounding_mode="floor").remainder(2)
-    return (bits.reshape(*packed.shape[:-1], n, code_bits) * torch.pow(2, torch.arange(code_bits))).sum(-1)
+def blockwise_gemm_decomposed(x, codes, scale, lo, bias, in_features: int, bits: int, group: int) -> torch.Tensor:
+    """edgetk::blockwise_gemm in functional ATen: the kernels/ reference itself (arithmetic unpack, de-quantize,
+    linear) already is one."""
+    from edgetk.kernels.blockwise_gemm import blockwise_gemm_reference
+
+    return blockwise_gemm_reference(x, codes, scale, lo, bias, in_features, bits, group)
 
 
 CUSTOM_OPS: dict[str, CustomOp] = {
     "edgetk::codebook_gemm": CustomOp("edgetk::codebook_gemm", codebook_gemm_decomposed,
                                       {"onnx": "function", "executorch": "decompose"}),
+    # onnx: onnxruntime's native com.microsoft.MatMulNBits (exporters/onnx.py)
+    "edgetk::blockwise_gemm": CustomOp("edgetk::blockwise_gemm", blockwise_gemm_decomposed,
+                                       {"onnx": "kernel", "executorch": "decompose", "tvm": "decompose"}),
 }
 
 

@@ -10,7 +10,11 @@ products with every codeword, then a gather-and-sum over each row's unpacked cod
 codes and the codebooks stay initializers; no dense weight is ever in the file (the onnxscript optimizer
 cannot fold through the unknown node, the body is attached after it ran).
 
-Adding an op = one entry in LOWERINGS (translation + schema + function builder).
+`edgetk::blockwise_gemm` (the RTN format) -> onnxruntime's native `com.microsoft.MatMulNBits` (codes reshaped to
+its [N, n_blocks, blob] layout, float zero point -lo/scale, both computed from the stored fp16 tensors in the
+graph), + Add(bias): a native kernel, so no edgetk-domain node or body.
+
+Adding an op = one entry in LOWERINGS (translation, plus schema + function builder for edgetk-domain nodes).
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13
 @dataclass(frozen=True)
 class OnnxLowering:
     translate: Callable[..., Any]                 # custom_translation_table entry (onnxscript)
-    schema: Callable[[], Any]                     # -> onnx.defs.OpSchema for the edgetk-domain node
-    function: Callable[[int], Any]                # opset -> onnx.FunctionProto (body in standard ops)
+    schema: Callable[[], Any] | None = None       # -> onnx.defs.OpSchema for the edgetk-domain node
+    function: Callable[[int], Any] | None = None  # opset -> onnx.FunctionProto (body in standard ops)
 
 
 # -- edgetk::codebook_gemm ----------------------------------------------------------------------------
@@ -147,8 +151,40 @@ def _cbg_function(opset: int):
                            [h.make_opsetid("", opset)], attributes=["code_bits", "n_vec"])
 
 
+# -- edgetk::blockwise_gemm -> com.microsoft.MatMulNBits ----------------------------------------------
+MS_DOMAIN = "com.microsoft"
+
+
+def _mnb_schema():
+    """The subset of onnxruntime's contrib MatMulNBits schema used here (onnxscript needs a schema to emit it)."""
+    from onnx.defs import OpSchema
+
+    P, A, I = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType.INT
+    return OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1, doc="onnxruntime contrib op: A[..., K] x dequant(B)^T, B in N-bit blocks",
+        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3")], outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
+        attributes=[A("K", I, ""), A("N", I, ""), A("bits", I, ""), A("block_size", I, ""),
+                    A("accuracy_level", I, "")])
+
+
+def _bwg_translate(x, codes, scale, lo, bias, in_features, bits, group):
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    ms = Opset(MS_DOMAIN, 1)
+    out_f, n_groups = int(scale.shape[0]), int(scale.shape[1])
+    b = op.Reshape(codes, op.Constant(value_ints=[out_f, n_groups, group * bits // 8]))
+    s = op.CastLike(scale, x)
+    zp = op.Neg(op.Div(op.CastLike(lo, x), s))  # (q - zp) * s == lo + s * q
+    y = ms.MatMulNBits(x, b, s, zp, K=in_features, N=out_f, bits=bits, block_size=group, accuracy_level=0)
+    return op.Add(y, op.CastLike(bias, x)) if int(bias.shape[0]) > 0 else y
+
+
 LOWERINGS: dict[str, OnnxLowering] = {
     "edgetk::codebook_gemm": OnnxLowering(_cbg_translate, _cbg_schema, _cbg_function),
+    "edgetk::blockwise_gemm": OnnxLowering(_bwg_translate, _mnb_schema),
 }
 
 
@@ -156,6 +192,8 @@ LOWERINGS: dict[str, OnnxLowering] = {
 def _register_schema(qualname: str) -> None:
     import onnx
 
+    if LOWERINGS[qualname].schema is None:
+        return
     schema = LOWERINGS[qualname].schema()
     try:
         onnx.defs.get_schema(schema.name, DOMAIN_VERSION, schema.domain)
@@ -211,16 +249,68 @@ class OnnxExporter(Exporter):
         log.debug("torch.onnx: %s", captured.getvalue())
         model = prog.model_proto
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        for q in used:
+        functions = [q for q in used if LOWERINGS[q].function is not None]
+        for q in functions:
             model.functions.append(LOWERINGS[q].function(opset))
-        if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        if functions and not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        if any(n.domain == MS_DOMAIN for n in model.graph.node) and \
+                not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
         model.ir_version = min(model.ir_version, IR_VERSION)
         _strip_debug_info(model.graph)
+        refolded = _refold_matmulnbits(model)
+        if refolded:
+            log.debug("MatMulNBits scales back to fp16 in the file: %d bytes saved", refolded)
         path = root / "model.onnx"
         onnx.save_model(model, str(path))
+        native = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain == MS_DOMAIN})
         return {"file": "model.onnx", "onnx": {"opset": opset, "ir_version": model.ir_version,
-                                               "functions": [f"{f.domain}.{f.name}" for f in model.functions]}}
+                                               "functions": [f"{f.domain}.{f.name}" for f in model.functions],
+                                               "native_ops": native}}
+
+
+def _refold_matmulnbits(model) -> int:
+    """Undo the optimizer's folding of MatMulNBits' fp16 scale/lo into fp32 scale/zero-point initializers (it folds
+    tensors below 8192 elements, doubling their bytes): where the fp32 values provably come from fp16 ones, store
+    the fp16 tensors and recompute in the graph, exactly as before folding (onnxruntime folds that at load).
+    Returns the bytes saved."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    saved, new_nodes = 0, []
+    for node in model.graph.node:
+        if node.domain != MS_DOMAIN or node.op_type != "MatMulNBits" or len(node.input) < 4:
+            continue
+        s_name, z_name = node.input[2], node.input[3]
+        if s_name not in inits or z_name not in inits or inits[s_name].data_type != TensorProto.FLOAT \
+                or inits[z_name].data_type != TensorProto.FLOAT:
+            continue
+        s = numpy_helper.to_array(inits[s_name])
+        zp = numpy_helper.to_array(inits[z_name])
+        s16, lo16 = s.astype(np.float16), (-zp * s).astype(np.float16)
+        if not (np.array_equal(s16.astype(np.float32), s)
+                and np.array_equal(-(lo16.astype(np.float32) / s16.astype(np.float32)), zp)):
+            continue
+        base = node.name or s_name
+        for name, arr in ((f"{base}_scale_f16", s16), (f"{base}_lo_f16", lo16)):
+            model.graph.initializer.append(numpy_helper.from_array(arr, name))
+        new_nodes += [helper.make_node("Cast", [f"{base}_scale_f16"], [f"{base}_scale"], to=TensorProto.FLOAT),
+                      helper.make_node("Cast", [f"{base}_lo_f16"], [f"{base}_lo"], to=TensorProto.FLOAT),
+                      helper.make_node("Div", [f"{base}_lo", f"{base}_scale"], [f"{base}_lo_div"]),
+                      helper.make_node("Neg", [f"{base}_lo_div"], [f"{base}_zp"])]
+        node.input[2], node.input[3] = f"{base}_scale", f"{base}_zp"
+        saved += s.nbytes + zp.nbytes - s16.nbytes - lo16.nbytes
+    if new_nodes:
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used or i.name.endswith(("_scale_f16", "_lo_f16"))]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        nodes = new_nodes + list(model.graph.node)  # the new nodes read initializers only: topological order kept
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return saved
 
 
 def _strip_debug_info(graph) -> None:

@@ -35,7 +35,7 @@ import torch
 from edgetk.errors import UnsupportedOpError, require
 
 from . import EXPORTERS
-from .common import (CUSTOM_OPS, ExportConfig, Exporter, ExportPlan, TargetInfo, compare,
+from .common import (CUSTOM_OPS, ExportConfig, Exporter, ExportPlan, TargetInfo, _registered, compare,
                      register_custom_op, to_numpy_list)
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ class TvmExporter(Exporter):
         """Core-ATen decompositions (what TVM's importer runs; custom ops survive), plus DECOMPOSITIONS."""
         table = torch.export.default_decompositions()
         table.update(DECOMPOSITIONS)
+        table.update({c.overload: c.decomposition for c in CUSTOM_OPS.values()
+                      if c.formats.get(self.format) == "decompose" and _registered(c.qualname)})
         return ep.run_decompositions(table)
 
     def unsupported_reason(self, op: torch._ops.OpOverload) -> str | None:

@@ -124,6 +124,19 @@ def unpack_codes(packed: torch.Tensor, code_bits: int, n: int) -> torch.Tensor:
     return (bits << torch.arange(code_bits, dtype=torch.int64)).sum(-1)
 
 
+def unpack_codes_arith(packed: torch.Tensor, code_bits: int, n: int) -> torch.Tensor:
+    """unpack_codes with floor-division instead of shifts (shifts are not core ATen), traceable by every exporter:
+    int32 positions (TVM's importer types Python-int constants as int32 and rejects int64 x int32) and float
+    powers of two (TVM has no integer power); exact, the values stay below 2**16."""
+    if code_bits == 8:
+        return packed[..., :n].to(torch.int64)
+    bit = torch.arange(n * code_bits, dtype=torch.int32)
+    byte = packed.to(torch.float32)[..., (bit // 8).to(torch.int64)]
+    bits = torch.floor(byte / torch.pow(2.0, (bit % 8).to(torch.float32))).remainder(2.0)
+    weights = torch.pow(2.0, torch.arange(code_bits, dtype=torch.int32).to(torch.float32))
+    return (bits.reshape(*packed.shape[:-1], n, code_bits) * weights).sum(-1).to(torch.int64)
+
+
 # -- reference ------------------------------------------------------------------------------------
 def _split_input(x: torch.Tensor, perm: torch.Tensor, n_out: int, in_q: int, n_vec: int, vec_len: int):
     xp = x.index_select(-1, perm) if perm.numel() else x

@@ -82,3 +82,33 @@ def test_evopress_keeps_global_sparsity_and_never_loses_to_uniform(tiny4):
     assert all(b <= a for a, b in zip(kls, kls[1:]))  # elitist: the parent only improves
     m2 = loaded(tiny4, TINY_LLAMA.replace(num_layers=4))
     assert compress(m2, cfg, calib=calib)[0].totals["unit_sparsity"] == units  # seeded: reproducible
+
+
+def test_level_bank_rewrites_only_changed_units_and_matches_a_fresh_apply(tiny4):
+    from edgetk.compress.evopress import LevelBank
+    from edgetk.compress.prune import prunable_linears
+
+    model = copy.deepcopy(tiny4)
+    linears = prunable_linears(model, ("lm_head",))
+    bank = LevelBank(linears, {}, per_row=False)
+    a, b = [0.5, 0.3, 0.7, 0.5], [0.5, 0.4, 0.6, 0.5]
+    bank.apply(a)
+    bank.apply(b)
+    got = {n: l.weight.detach().clone() for n, l in linears.items()}
+    fresh_model = copy.deepcopy(tiny4)
+    fresh = LevelBank(prunable_linears(fresh_model, ("lm_head",)), {}, per_row=False)
+    fresh.apply(b)
+    for n, l in fresh.linears.items():
+        torch.testing.assert_close(got[n], l.weight.detach(), atol=0, rtol=0)
+    unit0 = [linears[n].weight for n in bank.units[bank.names[0]]]
+    with torch.no_grad():
+        for w in unit0:
+            w.fill_(7.0)
+    bank.set_unit(0, 0.5)  # same level as held: not rewritten
+    assert all(bool((w == 7.0).all()) for w in unit0)
+    bank.set_unit(0, 0.4)  # a new level: rewritten from the original weights
+    assert not any(bool((w == 7.0).any()) for w in unit0)
+    bank.set_unit(0, 0.5)
+    sparsity = [1 - sum((linears[n].weight != 0).sum().item() for n in bank.units[u])
+                / sum(linears[n].weight.numel() for n in bank.units[u]) for u in bank.names]
+    assert sparsity == pytest.approx(b, abs=0.01)

@@ -86,9 +86,13 @@ class LevelBank:
             dtype = torch.int16 if s.shape[-1] < 2 ** 15 else torch.int32
             self.rank[n] = s.argsort(-1).argsort(-1).to(dtype).view_as(self.orig[n])
         self.per_row = per_row
+        self.current: list[float | None] = [None] * len(self.names)  # level each unit's weights hold now
 
     @torch.no_grad()
     def set_unit(self, i: int, sparsity: float) -> None:
+        if self.current[i] == sparsity:
+            return
+        self.current[i] = sparsity
         for n in self.units[self.names[i]]:
             w = self.orig[n]
             count = w.shape[1] if self.per_row else w.numel()

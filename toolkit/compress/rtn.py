@@ -2,8 +2,10 @@
 
 Each output row is split into groups of `group` input columns; a group stores `bits`-bit codes and an
 fp16 (scale, minimum) pair (asymmetric min-max): w ≈ lo + scale * q, q in [0, 2**bits). Storage per weight:
-bits + 32 / group (2-bit g64: 2.5 bpw, g32: 3.0 bpw). `RTNLinear` keeps the packed codes; its forward
-de-quantizes the weight (a baseline, not a deployment kernel).
+bits + 32 / group (2-bit g64: 2.5 bpw, g32: 3.0 bpw). `RTNLinear` keeps the packed codes (layout:
+kernels/blockwise_gemm.py). For bits 2/4 with power-of-two groups its forward is the custom op
+`edgetk::blockwise_gemm`, which the ONNX exporter writes as onnxruntime's native `com.microsoft.MatMulNBits`
+(ExecuTorch and TVM take its core-ATen decomposition); other formats de-quantize in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetk.kernels.codebook_gemm import pack_codes, unpack_codes
+from edgetk.kernels import blockwise_gemm as bwg
+from edgetk.kernels.codebook_gemm import pack_codes
 
 from ..compressed import MODULE_TYPES, ModuleType
 from ..config import Config, check, config
@@ -71,11 +74,12 @@ class RTNLinear(nn.Module):
         return m
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_codes(self.codes, self.bits, self.n_groups * self.group).view(self.out_features, self.n_groups, -1)
-        w = self.lo.float()[..., None] + self.scale.float()[..., None] * q.float()
-        return w.view(self.out_features, -1)[:, :self.in_features]
+        return bwg.dequantize(self.codes, self.scale, self.lo, self.in_features, self.bits, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bwg.native_onnx(self.bits, self.group):
+            return torch.ops.edgetk.blockwise_gemm(x, self.codes, self.scale, self.lo, self.bias, self.in_features,
+                                                   self.bits, self.group)
         b = self.bias.to(x.dtype) if self.bias.numel() else None
         return F.linear(x, self.dequantize().to(x.dtype), b)
 
