@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-nodes", type=int, default=24)
+    ap.add_argument("--max-nodes", type=int, default=4)
     ap.add_argument("--kv", default=None, help="KV-cache preset (default: fp cache)")
     ap.add_argument("--cold", action="store_true")
     a = ap.parse_args(argv)

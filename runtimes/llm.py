@@ -31,6 +31,7 @@ import torch
 
 from edgetk.artifact import Artifact
 from edgetk.errors import ArtifactError, ConfigError, DataError, EdgetkError, ModelLoadError
+from edgetk.kernels import few_rows_linear as few_rows
 from edgetk.models import LlamaForCausalLM, LoadedModel, Tokenizer, load
 from edgetk.registry import Registry
 
@@ -110,12 +111,16 @@ class EagerDecoder:
             factory = kvc.cache_factory(kv_cache, calib, extra_slots)
         model.setup_cache(1, max_seq_len, cache_factory=factory)
         self.vocab = model.cfg.vocab_size
+        self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
 
     @torch.inference_mode()
     def forward(self, tokens, start: int, attn_mask=None, rope_pos=None) -> torch.Tensor:
         """Logits [T, V] of `tokens` written at slots start..start+T-1."""
         t = torch.as_tensor(tokens, dtype=torch.long).flatten()
         pos = torch.arange(start, start + t.numel())
+        if 2 <= t.numel() <= few_rows.MAX_ROWS:  # draft trees: stream each weight once (kernels/few_rows_linear.py)
+            with few_rows.few_rows_linears(self.linears):
+                return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
         return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
 
     def tree_mask(self, length: int, ancestors: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,9 @@ _RANK_P = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013)
 class SpecConfig(Config):
     method: str = "recycling"
     top_k: int = 8  # successors kept per token
-    max_nodes: int = 24  # draft nodes in the tree (the root excluded)
+    # draft nodes in the tree (the root excluded). 4 on CPU: a 5-token step costs about one token's step there
+    # (kernels/few_rows_linear.py) while bigger trees cost more than they add (benchmarks/spec.py; 24 suits GPUs)
+    max_nodes: int = 4
     max_depth: int = 6
     template: tuple = ()  # explicit tree: rank paths like ((0,), (1,), (0, 0)); empty = built from the above
     persist: bool = True  # keep the drafter's tables across generations of one LLM (they only get better)
