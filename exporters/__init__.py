@@ -82,7 +82,7 @@ def build_plan(loaded: Any, example_inputs: Sequence[torch.Tensor] | None, cfg: 
     from .decoder import decoder_plan
 
     if example_inputs is None and loaded.kind == "decoder":
-        return decoder_plan(loaded, cfg, exporter.cache_mode)
+        return decoder_plan(loaded, cfg, exporter.cache_mode, exporter.tied_head_as_left_operand)
     if example_inputs is None and loaded.kind == "encoder":
         example_inputs = _encoder_inputs(loaded, cfg.encoder_seq_len)
     if example_inputs is None:

@@ -225,6 +225,7 @@ class Exporter(ABC):
     cache_mode: str = "explicit"   # decoders: "explicit" (caches as graph inputs/outputs) or "mutable"
     dynamic_shapes: str = "any"    # "any" | "bounded" (every dynamic dim needs a max) | "none"
     extra: str = ""                # pip extra that installs the backend
+    tied_head_as_left_operand: bool = False  # decoders: tied lm_head as (E · hᵀ)ᵀ (see exporters/decoder.py)
 
     @abstractmethod
     def require(self) -> None:

@@ -66,16 +66,23 @@ def cache_installed(model: nn.Module, max_seq_len: int, factory: Callable | None
 class DecoderStep(nn.Module):
     """Pure decode step with the KV caches as explicit inputs/outputs (install StepKVCache first)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tied_head_as_left_operand: bool = False):
         super().__init__()
         self.model = model
+        # tied embeddings: logits = (E · hᵀ)ᵀ reads the embedding matrix E as it is, so a format that folds the
+        # transpose of x · Eᵀ into a constant (TVM's FoldConstant) does not store E twice
+        self.head_left = tied_head_as_left_operand and model.lm_head.weight is model.model.embed_tokens.weight
 
     def forward(self, tokens, input_pos, k_cache, v_cache):
         layers = self.model.model.layers
         for i, layer in enumerate(layers):
             c = layer.self_attn.kv_cache
             c.k, c.v = k_cache[i], v_cache[i]
-        logits = self.model(tokens, input_pos)
+        if self.head_left:
+            h = self.model.hidden_states(tokens, input_pos)  # [1, T, D]
+            logits = torch.matmul(self.model.lm_head.weight, h[0].transpose(0, 1)).transpose(0, 1)[None]
+        else:
+            logits = self.model(tokens, input_pos)
         new_k = torch.stack([l.self_attn.kv_cache.new_k for l in layers])
         new_v = torch.stack([l.self_attn.kv_cache.new_v for l in layers])
         return logits, new_k, new_v
@@ -96,7 +103,7 @@ def cache_shape(cfg: Any, max_seq_len: int) -> list[int]:
     return [cfg.num_layers, 1, cfg.num_kv_heads, max_seq_len, cfg.head_dim]
 
 
-def decoder_plan(loaded: Any, cfg: ExportConfig, mode: str) -> ExportPlan:
+def decoder_plan(loaded: Any, cfg: ExportConfig, mode: str, tied_head_as_left_operand: bool = False) -> ExportPlan:
     """The step wrapper and its example inputs. The caller installs the cache (`cache_installed`)."""
     model = loaded.model
     mcfg = getattr(model, "cfg", None)
@@ -114,7 +121,8 @@ def decoder_plan(loaded: Any, cfg: ExportConfig, mode: str) -> ExportPlan:
             "vocab_size": mcfg.vocab_size, "cache_shape": shape, "cache_dtype": "float32"}
     if mode == "explicit":
         z = torch.zeros(shape)
-        return ExportPlan(DecoderStep(model), (tokens, pos, z, z.clone()), list(EXPLICIT_INPUTS),
+        return ExportPlan(DecoderStep(model, tied_head_as_left_operand), (tokens, pos, z, z.clone()),
+                          list(EXPLICIT_INPUTS),
                           list(EXPLICIT_OUTPUTS), kind="decoder", decoder=meta, source=loaded)
     return ExportPlan(DecoderMutable(model), (tokens, pos), ["tokens", "input_pos"], ["logits"],
                       kind="decoder", decoder=meta, source=loaded)

@@ -223,9 +223,13 @@ def _constants_report(mod) -> dict[str, Any]:
     from tvm import relax
 
     sizes: list[tuple[int, list[int], str]] = []
+    seen: list = []  # a constant used twice (a tied embedding) is stored once
 
     def visit(e):
         if isinstance(e, tvm.ir.expr.Constant) and hasattr(getattr(e, "value", None), "shape"):
+            if any(e.same_as(o) for o in seen):
+                return
+            seen.append(e)
             arr = e.value
             shape = [int(d) for d in arr.shape]
             sizes.append((int(np.prod(shape, dtype=np.int64)) * np.dtype(str(arr.dtype)).itemsize, shape,
@@ -276,6 +280,7 @@ class TvmExporter(Exporter):
     cache_mode = "explicit"
     dynamic_shapes = "none"   # every PrimFunc (edgetk kernels included) is specialised to static shapes
     extra = "tvm"
+    tied_head_as_left_operand = True  # else FoldConstant stores a transposed copy of a tied embedding
 
     def require(self) -> None:
         require("tvm", self.extra)

@@ -93,6 +93,9 @@ def test_host_golden_decode_and_manifest(jetson):
     assert m["parity"]["max_abs"] <= m["parity"]["atol"] + m["parity"]["rtol"] * 10  # logits are O(1-10)
     assert m["compression"]["custom_ops"]["edgetk::codebook_gemm"] == {"count": 14, "lowering": "kernel"}
     assert set(m["tvm"]["builds"]) == {"host", "aarch64-linux-gnu", "cuda-sm_87"}
+    # the tied embedding/lm_head matrix is one constant (not also a folded transposed copy)
+    shapes = [c["shape"] for c in m["tvm"]["builds"]["host"]["constants"]["largest_float"]]
+    assert shapes.count([CFG.vocab_size, CFG.hidden_size]) == 1 and [CFG.hidden_size, CFG.vocab_size] not in shapes
 
 
 def test_session_matches_eager_on_fresh_inputs(jetson):
