@@ -32,6 +32,7 @@ import torch
 
 from edgetk.config import Config, check, config
 from edgetk.errors import ConfigError, ParityError, UnsupportedOpError
+from edgetk.kernels.blockwise_gemm import blockwise_gemm_reference
 from edgetk.kernels.codebook_gemm import epilogue, unpack_codes_arith
 
 log = logging.getLogger(__name__)
@@ -164,19 +165,12 @@ def codebook_gemm_decomposed(x, codes, codebooks, perm, outlier_w, scale, bias, 
     return epilogue(y, x_out, outlier_w, scale, bias).reshape(*lead, out_f)
 
 
-def blockwise_gemm_decomposed(x, codes, scale, lo, bias, in_features: int, bits: int, group: int) -> torch.Tensor:
-    """edgetk::blockwise_gemm in functional ATen: the kernels/ reference itself (arithmetic unpack, de-quantize,
-    linear) already is one."""
-    from edgetk.kernels.blockwise_gemm import blockwise_gemm_reference
-
-    return blockwise_gemm_reference(x, codes, scale, lo, bias, in_features, bits, group)
-
 
 CUSTOM_OPS: dict[str, CustomOp] = {
     "edgetk::codebook_gemm": CustomOp("edgetk::codebook_gemm", codebook_gemm_decomposed,
                                       {"onnx": "function", "executorch": "decompose"}),
-    # onnx: onnxruntime's native com.microsoft.MatMulNBits (exporters/onnx.py)
-    "edgetk::blockwise_gemm": CustomOp("edgetk::blockwise_gemm", blockwise_gemm_decomposed,
+    # onnx: onnxruntime's native com.microsoft.MatMulNBits (exporters/onnx.py); the reference is functional ATen
+    "edgetk::blockwise_gemm": CustomOp("edgetk::blockwise_gemm", blockwise_gemm_reference,
                                        {"onnx": "kernel", "executorch": "decompose", "tvm": "decompose"}),
 }
 

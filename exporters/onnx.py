@@ -14,7 +14,7 @@ cannot fold through the unknown node, the body is attached after it ran).
 its [N, n_blocks, blob] layout, float zero point -lo/scale, both computed from the stored fp16 tensors in the
 graph), + Add(bias): a native kernel, so no edgetk-domain node or body.
 
-Adding an op = one entry in LOWERINGS (translation, plus schema + function builder for edgetk-domain nodes).
+Adding an op = one entry in LOWERINGS (translation + schema, plus a function builder for edgetk-domain nodes).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31 reads at most 13
 @dataclass(frozen=True)
 class OnnxLowering:
     translate: Callable[..., Any]                 # custom_translation_table entry (onnxscript)
-    schema: Callable[[], Any] | None = None       # -> onnx.defs.OpSchema for the edgetk-domain node
+    schema: Callable[[], Any]                     # -> onnx.defs.OpSchema of the node (onnxscript needs one to emit it)
     function: Callable[[int], Any] | None = None  # opset -> onnx.FunctionProto (body in standard ops)
 
 
@@ -192,8 +192,6 @@ LOWERINGS: dict[str, OnnxLowering] = {
 def _register_schema(qualname: str) -> None:
     import onnx
 
-    if LOWERINGS[qualname].schema is None:
-        return
     schema = LOWERINGS[qualname].schema()
     try:
         onnx.defs.get_schema(schema.name, DOMAIN_VERSION, schema.domain)
@@ -303,13 +301,13 @@ def _refold_matmulnbits(model) -> int:
         node.input[2], node.input[3] = f"{base}_scale", f"{base}_zp"
         saved += s.nbytes + zp.nbytes - s16.nbytes - lo16.nbytes
     if new_nodes:
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [i for i in model.graph.initializer if i.name in used or i.name.endswith(("_scale_f16", "_lo_f16"))]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
         nodes = new_nodes + list(model.graph.node)  # the new nodes read initializers only: topological order kept
+        used = {i for n in nodes for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
     return saved
 
 

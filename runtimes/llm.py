@@ -21,6 +21,7 @@ Documented behaviour for edge cases:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -118,10 +119,10 @@ class EagerDecoder:
         """Logits [T, V] of `tokens` written at slots start..start+T-1."""
         t = torch.as_tensor(tokens, dtype=torch.long).flatten()
         pos = torch.arange(start, start + t.numel())
-        if 2 <= t.numel() <= few_rows.MAX_ROWS:  # draft trees: stream each weight once (kernels/few_rows_linear.py)
-            with few_rows.few_rows_linears(self.linears):
-                return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
-        return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
+        # draft trees: stream each weight once (kernels/few_rows_linear.py)
+        few = 2 <= t.numel() <= few_rows.MAX_ROWS
+        with few_rows.few_rows_linears(self.linears) if few else contextlib.nullcontext():
+            return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
 
     def tree_mask(self, length: int, ancestors: torch.Tensor) -> torch.Tensor:
         t = ancestors.shape[0]

@@ -9,7 +9,7 @@ from torch import nn
 
 import edgetk
 from edgetk.compress.rtn import RTNLinear
-from edgetk.exporters.common import blockwise_gemm_decomposed
+from edgetk.exporters.common import CUSTOM_OPS
 from edgetk.kernels import blockwise_gemm as bwg
 from edgetk.runtimes import Session
 
@@ -43,7 +43,8 @@ def test_reference_and_decomposition_match_dense(name):
     args = (m.codes, m.scale, m.lo, m.bias, in_f, bits, group)
     dense = torch.nn.functional.linear(x, m.dequantize(), m.bias.float() if bias else None)
     torch.testing.assert_close(bwg.blockwise_gemm_reference(x, *args), dense)
-    torch.testing.assert_close(blockwise_gemm_decomposed(x, *args), dense, atol=1e-5, rtol=1e-5)
+    decomposed = CUSTOM_OPS["edgetk::blockwise_gemm"].decomposition
+    torch.testing.assert_close(decomposed(x, *args), dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m(x), dense)
 
 

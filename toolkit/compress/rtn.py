@@ -80,8 +80,8 @@ class RTNLinear(nn.Module):
         if bwg.native_onnx(self.bits, self.group):
             return torch.ops.edgetk.blockwise_gemm(x, self.codes, self.scale, self.lo, self.bias, self.in_features,
                                                    self.bits, self.group)
-        b = self.bias.to(x.dtype) if self.bias.numel() else None
-        return F.linear(x, self.dequantize().to(x.dtype), b)
+        return bwg.blockwise_gemm_reference(x, self.codes, self.scale, self.lo, self.bias, self.in_features,
+                                            self.bits, self.group)
 
     def storage_bits(self) -> int:
         return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
