@@ -69,20 +69,14 @@ class DecoderStep(nn.Module):
     def __init__(self, model: nn.Module, tied_head_as_left_operand: bool = False):
         super().__init__()
         self.model = model
-        # tied embeddings: logits = (E · hᵀ)ᵀ reads the embedding matrix E as it is, so a format that folds the
-        # transpose of x · Eᵀ into a constant (TVM's FoldConstant) does not store E twice
-        self.head_left = tied_head_as_left_operand and model.lm_head.weight is model.model.embed_tokens.weight
+        self.head_left = _tied(model, tied_head_as_left_operand)
 
     def forward(self, tokens, input_pos, k_cache, v_cache):
         layers = self.model.model.layers
         for i, layer in enumerate(layers):
             c = layer.self_attn.kv_cache
             c.k, c.v = k_cache[i], v_cache[i]
-        if self.head_left:
-            h = self.model.hidden_states(tokens, input_pos)  # [1, T, D]
-            logits = torch.matmul(self.model.lm_head.weight, h[0].transpose(0, 1)).transpose(0, 1)[None]
-        else:
-            logits = self.model(tokens, input_pos)
+        logits = _logits(self.model, tokens, input_pos, self.head_left)
         new_k = torch.stack([l.self_attn.kv_cache.new_k for l in layers])
         new_v = torch.stack([l.self_attn.kv_cache.new_v for l in layers])
         return logits, new_k, new_v
@@ -91,12 +85,27 @@ class DecoderStep(nn.Module):
 class DecoderMutable(nn.Module):
     """Decode step over the model's own (mutable) cache buffers."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tied_head_as_left_operand: bool = False):
         super().__init__()
         self.model = model
+        self.head_left = _tied(model, tied_head_as_left_operand)
 
     def forward(self, tokens, input_pos):
-        return self.model(tokens, input_pos)
+        return _logits(self.model, tokens, input_pos, self.head_left)
+
+
+def _tied(model: nn.Module, tied_head_as_left_operand: bool) -> bool:
+    """Tied embeddings: logits = (E · hᵀ)ᵀ reads the embedding matrix E as it is, so a format that folds the
+    transpose of x · Eᵀ into a constant (TVM's FoldConstant) or hands the head's weight to a backend that keeps
+    its own copy (ExecuTorch's XNNPACK delegate) does not store E twice."""
+    return tied_head_as_left_operand and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _logits(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, head_left: bool) -> torch.Tensor:
+    if not head_left:
+        return model(tokens, input_pos)
+    h = model.hidden_states(tokens, input_pos)  # [1, T, D]
+    return torch.matmul(model.lm_head.weight, h[0].transpose(0, 1)).transpose(0, 1)[None]
 
 
 def cache_shape(cfg: Any, max_seq_len: int) -> list[int]:
@@ -124,8 +133,8 @@ def decoder_plan(loaded: Any, cfg: ExportConfig, mode: str, tied_head_as_left_op
         return ExportPlan(DecoderStep(model, tied_head_as_left_operand), (tokens, pos, z, z.clone()),
                           list(EXPLICIT_INPUTS),
                           list(EXPLICIT_OUTPUTS), kind="decoder", decoder=meta, source=loaded)
-    return ExportPlan(DecoderMutable(model), (tokens, pos), ["tokens", "input_pos"], ["logits"],
-                      kind="decoder", decoder=meta, source=loaded)
+    return ExportPlan(DecoderMutable(model, tied_head_as_left_operand), (tokens, pos), ["tokens", "input_pos"],
+                      ["logits"], kind="decoder", decoder=meta, source=loaded)
 
 
 def cache_factory(mode: str) -> Callable | None:

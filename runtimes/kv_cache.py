@@ -65,7 +65,12 @@ class KVCacheConfig(Config):
 PRESETS = {
     # non-uniform levels halve kv4's perplexity gap at no memory cost; sparse outliers (which need a smaller
     # fp window to stay >= 3.5x smaller than fp16) made it worse (benchmarks/kv_quality.py, 4 windows:
-    # uniform +0.42, nuq +0.20, nuq + 0.2 % outliers / fp window 8 +0.35)
+    # uniform +0.42, nuq +0.20, nuq + 0.2 % outliers / fp window 8 +0.35).
+    # Where kv4's remaining gap comes from (fake-quant study, 4 windows, KL to the fp cache): values
+    # per token ~0.006, keys with calibrated per-channel ranges ~0.011; keys with per-block ranges
+    # ("kv4-block") ~0.002, but per-block fp16 statistics plus the fp staging of a block cost at best
+    # 3.18x at context 2048 (key_group 32-64, fp_window 0), and statistics coded on a 4-bit grid of the
+    # calibrated range give back most of the gain (~0.006); position-bucketed calibrated ranges overfit.
     "kv4": KVCacheConfig(bits=4, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq"),
     "kv3": KVCacheConfig(bits=3, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq"),
     "kv2": KVCacheConfig(bits=2, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq",
