@@ -52,6 +52,12 @@ def _model(name: str):
     from edgetk.models import load
 
     lm = load(name)
+    manifest = os.path.join(name, "manifest.json")
+    if os.path.isfile(manifest):  # a compressed artifact: its fp32 original's size, not the fp tensors left over
+        with open(manifest) as f:
+            params = json.load(f).get("params")
+        if params:
+            return lm, None, int(params) * 4
     return lm, None, sum(p.numel() for p in lm.model.parameters()) * 4
 
 
