@@ -52,22 +52,24 @@ def _model(name: str):
     from edgetk.models import load
 
     lm = load(name)
-    manifest = os.path.join(name, "manifest.json")
-    if os.path.isfile(manifest):  # a compressed artifact: its fp32 original's size, not the fp tensors left over
-        with open(manifest) as f:
-            params = json.load(f).get("params")
-        if params:
-            return lm, None, int(params) * 4
+    params = _artifact_manifest(name).get("params")  # a compressed artifact: its fp32 original's size,
+    if params:                                        # not the fp tensors left in it
+        return lm, None, int(params) * 4
     return lm, None, sum(p.numel() for p in lm.model.parameters()) * 4
 
 
-def _accounting_bytes(name: str) -> int | None:
-    """A compressed artifact directory (edgetk compress -o DIR): the bytes its bits-per-weight accounting gives."""
+def _artifact_manifest(name: str) -> dict:
+    """The manifest of a compressed artifact directory (edgetk compress -o DIR); {} for a zoo name."""
     manifest = os.path.join(name, "manifest.json")
     if not os.path.isfile(manifest):
-        return None
+        return {}
     with open(manifest) as f:
-        return json.load(f).get("model_bytes")
+        return json.load(f)
+
+
+def _accounting_bytes(name: str) -> int | None:
+    """A compressed artifact: the bytes its bits-per-weight accounting gives."""
+    return _artifact_manifest(name).get("model_bytes")
 
 
 def _vq_mlp(d: int, hidden: int, bits: int = 2, vec_len: int = 4):

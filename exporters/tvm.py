@@ -223,13 +223,13 @@ def _constants_report(mod) -> dict[str, Any]:
     from tvm import relax
 
     sizes: list[tuple[int, list[int], str]] = []
-    seen: list = []  # a constant used twice (a tied embedding) is stored once
+    seen: set = set()  # a constant used twice (a tied embedding) is stored once; TVM objects hash by identity
 
     def visit(e):
         if isinstance(e, tvm.ir.expr.Constant) and hasattr(getattr(e, "value", None), "shape"):
-            if any(e.same_as(o) for o in seen):
+            if e in seen:
                 return
-            seen.append(e)
+            seen.add(e)
             arr = e.value
             shape = [int(d) for d in arr.shape]
             sizes.append((int(np.prod(shape, dtype=np.int64)) * np.dtype(str(arr.dtype)).itemsize, shape,
