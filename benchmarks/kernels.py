@@ -11,8 +11,9 @@ Cases (one JSON line each, then a table):
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
 * `prefill`: 64 tokens through the prefill kernel vs `F.linear` (one weight, compute bound).
-* `kv_attention`: 4-bit cache, context 2048, one query, smollm2 heads (3 KV / 9 query heads, D 64) vs
-  `scaled_dot_product_attention` over an fp32 cache; cache bytes vs an fp16 cache.
+* `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
+  query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache;
+  cache bytes vs an fp16 cache.
 Timings: median and p90 over `--reps` passes over the weight set (per call). The machine may be shared.
 """
 from __future__ import annotations
@@ -166,24 +167,24 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
             "linear_fp32_us": lin, "x_vs_linear": lin["median_us"] / ours["median_us"]}
 
 
-def kv_case(threads: int, reps: int, ctx: int = 2048) -> dict:
+def kv_case(threads: int, reps: int, ctx: int = 2048, kbits: int = 4, vbits: int = 4) -> dict:
     torch.set_num_threads(threads)
     H, Hq, D, fp_cap = 3, 9, 64, 32
     g = torch.Generator().manual_seed(0)
     n_fp = 16
     n_q = ctx - n_fp
     q = torch.randn(1, Hq, 1, D, generator=g)
-    kc = torch.randint(0, 256, (1, H, ctx, D // 2), generator=g, dtype=torch.uint8)
-    vc = torch.randint(0, 256, (1, H, ctx, D // 2), generator=g, dtype=torch.uint8)
+    kc = torch.randint(0, 256, (1, H, ctx, D * kbits // 8), generator=g, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (1, H, ctx, D * vbits // 8), generator=g, dtype=torch.uint8)
     km = (torch.rand(1, H, 1, 2, D, generator=g) + 0.1).half()
     vm = (torch.rand(1, H, ctx, 2, 1, generator=g) + 0.1).half()
-    lev = torch.linspace(-1, 1, 16).repeat(2, 1)
+    lev = torch.linspace(-1, 1, 1 << max(kbits, vbits)).repeat(2, 1)
     fp = torch.randn(2, 1, H, fp_cap, D, generator=g).half()
     ang = torch.arange(ctx)[:, None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))
     ang = torch.cat([ang, ang], 1)
     e = torch.empty(0).half()
     args = (q, kc, km, vc, vm, lev, fp, torch.empty(0, dtype=torch.int32), e, e, e, ang.cos(), ang.sin(),
-            torch.ones(1, ctx, dtype=torch.bool), n_q, n_fp, 16, 64, 4)
+            torch.ones(1, ctx, dtype=torch.bool), n_q, n_fp, 16, 64, kbits, vbits)
     ours = timed_cycles(lambda _: kvf.kv_attention_llvm(*args), [0] * 10, reps)
     err = (kvf.kv_attention_llvm(*args) - kva.kv_attention_reference(*args)).abs().max().item()
     k32, v32 = torch.randn(1, Hq, ctx, D), torch.randn(1, Hq, ctx, D)  # fp32 cache (GQA heads expanded)
@@ -192,7 +193,8 @@ def kv_case(threads: int, reps: int, ctx: int = 2048) -> dict:
     sdpa_gqa = timed_cycles(lambda _: F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True), [0] * 10, reps)
     cache = sum(t.numel() * t.element_size() for t in (kc, km, vc, vm, fp))
     fp16 = 2 * H * ctx * D * 2
-    return {"case": "kv_attention", "bits": 4, "context": ctx, "threads": threads, "edgetk_us": ours,
+    return {"case": "kv_attention", "bits": (kbits + vbits) / 2, "key_bits": kbits, "value_bits": vbits,
+            "context": ctx, "threads": threads, "edgetk_us": ours,
             "sdpa_fp32_us": sdpa, "sdpa_fp32_gqa_us": sdpa_gqa, "x_vs_sdpa": sdpa["median_us"] / ours["median_us"],
             "x_vs_sdpa_gqa": sdpa_gqa["median_us"] / ours["median_us"], "cache_bytes": cache,
             "fp16_cache_bytes": fp16, "mem_x_vs_fp16": fp16 / cache, "max_abs_err_vs_reference": err}
@@ -212,7 +214,8 @@ def row(r: dict) -> str:
     if c == "prefill":
         return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us  linear "
                 f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}")
-    return (f"kv_attention ctx={r['context']} t={r['threads']}  edgetk {med:.1f} us  "
+    return (f"kv_attention K{r['key_bits']}V{r['value_bits']} ctx={r['context']} t={r['threads']}  "
+            f"edgetk {med:.1f} us  "
             f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "
             f"x_sdpa {r['x_vs_sdpa']:.2f}  "
             f"mem x{r['mem_x_vs_fp16']:.2f} vs fp16")
@@ -236,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in (1, 2):
             results.append(prefill_case(out, inf, t, args.reps))
             print(json.dumps(results[-1]), flush=True)
-    for t in (1, 2):
-        results.append(kv_case(t, args.reps))
-        print(json.dumps(results[-1]), flush=True)
+    for kb, vb in ((4, 4), (5, 3)):  # 5/3: the kv4 preset's widths (codes straddle bytes)
+        for t in (1, 2):
+            results.append(kv_case(t, args.reps, kbits=kb, vbits=vb))
+            print(json.dumps(results[-1]), flush=True)
     for r in bw.values():
         print(json.dumps(r))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

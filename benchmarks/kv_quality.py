@@ -5,7 +5,9 @@
 How perplexity is measured: non-overlapping 512-token windows of the evaluation text (Lee news); each
 window is fed through the decoder in chunks of `--chunk` tokens at their positions, so the queries of
 every chunk attend to all earlier tokens as the cache stores them (quantized once they leave the fp
-window); all 511 predictions per window are scored. The fp row uses edgetk's dense fp32 cache the same way.
+window) and to their own chunk exactly (a chunk is attended before it is quantized into the cache, as a
+prefill is; `QuantKVCache.attend`); all 511 predictions per window are scored. The fp row uses edgetk's
+dense fp32 cache the same way.
 Memory: bytes of every cache buffer (codes, statistics, sparse entries, low-rank terms, fp region) at
 context 2048 for smollm2-135m's geometry (30 layers x 3 KV heads x 64), against an fp16 dense cache;
 no draft room for speculative decoding is reserved (LLM.load adds the draft tree's slots to the fp region).
@@ -21,9 +23,9 @@ import torch
 
 
 def cache_bytes_2048(cfg, layers: int, heads: int, head_dim: int, extra: int = 0) -> int:
-    from edgetk.runtimes.kv_cache import LayerCalibration, QuantKVCache
+    from edgetk.runtimes.kv_cache import LayerCalibration, QuantKVCache, default_levels
 
-    calib = LayerCalibration(torch.ones(heads, 2, head_dim), torch.linspace(-1, 1, 2 ** cfg.bits).repeat(2, 1))
+    calib = LayerCalibration(torch.ones(heads, 2, head_dim), default_levels(cfg))
     return layers * QuantKVCache(cfg, 1, heads, 2048, head_dim, calib, extra).nbytes
 
 
@@ -57,17 +59,19 @@ def main(argv=None) -> list[dict]:
             calib = calibrate(lm.model, calibration_windows(lm.tokenizer, cfg.calib_windows, cfg.calib_seq_len), cfg)
         r = cached_perplexity(lm.model, wins, cache_factory(cfg, calib), a.chunk)
         b = cache_bytes_2048(cfg, c.num_layers, c.num_kv_heads, c.head_dim)
-        rows.append({"case": name, "bits": cfg.bits, "perplexity": r["perplexity"],
+        rows.append({"case": name, "bits": cfg.bits, "key_bits": cfg.kbits, "value_bits": cfg.vbits,
+                     "perplexity": r["perplexity"],
                      "delta_ppl": r["perplexity"] - fp["perplexity"], "bytes_2048": b,
                      "x_smaller_than_fp16": fp16_2048 / b, "seconds": time.perf_counter() - t0,
                      "config": cfg.to_dict()})
     for r in rows:
         print(json.dumps({"bench": "kv_quality", "model": a.model, "windows": int(wins.shape[0]), "window": 512,
                           "chunk": a.chunk, "scoring": "all", **r}, sort_keys=True))
-    print(f"\n{'case':<12} {'ppl':>8} {'delta':>8} {'MiB@2048':>9} {'x vs fp16':>9}")
+    print(f"\n{'case':<12} {'K/V bits':>8} {'ppl':>8} {'delta':>8} {'MiB@2048':>9} {'x vs fp16':>9}")
     for r in rows:
-        print(f"{r['case']:<12} {r['perplexity']:>8.3f} {r['delta_ppl']:>+8.3f} {r['bytes_2048'] / 2**20:>9.2f} "
-              f"{r['x_smaller_than_fp16']:>9.2f}")
+        kv = f"{r['key_bits']}/{r['value_bits']}" if "key_bits" in r else "fp"
+        print(f"{r['case']:<12} {kv:>8} {r['perplexity']:>8.3f} {r['delta_ppl']:>+8.3f} "
+              f"{r['bytes_2048'] / 2**20:>9.2f} {r['x_smaller_than_fp16']:>9.2f}")
     return rows
 
 

@@ -2,13 +2,14 @@
 
 Packed cache layout (THE contract; fast kernels implement exactly this). Per decoder layer:
 B = batch, H = KV heads, Hq = query heads (GQA: query head h reads KV head h // (Hq // H)),
-T = new queries, S = cache slots (max_seq_len), D = head_dim, b = bits (2, 3 or 4), L = 2**b.
+T = new queries, S = cache slots (max_seq_len), D = head_dim, b = code width of keys (`key_bits`) or of
+values (`value_bits`), 2..8 each, L = 2**max(key_bits, value_bits).
 
 Slots [0, n_q) are quantized; slots [n_q, n_q + n_fp) are the fp region (recent tokens, fp16);
 slots >= n_q + n_fp are never read. Slot p holds the token at position p (RoPE angle of row p).
 
 * `q`        float32 [B, Hq, T, D]: queries, RoPE already applied.
-* `k_codes`  uint8 [B, H, S, P], P = ceil(D*b/8): the D key codes of slot p as ONE little-endian bit
+* `k_codes`  uint8 [B, H, S, P], P = ceil(D*key_bits/8): the D key codes of slot p as ONE little-endian bit
              stream (code of channel d at bits [d*b, (d+1)*b) of the row; byte i holds bits 8i..8i+7,
              least significant bit first) = `edgetk.kernels.codebook_gemm.pack_codes(codes, b)`.
              For b=4: byte i = code(2i) | code(2i+1) << 4. For b=2: byte i = c(4i) | c(4i+1)<<2 | ...
@@ -17,10 +18,11 @@ slots >= n_q + n_fp are never read. Slot p holds the token at position p (RoPE a
              slots, BEFORE RoPE. [..., j, 0, d] = scale (half range), [..., j, 1, d] = zero (midpoint)
              of block j. Block of slot p: j = min(p // key_group, NBk - 1) (NBk = 1 means one set of
              per-channel statistics, e.g. calibrated offline, shared by every slot).
-* `v_codes`  uint8 [B, H, S, P]: value codes, same packing as keys.
+* `v_codes`  uint8 [B, H, S, Pv], Pv = ceil(D*value_bits/8): value codes, same packing as keys.
 * `v_meta`   float16 [B, H, S, 2, D // value_group]: values are quantized PER TOKEN in groups of
              `value_group` channels; [..., p, 0, g] = scale, [..., p, 1, g] = zero of slot p, group g.
-* `levels`   float32 [2, L]: level of each code in normalised space [-1, 1]; row 0 keys, row 1 values.
+* `levels`   float32 [2, L]: level of each code in normalised space [-1, 1]; row 0 keys (first 2**key_bits
+             entries used), row 1 values (first 2**value_bits used); the rest of a row is padding.
              Uniform quantization = torch.linspace(-1, 1, L); non-uniform levels are fit on calibration
              data (KVQuant's nuq). Dequantized:  k̂[p, d] = levels[0, code] * scale + zero   (same for v̂).
 * `kv_fp`    float16 [2, B, H, C, D]: the fp region, C >= n_fp; [0, ..., i, :] = pre-RoPE key of slot
@@ -28,6 +30,8 @@ slots >= n_q + n_fp are never read. Slot p holds the token at position p (RoPE a
 * `out_idx`  int32 [2, B, H, N] and `out_val` float16 [2, B, H, N]: dense-and-sparse outliers of the
              quantized region: flat index p * D + d (p < n_q) whose exact value out_val REPLACES the
              dequantized one (keys pre-RoPE); index -1 = unused entry. numel 0 = no outliers.
+             `QuantKVCache` keeps each row sorted (used entries increasing, unused last); the fused
+             kernel relies on that and hands unsorted rows to the reference.
 * `lr_u`     float16 [2, B, H, S, r] and `lr_v` float16 [2, B, H, NBl, r, D] (GEAR low-rank error term,
              per block of `key_group` slots): k̂[p] += lr_u[0, ..., p, :] @ lr_v[0, ..., p // key_group];
              v̂ likewise with index 1. Added before outliers replace. numel 0 = no low-rank term.
@@ -83,10 +87,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_keys(k_codes, k_meta, levels, out_idx, out_val, lr_u, lr_v, n_q: int, key_group: int,
-                    bits: int) -> torch.Tensor:
+                    key_bits: int) -> torch.Tensor:
     """Pre-RoPE keys of slots [0, n_q) as float32 [B, H, n_q, D]."""
     d = k_meta.shape[-1]
-    codes = unpack(k_codes[:, :, :n_q], bits, d)
+    codes = unpack(k_codes[:, :, :n_q], key_bits, d)
     nbk = k_meta.shape[2]
     blk = torch.clamp(torch.arange(n_q) // key_group, max=nbk - 1)
     meta = k_meta.float()[:, :, blk]  # [B, H, n_q, 2, D]
@@ -95,10 +99,10 @@ def dequantize_keys(k_codes, k_meta, levels, out_idx, out_val, lr_u, lr_v, n_q: 
 
 
 def dequantize_values(v_codes, v_meta, levels, out_idx, out_val, lr_u, lr_v, n_q: int, key_group: int,
-                      value_group: int, bits: int) -> torch.Tensor:
+                      value_group: int, value_bits: int) -> torch.Tensor:
     b, h, _, _, ng = v_meta.shape
     d = ng * value_group
-    codes = unpack(v_codes[:, :, :n_q], bits, d).view(b, h, n_q, ng, value_group)
+    codes = unpack(v_codes[:, :, :n_q], value_bits, d).view(b, h, n_q, ng, value_group)
     meta = v_meta.float()[:, :, :n_q]  # [B, H, n_q, 2, G]
     v = levels[1][codes] * meta[..., 0, :, None] + meta[..., 1, :, None]
     return _corrections(v.view(b, h, n_q, d), 1, out_idx, out_val, lr_u, lr_v, n_q, key_group)
@@ -115,19 +119,18 @@ def _corrections(x, which: int, out_idx, out_val, lr_u, lr_v, n_q: int, key_grou
         idx = out_idx[which].long()  # [B, H, N]
         ok = (idx >= 0) & (idx < n_q * d)
         flat = x.reshape(b, h, n_q * d).clone()
-        safe = torch.where(ok, idx, torch.zeros_like(idx))
-        cur = flat.gather(-1, safe)
-        flat.scatter_(-1, safe, torch.where(ok, out_val[which].float(), cur))
+        bi, hi, ni = ok.nonzero(as_tuple=True)  # only used entries write (an unused one must not touch index 0)
+        flat[bi, hi, idx[bi, hi, ni]] = out_val[which][bi, hi, ni].float()
         x = flat.view(b, h, n_q, d)
     return x
 
 
 def kv_attention_reference(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v,
                            cos, sin, mask, n_q: int, n_fp: int, key_group: int, value_group: int,
-                           bits: int) -> torch.Tensor:
-    k = dequantize_keys(k_codes, k_meta, levels, out_idx, out_val, lr_u, lr_v, n_q, key_group, bits)
+                           key_bits: int, value_bits: int) -> torch.Tensor:
+    k = dequantize_keys(k_codes, k_meta, levels, out_idx, out_val, lr_u, lr_v, n_q, key_group, key_bits)
     v = dequantize_values(v_codes, v_meta, levels, out_idx, out_val, lr_u, lr_v, n_q, key_group,
-                          value_group, bits)
+                          value_group, value_bits)
     k = torch.cat([k, kv_fp[0][:, :, :n_fp].float()], 2)
     v = torch.cat([v, kv_fp[1][:, :, :n_fp].float()], 2)
     n = n_q + n_fp
@@ -147,15 +150,15 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_meta: torch.Tensor, v
                  v_meta: torch.Tensor, levels: torch.Tensor, kv_fp: torch.Tensor, out_idx: torch.Tensor,
                  out_val: torch.Tensor, lr_u: torch.Tensor, lr_v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, mask: torch.Tensor, n_q: int, n_fp: int, key_group: int, value_group: int,
-                 bits: int) -> torch.Tensor:
+                 key_bits: int, value_bits: int) -> torch.Tensor:
     impl = table.select(OP, "cpu", "eager").fn
     return impl(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin,
-                mask, n_q, n_fp, key_group, value_group, bits)
+                mask, n_q, n_fp, key_group, value_group, key_bits, value_bits)
 
 
 @kv_attention.register_fake
 def _(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin, mask, n_q,
-      n_fp, key_group, value_group, bits):
+      n_fp, key_group, value_group, key_bits, value_bits):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 

@@ -4,16 +4,22 @@ Fused dequantization: no dense fp cache is built. One work item = one (batch, KV
 pthreads created inside the generated code. Per item, for the rep*T queries that read this KV head:
 
 1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
-   constant shuffle (bits 2 and 4), mapped through the 2**bits levels (`llvm.masked.gather` from a 4-16 entry
-   table), scaled and shifted by the per-channel block statistics (fp16, widened in registers); slots of the fp
-   region are widened from fp16. The key is rotated in registers (RoPE, row p; rotate_half is a constant
+   constant shuffle (bits 2 and 4; other widths: a constant shuffle pairs the two bytes each code touches into
+   `<D x i16>`, then a per-lane shift and mask), mapped through the 2**bits levels (`llvm.masked.gather` from a
+   4-256 entry table), scaled and shifted by the per-channel block statistics (fp16, widened in registers);
+   slots of the fp region are widened from fp16. The key is rotated in registers (RoPE, row p; rotate_half is a constant
    shuffle) and dotted with every query (`<D x float>` FMA + reassociating reduction).
 2. softmax per query, vectorised, with an inlined exp (Cody-Waite range reduction + degree-7 polynomial).
 3. values: per slot the codes are dequantized with the per-token group statistics and accumulated into the
    rep*T outputs with the softmax weights.
 
-Compile-time: head_dim D, bits, value_group; everything else is runtime. Not handled here (the reference
-serves): 3-bit codes, dense-and-sparse outliers, the GEAR low-rank term, non-float32 queries, D not even.
+Dense-and-sparse entries (outliers, attention sinks) replace dequantized elements as each slot is decoded: the
+entries of one (k|v, batch, head) are sorted by flat index (as `QuantKVCache` writes them), so one cursor per
+work item walks them alongside the slots.
+
+Compile-time: head_dim D, key and value code widths, value_group; everything else is runtime. Not handled here
+(the reference serves): sparse entries not sorted, the GEAR low-rank term, non-float32 queries, D not even,
+D * bits not a multiple of 8.
 """
 from __future__ import annotations
 
@@ -30,8 +36,8 @@ from .kv_attention import kv_attention_reference
 
 ir = lc.ir
 (A_Q, A_KC, A_KM, A_VC, A_VM, A_LEV, A_FP, A_COS, A_SIN, A_MASK, A_OUT, A_SCR, A_SSTRIDE, A_H, A_HQ, A_T, A_S, A_C,
- A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B) = range(25)
-N_ARGS = 25
+ A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B, A_OIDX, A_OVAL, A_NOUT) = range(28)
+N_ARGS = 28
 W = 16  # softmax vector width
 F16 = ir.HalfType()
 
@@ -39,20 +45,21 @@ F16 = ir.HalfType()
 @dataclass(frozen=True)
 class KVSpec:
     D: int
-    bits: int
+    kbits: int
+    vbits: int
     value_group: int
     permvar: bool = False  # levels looked up with vpermps (x86 AVX-512, <= 16 levels, D % 16 == 0)
 
-    @property
-    def P(self) -> int:
-        return self.D * self.bits // 8
+    def P(self, bits: int) -> int:
+        return self.D * bits // 8
 
     @property
     def LS(self) -> int:
         """Row stride of the (padded) levels table handed to the kernel."""
-        return max(16, 1 << self.bits)
+        return max(16, 1 << max(self.kbits, self.vbits))
 
 
+@functools.cache
 def _permvar_ok(D: int, bits: int) -> bool:
     lc._init()
     f = lc.llvm.get_host_cpu_features()
@@ -84,15 +91,26 @@ class _K:
     def shuffle(self, a, c, mask):
         return self.b.shuffle_vector(a, c, _const_vec(mask, lc.I32))
 
-    def codes(self, ptr):
-        """<P x i8> at ptr -> <D x i32> codes (little-endian bit stream, bits 2/4/8)."""
+    def codes(self, ptr, bits: int):
+        """<P x i8> at ptr -> <D x i32> codes (little-endian bit stream of `bits`-wide codes)."""
         b, s = self.b, self.s
-        P, per = s.P, 8 // s.bits
+        P = s.P(bits)
         raw = b.load(ptr, typ=_vt(P, lc.I8), align=1)
-        if per == 1:
+        if bits == 8:
             return b.zext(raw, _vt(P, lc.I32))
-        m = ir.Constant(_vt(P, lc.I8), [(1 << s.bits) - 1] * P)
-        parts = [b.and_(b.lshr(raw, ir.Constant(_vt(P, lc.I8), [k * s.bits] * P)), m) for k in range(per)]
+        if bits not in (2, 4):  # code d sits in bytes j, j+1 (j = d*bits // 8) at shift d*bits % 8
+            idx = []
+            for d in range(s.D):
+                j = d * bits // 8
+                idx += [j, j + 1 if j + 1 < P else P]  # index P = a zero byte of the second operand
+            pairs = self.shuffle(raw, ir.Constant(_vt(P, lc.I8), [0] * P), idx)
+            w = b.bitcast(pairs, _vt(s.D, lc.I16))  # little-endian: lane d = byte j | byte j+1 << 8
+            w = b.lshr(w, ir.Constant(_vt(s.D, lc.I16), [d * bits % 8 for d in range(s.D)]))
+            w = b.and_(w, ir.Constant(_vt(s.D, lc.I16), [(1 << bits) - 1] * s.D))
+            return b.zext(w, _vt(s.D, lc.I32))
+        per = 8 // bits
+        m = ir.Constant(_vt(P, lc.I8), [(1 << bits) - 1] * P)
+        parts = [b.and_(b.lshr(raw, ir.Constant(_vt(P, lc.I8), [k * bits] * P)), m) for k in range(per)]
         while len(parts) > 1:  # concatenate pairwise: parts[k] occupies [k*P, (k+1)*P)
             n = parts[0].type.count
             parts = [self.shuffle(parts[i], parts[i + 1], range(2 * n)) for i in range(0, len(parts), 2)]
@@ -113,6 +131,27 @@ class _K:
             n = chunks[0].type.count
             chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
         return chunks[0]
+
+    def sparse(self, vec, idx, val, cursor, p):
+        """Replace elements of the slot-p vector at `vec` (an alloca) by the sparse entries idx/val
+        (int32 flat index p*D + d / fp16) the cursor points at, while they belong to slot p."""
+        b, g, D = self.b, self.g, self.s.D
+        n_out, hi = self.n(A_NOUT), b.mul(b.add(p, g.i64(1)), g.i64(D))
+        c1, c2 = b.append_basic_block("sp.more"), b.append_basic_block("sp.here")
+        body, end = b.append_basic_block("sp.body"), b.append_basic_block("sp.end")
+        b.branch(c1)
+        b.position_at_end(c1)
+        j = b.load(cursor, typ=lc.I64)
+        b.cbranch(b.icmp_signed("<", j, n_out), c2, end)
+        b.position_at_end(c2)
+        e = b.sext(g.load(lc.I32, idx, j), lc.I64)
+        b.cbranch(b.and_(b.icmp_signed(">=", e, g.i64(0)), b.icmp_signed("<", e, hi)), body, end)
+        b.position_at_end(body)
+        x = b.fpext(g.load(F16, val, j), lc.F32)
+        g.store(lc.F32, x, b.bitcast(vec, lc.F32.as_pointer()), b.sub(e, b.mul(p, g.i64(D))))
+        b.store(b.add(j, g.i64(1)), cursor)
+        b.branch(c1)
+        b.position_at_end(end)
 
     def half_vec(self, ptr, n):
         return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
@@ -169,9 +208,9 @@ def _emit_item(k: _K, tid, item):
     q0 = b.gep(k.p(A_Q), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     vd = _vt(D)
     inv = ir.Constant(lc.F32, 1.0 / math.sqrt(D))
-    S, P = k.n(A_S), s.P
+    S, P, PV = k.n(A_S), s.P(s.kbits), s.P(s.vbits)
     kc = b.gep(k.p(A_KC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
-    vc = b.gep(k.p(A_VC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
+    vc = b.gep(k.p(A_VC), [b.mul(b.mul(item, S), i64(PV))], source_etype=lc.I8)
     lev = k.p(A_LEV)
     fp_k = b.gep(k.p(A_FP), [b.mul(b.mul(item, k.n(A_C)), i64(D))], source_etype=F16)
     fp_v = b.gep(fp_k, [b.mul(b.mul(b.mul(k.n(A_B), H), k.n(A_C)), i64(D))], source_etype=F16)
@@ -179,6 +218,14 @@ def _emit_item(k: _K, tid, item):
     signs = _const_vec([-1.0] * half + [1.0] * half)
     rot = list(range(half, D)) + list(range(half))
     kvar = g.var(vd, name="key")
+    # sparse entries of this item: keys at row item of out_idx[0], values at row B*H + item
+    n_out = k.n(A_NOUT)
+    row_k, row_v = b.mul(item, n_out), b.mul(b.add(b.mul(k.n(A_B), H), item), n_out)
+    oidx_k = b.gep(k.p(A_OIDX), [row_k], source_etype=lc.I32)
+    oval_k = b.gep(k.p(A_OVAL), [row_k], source_etype=F16)
+    oidx_v = b.gep(k.p(A_OIDX), [row_v], source_etype=lc.I32)
+    oval_v = b.gep(k.p(A_OVAL), [row_v], source_etype=F16)
+    cur_k, cur_v = g.var(lc.I64, g.i64(0), name="cur_k"), g.var(lc.I64, g.i64(0), name="cur_v")
     # 1. scores
     with g.loop(0, n, name="p") as p:
         is_q = b.icmp_signed("<", p, n_q)
@@ -186,10 +233,11 @@ def _emit_item(k: _K, tid, item):
             with then:
                 blk = g.min(b.sdiv(p, k.n(A_KG)), b.sub(k.n(A_NBK), i64(1)))
                 meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, k.n(A_NBK)), blk), i64(2 * D))], source_etype=F16)
-                c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8))
+                c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), s.kbits)
                 lv = k.lookup(lev, c)
                 scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
                 b.store(g.fma(lv, scale, zero), kvar)
+                k.sparse(kvar, oidx_k, oval_k, cur_k, p)
             with other:
                 b.store(k.half_vec(b.gep(fp_k, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
         kh = b.load(kvar, typ=vd)
@@ -215,9 +263,10 @@ def _emit_item(k: _K, tid, item):
                 meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
                 sc_ = k.half_vec(meta, NG)
                 zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
-                c = k.codes(b.gep(vc, [b.mul(p, i64(P))], source_etype=lc.I8))
+                c = k.codes(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), s.vbits)
                 lv = k.lookup(lev1, c)
                 b.store(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar)
+                k.sparse(kvar, oidx_v, oval_v, cur_v, p)
             with other:
                 b.store(k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
         vv = b.load(kvar, typ=vd)
@@ -269,7 +318,7 @@ def _emit_softmax(k: _K, scores, nq, n, npad, acc):
 
 
 def build_module(spec: KVSpec, triple: str | None = None):
-    mod = lc.new_module(f"kv_attention_{spec.D}_{spec.bits}", triple)
+    mod = lc.new_module(f"kv_attention_{spec.D}_{spec.kbits}_{spec.vbits}", triple)
     lc.add_parallel_for(mod, _gen(mod, spec))
     return mod
 
@@ -282,46 +331,66 @@ def compiled(spec: KVSpec):
     return _PAR_T(lc.jit(build_module(spec), ["kv_work_par"])["kv_work_par"])
 
 
-def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group) -> bool:
+def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, key_bits, value_bits, value_group) -> bool:
     D = q.shape[-1]
-    return (bits in (2, 4, 8) and q.dtype == torch.float32 and not out_idx.numel() and not lr_u.numel()
+    return (all(2 <= b <= 8 and (D * b) % 8 == 0 for b in (key_bits, value_bits))
+            and q.dtype == torch.float32 and _sparse_sorted(out_idx) and not lr_u.numel()
             and D % 2 == 0 and D % value_group == 0 and v_meta.shape[-1] * value_group == D
-            and (D * bits) % 8 == 0 and k_codes.dtype == torch.uint8 and levels.shape[-1] == 1 << bits
+            and k_codes.dtype == torch.uint8 and levels.shape[-1] == 1 << max(key_bits, value_bits)
             and mask.dtype == torch.bool and q.device.type == "cpu")
 
 
-def _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, cos, sin, mask, n_q, n_fp, bits) -> bool:
+def _sparse_sorted(out_idx) -> bool:
+    """Every row of sparse entries: used entries (>= 0) first, strictly increasing; then unused (-1)."""
+    if not out_idx.numel():
+        return True
+    idx = out_idx.reshape(-1, out_idx.shape[-1])
+    used = idx >= 0
+    return bool((used[:, 1:] <= used[:, :-1]).all() and ((idx[:, 1:] > idx[:, :-1]) | ~used[:, 1:]).all())
+
+
+def _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, out_idx, out_val, cos, sin, mask, n_q, n_fp,
+               key_bits, value_bits) -> bool:
     """Every index the kernel forms stays inside its tensor (else the reference raises or handles it)."""
     B, Hq, T, D = q.shape
     _, H, S, P = k_codes.shape
     n = n_q + n_fp
-    return (H > 0 and Hq % H == 0 and P * 8 == D * bits and tuple(v_codes.shape) == (B, H, S, P)
+    return (H > 0 and Hq % H == 0 and P * 8 == D * key_bits
+            and tuple(v_codes.shape) == (B, H, S, D * value_bits // 8)
             and tuple(k_meta.shape[:2]) == (B, H) and tuple(k_meta.shape[3:]) == (2, D) and k_meta.shape[2] >= 1
             and tuple(v_meta.shape[:4]) == (B, H, S, 2) and tuple(kv_fp.shape[:3]) == (2, B, H)
             and kv_fp.shape[3] >= n_fp and kv_fp.shape[4] == D and 0 <= n_q and 0 <= n_fp and n <= S
             and cos.shape[0] >= n and sin.shape[0] >= n and cos.shape[1] == D and sin.shape[1] == D
-            and mask.shape[0] == T and mask.shape[1] >= n)
+            and mask.shape[0] == T and mask.shape[1] >= n
+            and (not out_idx.numel() or (tuple(out_idx.shape[:3]) == (2, B, H) and out_val.shape == out_idx.shape
+                                         and out_idx.dtype == torch.int32)))
 
 
 def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos,
-                      sin, mask, n_q: int, n_fp: int, key_group: int, value_group: int, bits: int,
-                      n_threads: int | None = None):
+                      sin, mask, n_q: int, n_fp: int, key_group: int, value_group: int, key_bits: int,
+                      value_bits: int, n_threads: int | None = None):
     """Same signature and result as `kv_attention_reference`; cases it does not take go there."""
     args = (q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin, mask,
-            n_q, n_fp, key_group, value_group, bits)
-    if not (supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, bits, value_group)
-            and _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, cos, sin, mask, n_q, n_fp, bits)):
+            n_q, n_fp, key_group, value_group, key_bits, value_bits)
+    if not (supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, key_bits, value_bits, value_group)
+            and _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, out_idx, out_val, cos, sin, mask, n_q,
+                           n_fp, key_bits, value_bits)):
         return kv_attention_reference(*args)
     B, Hq, T, D = q.shape
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
     npad = max(W, -(-n // W) * W)
-    spec = KVSpec(D, bits, value_group, _permvar_ok(D, bits))
+    spec = KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, max(key_bits, value_bits)))
     c = lambda t: t.contiguous()  # noqa: E731
     q, k_codes, k_meta, v_codes, v_meta = c(q), c(k_codes), c(k_meta.half()), c(v_codes), c(v_meta.half())
     levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1])).contiguous()
     kv_fp, mask = c(kv_fp.half()), c(mask.to(torch.uint8))
     cos, sin = c(cos.float()), c(sin.float())
+    n_out = out_idx.shape[-1] if out_idx.numel() else 0
+    if n_out:
+        out_idx, out_val = c(out_idx), c(out_val.half())
+    else:  # never read (the cursor stops at n_out = 0)
+        out_idx, out_val = torch.full((1,), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.float16)
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
     nq = (Hq // H) * T
     stride = 4 * (nq * npad + nq * D + nq) + 64
@@ -330,11 +399,13 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     scr = lc.scratch(stride * nt)
     a = [0] * N_ARGS
     for i, t in ((A_Q, q), (A_KC, k_codes), (A_KM, k_meta), (A_VC, v_codes), (A_VM, v_meta), (A_LEV, levels),
-                 (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr)):
+                 (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr),
+                 (A_OIDX, out_idx), (A_OVAL, out_val)):
         a[i] = t.data_ptr()
     a[A_SSTRIDE], a[A_H], a[A_HQ], a[A_T], a[A_S], a[A_C] = stride, H, Hq, T, S, kv_fp.shape[3]
     a[A_NBK], a[A_KG], a[A_NQ], a[A_NFP], a[A_MSTRIDE], a[A_NPAD], a[A_B] = (
         k_meta.shape[2], key_group, n_q, n_fp, mask.shape[1], npad, B)
+    a[A_NOUT] = n_out
     compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H, nt)
     return out
 

@@ -10,8 +10,12 @@ region (the most recent `fp_window` tokens plus a block being filled); whole blo
 tokens are then quantized ("flushed"). Statistics of a key block are either computed online from the
 block ("block") or fixed per channel from calibration data ("calibrated", KVQuant's offline scaling,
 which needs no per-block metadata). Optional: non-uniform levels fit on calibration data (k-means
-in normalised space), dense-and-sparse outliers, a GEAR low-rank term of the quantization error.
-The packed layout and the attention over it are `edgetk::kv_attention` (kernels/kv_attention.py).
+in normalised space), dense-and-sparse outliers, a GEAR low-rank term of the quantization error,
+unequal key/value code widths (`key_bits`/`value_bits`: keys are the sensitive half, so kv4 spends
+5 bits on keys and 3 on values, 4 on average, the bytes of 4 + 4), a Hadamard rotation of values.
+A prefill chunk longer than the fp region is attended with its own keys/values exact, then quantized
+into the cache (`QuantKVCache.attend`). The packed layout and the attention over it are
+`edgetk::kv_attention` (kernels/kv_attention.py).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ LEVELS = ("uniform", "nuq")
 @config("kv_cache", version=1)
 @dataclass(frozen=True)
 class KVCacheConfig(Config):
-    bits: int = 4
+    bits: int = 4  # code width of keys and values (each overridable below)
     key_group: int = 64  # tokens per quantized key block (flush unit, GEAR block)
     value_group: int = 64  # channels per value group (clipped to head_dim)
     fp_window: int = 16  # most recent tokens always kept in fp16
@@ -41,11 +45,16 @@ class KVCacheConfig(Config):
     outlier_frac: float = 0.0  # dense-and-sparse: fraction of entries kept exact
     gear_rank: int = 0  # GEAR low-rank rank of the quantization error per block (0 = off)
     sink_tokens: int = 1  # the first tokens (attention sinks) kept exact, as sparse entries
+    key_bits: int = 0  # key code width (0 = bits); keys are the sensitive half (KV mixed precision)
+    value_bits: int = 0  # value code width (0 = bits)
+    value_rotation: bool = False  # rotate values by an orthonormal Hadamard matrix before quantizing (QuaRot)
     calib_windows: int = 4
     calib_seq_len: int = 512
 
     def validate(self) -> None:
         check(self.bits in (2, 3, 4), "bits", self.bits, "2, 3 or 4")
+        check(self.key_bits in (0, *range(2, 9)), "key_bits", self.key_bits, "0 (= bits) or 2..8")
+        check(self.value_bits in (0, *range(2, 9)), "value_bits", self.value_bits, "0 (= bits) or 2..8")
         check(self.key_group >= 1, "key_group", self.key_group, ">= 1")
         check(self.value_group >= 1, "value_group", self.value_group, ">= 1")
         check(self.fp_window >= 0, "fp_window", self.fp_window, ">= 0")
@@ -57,21 +66,29 @@ class KVCacheConfig(Config):
         check(self.calib_windows >= 1, "calib_windows", self.calib_windows, ">= 1")
 
     @property
+    def kbits(self) -> int:
+        return self.key_bits or self.bits
+
+    @property
+    def vbits(self) -> int:
+        return self.value_bits or self.bits
+
+    @property
     def needs_calibration(self) -> bool:
         return self.key_scaling == "calibrated" or self.levels == "nuq"
 
 
 # named presets the CLI shows (`--kv-bits N` picks kv{N})
 PRESETS = {
-    # non-uniform levels halve kv4's perplexity gap at no memory cost; sparse outliers (which need a smaller
-    # fp window to stay >= 3.5x smaller than fp16) made it worse (benchmarks/kv_quality.py, 4 windows:
-    # uniform +0.42, nuq +0.20, nuq + 0.2 % outliers / fp window 8 +0.35).
-    # Where kv4's remaining gap comes from (fake-quant study, 4 windows, KL to the fp cache): values
-    # per token ~0.006, keys with calibrated per-channel ranges ~0.011; keys with per-block ranges
-    # ("kv4-block") ~0.002, but per-block fp16 statistics plus the fp staging of a block cost at best
-    # 3.18x at context 2048 (key_group 32-64, fp_window 0), and statistics coded on a 4-bit grid of the
-    # calibrated range give back most of the gain (~0.006); position-bucketed calibrated ranges overfit.
-    "kv4": KVCacheConfig(bits=4, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq"),
+    # kv4: 4 bits per cached number on average -- keys 5, values 3 (the bytes of 4 + 4). Keys carry
+    # nearly all of a uniform 4/4 cache's error (fake-quant study, KL to the fp cache: keys 0.0054, values
+    # 0.0004); one more key bit cuts the keys' share 4x, values pay less than that for the bit they give.
+    # benchmarks/kv_quality.py, 12 windows: 4/4 +0.137, 5/3 +0.010, 5/3 with Hadamard-rotated values
+    # (value_rotation) +0.084, all at 3.53x less memory than fp16 at context 2048. Non-uniform levels
+    # fit on calibration data; per-channel key ranges calibrated offline (per-block ranges, kv4-block,
+    # are as good but their fp16 statistics and block staging cost 3.11x); sparse outliers made it worse.
+    "kv4": KVCacheConfig(bits=4, key_bits=5, value_bits=3, key_scaling="calibrated", key_group=16, fp_window=16,
+                         levels="nuq"),
     "kv3": KVCacheConfig(bits=3, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq"),
     "kv2": KVCacheConfig(bits=2, key_scaling="calibrated", key_group=16, fp_window=16, levels="nuq",
                          outlier_frac=0.01),
@@ -90,7 +107,7 @@ def preset(name: str) -> KVCacheConfig:
 @dataclass
 class LayerCalibration:
     key_range: torch.Tensor | None  # [H, 2, D] (scale, zero) per channel, pre-RoPE
-    levels: torch.Tensor  # [2, 2**bits] float32
+    levels: torch.Tensor  # [2, 2**max(kbits, vbits)] float32; row 0 keys, row 1 values (padded with 1.0)
 
 
 class _RecordingCache(nn.Module):
@@ -160,8 +177,17 @@ def calibrate(model, windows: torch.Tensor, cfg: KVCacheConfig) -> list[LayerCal
         model.clear_cache()
 
 
+def default_levels(cfg: KVCacheConfig) -> torch.Tensor:
+    """Uniform levels, [2, 2**max(kbits, vbits)] (a row past its own 2**bits entries is padding)."""
+    return torch.stack([_pad_levels(torch.linspace(-1, 1, 2 ** b), cfg) for b in (cfg.kbits, cfg.vbits)])
+
+
+def _pad_levels(lv: torch.Tensor, cfg: KVCacheConfig) -> torch.Tensor:
+    n = 2 ** max(cfg.kbits, cfg.vbits)
+    return torch.cat([lv, lv.new_ones(n - lv.numel())])
+
+
 def _layer_calibration(k: torch.Tensor, v: torch.Tensor, cfg: KVCacheConfig) -> LayerCalibration:
-    n = 2 ** cfg.bits
     ks, kz = _range(k.transpose(1, 2), -1, cfg.outlier_frac)  # [H, D]
     key_range = torch.stack([ks, kz], 1) if cfg.key_scaling == "calibrated" else None
     if cfg.levels == "nuq":
@@ -172,17 +198,41 @@ def _layer_calibration(k: torch.Tensor, v: torch.Tensor, cfg: KVCacheConfig) -> 
             kn = (blocks - bz[:, :, None]) / bs[:, :, None]
         else:
             kn = (k - kz[:, None]) / ks[:, None]
+        if cfg.value_rotation:
+            v = v @ hadamard(v.shape[-1])
         g = min(cfg.value_group, v.shape[-1])
         vg = v.reshape(*v.shape[:-1], -1, g)
         vs, vz = _range(vg, -1, cfg.outlier_frac)
         vn = (vg - vz[..., None]) / vs[..., None]
-        levels = torch.stack([fit_levels(kn.clamp(-1, 1), n), fit_levels(vn.clamp(-1, 1), n)])
+        levels = torch.stack([_pad_levels(fit_levels(kn.clamp(-1, 1), 2 ** cfg.kbits), cfg),
+                              _pad_levels(fit_levels(vn.clamp(-1, 1), 2 ** cfg.vbits), cfg)])
     else:
-        levels = torch.linspace(-1, 1, n).repeat(2, 1)
+        levels = default_levels(cfg)
     return LayerCalibration(key_range, levels)
 
 
 # -- the cache ----------------------------------------------------------------------------------------
+_HADAMARD: dict[int, torch.Tensor] = {}
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """The orthonormal, symmetric Sylvester-Hadamard matrix of size d (a power of two): H @ H = I.
+
+    Values are rotated by it before quantization (QuaRot): the rotation spreads a token's outlier channels
+    over all channels, so its per-token range shrinks. Attention is linear in the values, so the op attends
+    over rotated values and the cache rotates the output back. Generated, never stored in the cache (a
+    constant of the head dimension, like the RoPE tables)."""
+    if d < 1 or d & (d - 1):
+        raise ConfigError(f"value_rotation needs a power-of-two head dimension, not {d}",
+                          hint="set value_rotation=False for this model")
+    if d not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[d] = h / math.sqrt(d)
+    return _HADAMARD[d]
+
+
 def _quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     xn = ((x - zero) / scale).clamp(-1, 1)
     return torch.bucketize(xn, (levels[1:] + levels[:-1]) / 2)
@@ -200,23 +250,28 @@ class QuantKVCache(nn.Module):
             raise ConfigError(f"KV cache with key_scaling={cfg.key_scaling!r}, levels={cfg.levels!r} needs "
                               "calibration data", hint="pass calibrate(model, windows, cfg) to cache_factory")
         self.cfg, self.max_seq, self.head_dim = cfg, max_seq, head_dim
-        self.bits, self.kg = cfg.bits, cfg.key_group
+        self.kbits, self.vbits, self.kg = cfg.kbits, cfg.vbits, cfg.key_group
         self.vg = min(cfg.value_group, head_dim)
         if head_dim % self.vg:
             raise ConfigError(f"value_group {cfg.value_group} does not divide head_dim {head_dim}",
                               hint="use a divisor of the head dimension")
-        p = kva.packed_bytes(head_dim, cfg.bits)
+        self.v_rot = hadamard(head_dim) if cfg.value_rotation else None
         nbk = 1 if cfg.key_scaling == "calibrated" else -(-max_seq // self.kg)
         self.capacity = cfg.fp_window + self.kg + extra_slots
         buf = self.register_buffer
-        buf("k_codes", torch.zeros(batch, heads, max_seq, p, dtype=torch.uint8), persistent=False)
-        buf("v_codes", torch.zeros(batch, heads, max_seq, p, dtype=torch.uint8), persistent=False)
+        buf("k_codes", torch.zeros(batch, heads, max_seq, kva.packed_bytes(head_dim, self.kbits), dtype=torch.uint8),
+            persistent=False)
+        buf("v_codes", torch.zeros(batch, heads, max_seq, kva.packed_bytes(head_dim, self.vbits), dtype=torch.uint8),
+            persistent=False)
         buf("k_meta", torch.zeros(batch, heads, nbk, 2, head_dim, dtype=torch.float16), persistent=False)
         buf("v_meta", torch.zeros(batch, heads, max_seq, 2, head_dim // self.vg, dtype=torch.float16),
             persistent=False)
         if calib is not None and calib.key_range is not None:
             self.k_meta[:] = calib.key_range.to(torch.float16)[None, :, None]
-        levels = calib.levels if calib is not None else torch.linspace(-1, 1, 2 ** cfg.bits).repeat(2, 1)
+        levels = calib.levels if calib is not None else default_levels(cfg)
+        if tuple(levels.shape) != (2, 2 ** max(self.kbits, self.vbits)):
+            raise ConfigError(f"calibration levels {tuple(levels.shape)} do not match key_bits={self.kbits}, "
+                              f"value_bits={self.vbits}", hint="calibrate with the same KVCacheConfig")
         buf("levels", levels.float().clone(), persistent=False)
         buf("kv_fp", torch.zeros(2, batch, heads, self.capacity, head_dim, dtype=torch.float16), persistent=False)
         n_out = math.ceil(cfg.outlier_frac * max_seq * head_dim * 1.25) + cfg.sink_tokens * head_dim
@@ -246,20 +301,32 @@ class QuantKVCache(nn.Module):
         at the same positions): first, while the committed tokens before p0 that sit in the fp region
         number >= fp_window + key_group, the oldest block is quantized; then, if the write still does
         not fit the fp region (a long prefill), more blocks are quantized."""
+        self._store(self._stage(k, v, p0))
+
+    def _stage(self, k: torch.Tensor, v: torch.Tensor, p0: int) -> torch.Tensor:
+        """First half of `write`: the committed-token flushes; returns every fp token from slot n_q on
+        (the fp region's committed part, then the new tokens) as fp16 [2, B, H, n, D]."""
         if p0 == 0:
             self.reset()
         if p0 < self.n_q or p0 > self.n_q + self.n_fp:
             raise ConfigError(f"KV cache write at slot {p0} outside the fp region [{self.n_q}, "
                               f"{self.n_q + self.n_fp}]", hint="decode positions must be contiguous")
+        if self.v_rot is not None:  # the cache holds rotated values everywhere (codes, fp region, sparse)
+            v = v.float() @ self.v_rot
         kv = torch.stack([k, v]).to(torch.float16)
         pending = torch.cat([self.kv_fp[:, :, :, : p0 - self.n_q], kv], 3)  # [2, B, H, n, D]
         while p0 - self.n_q >= self.cfg.fp_window + self.kg:
             pending = self._flush_front(pending)
-        while pending.shape[3] > self.capacity and self.n_q + self.kg <= self.max_seq:
-            pending = self._flush_front(pending)
-        if pending.shape[3] > self.capacity:
+        over = max(0, pending.shape[3] - self.capacity)
+        if over and self.n_q + -(-over // self.kg) * self.kg > self.max_seq:
             raise ConfigError(f"{pending.shape[3]} tokens do not fit the KV cache's fp region "
                               f"({self.capacity})", hint="raise extra_slots or max_seq_len")
+        return pending
+
+    def _store(self, pending: torch.Tensor) -> None:
+        """Second half of `write`: quantize whole blocks until the rest fits the fp region, keep the rest."""
+        while pending.shape[3] > self.capacity:
+            pending = self._flush_front(pending)
         self.kv_fp[:, :, :, : pending.shape[3]] = pending
         self.n_fp = pending.shape[3]
 
@@ -292,10 +359,10 @@ class QuantKVCache(nn.Module):
         vs, vz = _range(vgs, -1, frac)  # [B, H, t, G]
         self.v_meta[:, :, s0:s1, 0], self.v_meta[:, :, s0:s1, 1] = vs, vz
         vs_f, vz_f = vs.repeat_interleave(self.vg, -1), vz.repeat_interleave(self.vg, -1)
-        kc = _quantize(k, ks, kz, self.levels[0])
-        vc = _quantize(v, vs_f, vz_f, self.levels[1])
-        self.k_codes[:, :, s0:s1] = kva.pack(kc, self.bits)
-        self.v_codes[:, :, s0:s1] = kva.pack(vc, self.bits)
+        kc = _quantize(k, ks, kz, self.levels[0, : 2 ** self.kbits])
+        vc = _quantize(v, vs_f, vz_f, self.levels[1, : 2 ** self.vbits])
+        self.k_codes[:, :, s0:s1] = kva.pack(kc, self.kbits)
+        self.v_codes[:, :, s0:s1] = kva.pack(vc, self.vbits)
         kd = self.levels[0][kc] * ks + kz
         vd = self.levels[1][vc] * vs_f + vz_f
         k_out = (k - kz).abs() > ks * 1.0001  # outside the range: dense-and-sparse outliers
@@ -348,11 +415,23 @@ class QuantKVCache(nn.Module):
 
     # -- attention ----------------------------------------------------------------------------------
     def attend(self, q, k, v, input_pos, cos, sin, mask):
-        p0 = int(input_pos[0])
-        self.write(k, v, p0)
-        return torch.ops.edgetk.kv_attention(
-            q, self.k_codes, self.k_meta, self.v_codes, self.v_meta, self.levels, self.kv_fp, self.out_idx,
-            self.out_val, self.lr_u, self.lr_v, cos, sin, mask, self.n_q, self.n_fp, self.kg, self.vg, self.bits)
+        """Write, then attend. A write too long for the fp region (a prefill chunk) is attended with its
+        own keys and values in fp16 -- they are at hand -- and quantized into the cache afterwards, as
+        KIVI's prefill does: queries see earlier chunks as stored, their own chunk exactly. The transient
+        fp16 tokens are this call's activations, not cache memory; what the cache holds afterwards is the
+        same as with `write` (decoding and draft trees always fit the fp region)."""
+        pending = self._stage(k, v, int(input_pos[0]))
+        fits = pending.shape[3] <= self.capacity
+        if fits:
+            self._store(pending)
+        kv_fp, n_fp = (self.kv_fp, self.n_fp) if fits else (pending.contiguous(), pending.shape[3])
+        out = torch.ops.edgetk.kv_attention(
+            q, self.k_codes, self.k_meta, self.v_codes, self.v_meta, self.levels, kv_fp, self.out_idx,
+            self.out_val, self.lr_u, self.lr_v, cos, sin, mask, self.n_q, n_fp, self.kg, self.vg, self.kbits,
+            self.vbits)
+        if not fits:
+            self._store(pending)
+        return out if self.v_rot is None else out @ self.v_rot  # H is symmetric: H^T = H
 
 
 def cache_factory(cfg: KVCacheConfig, calib: list[LayerCalibration] | None = None, extra_slots: int = 0):

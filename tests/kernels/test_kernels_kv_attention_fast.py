@@ -12,13 +12,14 @@ from edgetk.kernels import table
 
 
 def make_case(B=1, H=3, Hq=9, T=1, S=80, D=64, bits=4, n_q=48, n_fp=20, kg=16, vg=32, nbk=None, seed=0,
-              uniform=False):
+              uniform=False, vbits=None, n_sparse=0):
     g = torch.Generator().manual_seed(seed)
-    L, P = 1 << bits, D * bits // 8
+    vbits = vbits or bits
+    L, P, PV = 1 << max(bits, vbits), D * bits // 8, D * vbits // 8
     NBk = nbk or math.ceil(S / kg)
     q = torch.randn(B, Hq, T, D, generator=g)
     kc = torch.randint(0, 256, (B, H, S, P), generator=g, dtype=torch.uint8)
-    vc = torch.randint(0, 256, (B, H, S, P), generator=g, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (B, H, S, PV), generator=g, dtype=torch.uint8)
     km = (torch.rand(B, H, NBk, 2, D, generator=g) + 0.1).half()
     vm = (torch.rand(B, H, S, 2, D // vg, generator=g) + 0.1).half()
     lev = (torch.linspace(-1, 1, L).repeat(2, 1) if uniform
@@ -30,8 +31,14 @@ def make_case(B=1, H=3, Hq=9, T=1, S=80, D=64, bits=4, n_q=48, n_fp=20, kg=16, v
     mask = torch.ones(T, S, dtype=torch.bool)
     mask[:, :n] = torch.tril(torch.ones(T, n, dtype=torch.bool), diagonal=n - T)
     e = torch.empty(0).half()
-    return (q, kc, km, vc, vm, lev, fp, torch.empty(0, dtype=torch.int32), e, e, e, ang.cos(), ang.sin(), mask,
-            n_q, n_fp, kg, vg, bits)
+    oi, ov = torch.empty(0, dtype=torch.int32), e
+    if n_sparse:  # per (k|v, b, h): the sink row (slot 0) + random sorted entries (some past n_q), -1 padding
+        oi = torch.full((2, B, H, D + n_sparse + 3), -1, dtype=torch.int32)
+        for r in oi.view(-1, oi.shape[-1]):
+            pick = torch.randperm((n_q + 2) * D - D, generator=g)[:n_sparse] + D
+            r[: D + n_sparse] = torch.cat([torch.arange(D), pick.sort().values]).int()
+        ov = (torch.randn(oi.shape, generator=g) * 4).half()
+    return (q, kc, km, vc, vm, lev, fp, oi, ov, e, e, ang.cos(), ang.sin(), mask, n_q, n_fp, kg, vg, bits, vbits)
 
 
 CASES = {
@@ -41,6 +48,13 @@ CASES = {
     "prefill_batch2": dict(B=2, T=5),
     "fp_region_only": dict(n_q=0),
     "kv8_mha_odd": dict(D=32, vg=8, H=2, Hq=2, bits=8, n_q=33, n_fp=3, kg=7),
+    # unequal widths (keys 5, values 3: codes straddle bytes; 32 key levels, values use 8 of the row)
+    "k5v3_nuq": dict(bits=5, vbits=3, n_q=60, n_fp=10),
+    "k3v5_prefill": dict(bits=3, vbits=5, T=4, vg=16),
+    "k6v2_mha": dict(D=32, vg=8, H=2, Hq=2, bits=6, vbits=2, n_q=40, n_fp=5, kg=8),
+    # dense-and-sparse: sinks + outliers replace dequantized elements (the kv4 / kv2 presets store them)
+    "k5v3_sparse": dict(bits=5, vbits=3, n_sparse=40),
+    "kv2_sparse_batch2_prefill": dict(bits=2, B=2, T=3, n_sparse=100, nbk=1),
 }
 
 
@@ -54,17 +68,22 @@ def test_kv_attention_llvm_matches_reference(case, threads):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6)
 
 
-def test_op_selects_llvm_and_falls_back_for_outliers():
+def test_op_selects_llvm_and_falls_back_for_unsorted_sparse_entries():
     args = list(make_case())
     assert table.select("kv_attention", "cpu", "eager").name == "llvm"
     with table.force("reference"):
         ref = torch.ops.edgetk.kv_attention(*args)
     torch.testing.assert_close(torch.ops.edgetk.kv_attention(*args), ref, rtol=1e-5, atol=2e-6)
-    # dense-and-sparse outliers are not fused: the kernel hands the call to the reference
-    args[7] = torch.tensor([[[[5, -1]] * 3], [[[7, 9]] * 3]], dtype=torch.int32)
-    args[8] = torch.full((2, 1, 3, 2), 3.0).half()
-    assert not kf.supported(args[0], args[1], args[4], args[5], args[7], args[9], args[13], 4, 32)
-    assert torch.equal(kf.kv_attention_llvm(*args), kva.kv_attention_reference(*args))
+    # sorted sparse entries are fused; unsorted ones (or a used entry after an unused one) go to the reference
+    args[7] = torch.tensor([[[[5, 9, -1]] * 3], [[[7, 9, 11]] * 3]], dtype=torch.int32)
+    args[8] = torch.full((2, 1, 3, 3), 3.0).half()
+    assert kf.supported(args[0], args[1], args[4], args[5], args[7], args[9], args[13], 4, 4, 32)
+    torch.testing.assert_close(kf.kv_attention_llvm(*args), kva.kv_attention_reference(*args), rtol=1e-5,
+                               atol=2e-6)
+    for bad in ([9, 5, -1], [5, -1, 9]):
+        args[7] = torch.tensor([[[bad] * 3], [[[7, 9, 11]] * 3]], dtype=torch.int32)
+        assert not kf.supported(args[0], args[1], args[4], args[5], args[7], args[9], args[13], 4, 4, 32)
+        assert torch.equal(kf.kv_attention_llvm(*args), kva.kv_attention_reference(*args))
 
 
 def test_decoder_with_quantized_cache_same_logits_with_either_kernel(tiny_llama):

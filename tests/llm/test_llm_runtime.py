@@ -17,7 +17,8 @@ PROMPTS = ["hello world, this is a test of the runtime", "abcabcabcabcabc", "the
 QCACHE = KVCacheConfig(bits=4, key_group=8, value_group=16, fp_window=4)
 
 
-@pytest.mark.parametrize("kv", [None, QCACHE], ids=["fp-cache", "kv4-cache"])
+@pytest.mark.parametrize("kv", [None, QCACHE, QCACHE.replace(key_bits=5, value_bits=3, value_rotation=True)],
+                         ids=["fp-cache", "kv4-cache", "k5v3-rotated-cache"])
 def test_speculative_greedy_is_token_identical(tiny_lm, kv):
     llm = LLM.load(tiny_lm, kv_cache=kv, max_seq_len=256)
     steps = []
@@ -156,14 +157,14 @@ def test_quant_cache_chunked_prefill_equals_token_by_token(tiny_lm):
 
 def test_cache_memory_at_2048_is_3_5x_below_fp16():
     """smollm2-135m's cache geometry (3 KV heads x 64 dims per layer), kv4 preset, context 2048."""
-    from edgetk.runtimes.kv_cache import preset
+    from edgetk.runtimes.kv_cache import default_levels, preset
 
     cfg = preset("kv4")
-    calib = LayerCalibration(torch.ones(3, 2, 64), torch.linspace(-1, 1, 16).repeat(2, 1))
+    calib = LayerCalibration(torch.ones(3, 2, 64), default_levels(cfg))
     q = QuantKVCache(cfg, 1, 3, 2048, 64, calib)
     fp16 = 2 * 3 * 2048 * 64 * 2
     assert fp16 / q.nbytes >= 3.5, fp16 / q.nbytes
-    calib2 = LayerCalibration(calib.key_range, torch.linspace(-1, 1, 4).repeat(2, 1))
+    calib2 = LayerCalibration(calib.key_range, default_levels(preset("kv2")))
     q2 = QuantKVCache(preset("kv2"), 1, 3, 2048, 64, calib2)
     assert q2.nbytes < q.nbytes
 

@@ -41,7 +41,8 @@ def test_speculative_greedy_identical_on_real_prompts(llm):
 
 def test_kv4_cache_perplexity_through_the_cache(smollm2, eval_text):
     from edgetk.data import token_windows
-    from edgetk.runtimes.kv_cache import cache_factory, cached_perplexity, preset
+    from edgetk.data import calibration_windows
+    from edgetk.runtimes.kv_cache import cache_factory, cached_perplexity, calibrate, preset
 
     model = copy.deepcopy(smollm2.model)
     wins = token_windows(smollm2.tokenizer, eval_text, 256, 2)
@@ -49,3 +50,10 @@ def test_kv4_cache_perplexity_through_the_cache(smollm2, eval_text):
     q = cached_perplexity(model, wins, cache_factory(preset("kv4-block")), chunk=64)
     assert q["perplexity"] < fp["perplexity"] + 0.3, (q, fp)
     assert q["kv_cache_bytes"] < fp["kv_cache_bytes"] / 2
+    # the kv4 preset (keys 5 bits, values 3, calibrated on calibration text) against a uniform 4/4 cache
+    # calibrated the same way: same bytes, closer to the fp cache
+    ppl = {}
+    for name, cfg in {"kv4": preset("kv4"), "4/4": preset("kv4").replace(key_bits=0, value_bits=0)}.items():
+        calib = calibrate(model, calibration_windows(smollm2.tokenizer, 2, 256), cfg)
+        ppl[name] = cached_perplexity(model, wins, cache_factory(cfg, calib), chunk=64)["perplexity"]
+    assert ppl["kv4"] < fp["perplexity"] + 0.15 and ppl["kv4"] < ppl["4/4"], (ppl, fp)
