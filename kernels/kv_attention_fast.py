@@ -5,10 +5,12 @@ pthreads created inside the generated code. Per item, for the rep*T queries that
 
 1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
    constant shuffle (bits 2 and 4; other widths: a constant shuffle pairs the two bytes each code touches into
-   `<D x i16>`, then a per-lane shift and mask), mapped through the 2**bits levels (`llvm.masked.gather` from a
-   4-256 entry table), scaled and shifted by the per-channel block statistics (fp16, widened in registers);
-   slots of the fp region are widened from fp16. The key is rotated in registers (RoPE, row p; rotate_half is a constant
-   shuffle) and dotted with every query (`<D x float>` FMA + reassociating reduction).
+   `<D x i16>`, then a per-lane shift and mask), mapped through the 2**bits levels (x86: `vpermps` from the table
+   in registers -- AVX-512 16 lanes, AVX2 8 lanes with one permute per 8 levels and selects on the code's high
+   bits, up to 32 levels; else `llvm.masked.gather`), scaled and shifted by the per-channel block statistics
+   (fp16, widened in registers); slots of the fp region are widened from fp16. The key is rotated in registers
+   (RoPE, row p; rotate_half is a constant shuffle) and dotted with every query (`<D x float>` FMA +
+   reassociating reduction).
 2. softmax per query, vectorised, with an inlined exp (Cody-Waite range reduction + degree-7 polynomial).
 3. values: per slot the codes are dequantized with the per-token group statistics and accumulated into the
    rep*T outputs with the softmax weights.
@@ -49,6 +51,7 @@ class KVSpec:
     vbits: int
     value_group: int
     permvar: bool = False  # levels looked up with vpermps (x86 AVX-512, <= 16 levels, D % 16 == 0)
+    permps: bool = False  # else with 8-lane vpermps + selects (x86 AVX2, <= 32 levels, D % 8 == 0)
 
     def P(self, bits: int) -> int:
         return self.D * bits // 8
@@ -65,6 +68,15 @@ def _permvar_ok(D: int, bits: int) -> bool:
     f = lc.llvm.get_host_cpu_features()
     chunks = D // 16
     return (bits <= 4 and D % 16 == 0 and chunks & (chunks - 1) == 0 and bool(f.get("avx512f"))
+            and lc.llvm.get_process_triple().startswith("x86"))
+
+
+@functools.cache
+def _permps_ok(D: int, bits: int) -> bool:
+    lc._init()
+    chunks = D // 8  # concatenated pairwise: a power of two
+    return (bits <= 5 and D % 8 == 0 and chunks & (chunks - 1) == 0
+            and bool(lc.llvm.get_host_cpu_features().get("avx2"))
             and lc.llvm.get_process_triple().startswith("x86"))
 
 
@@ -117,16 +129,40 @@ class _K:
         order = [k * P + i for i in range(P) for k in range(per)]  # code d = i*per + k
         return b.zext(self.shuffle(parts[0], parts[0], order), _vt(s.D, lc.I32))
 
-    def lookup(self, table, codes):
-        """<D x float> = table[codes]: vpermps on 16-code chunks where allowed, else a gather."""
+    def lookup(self, table, codes, bits: int):
+        """<D x float> = table[codes]: vpermps on 16-code chunks (AVX-512) or 8-code chunks (AVX2, one
+        vpermps per 8 levels, picked by the code's high bits) where allowed, else a gather."""
         if not self.s.permvar:
-            return self.g.gather(table, codes, self.s.D)
+            return self._permps(table, codes, bits) if self.s.permps else self.g.gather(table, codes, self.s.D)
         b, D = self.b, self.s.D
         v16 = _vt(16)
         fn = self.g.fn.module.globals.get("llvm.x86.avx512.permvar.sf.512") or ir.Function(
             self.g.fn.module, ir.FunctionType(v16, [v16, _vt(16, lc.I32)]), "llvm.x86.avx512.permvar.sf.512")
         tab = b.load(table, typ=v16, align=4)
         chunks = [b.call(fn, [tab, self.shuffle(codes, codes, range(16 * i, 16 * i + 16))]) for i in range(D // 16)]
+        while len(chunks) > 1:
+            n = chunks[0].type.count
+            chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
+        return chunks[0]
+
+    def _permps(self, table, codes, bits: int):
+        b, D = self.b, self.s.D
+        v8, c8 = _vt(8), _vt(8, lc.I32)
+        m = self.g.fn.module
+        fn = m.globals.get("llvm.x86.avx2.permps") or ir.Function(
+            m, ir.FunctionType(v8, [v8, c8]), "llvm.x86.avx2.permps")
+        tabs = [b.load(b.gep(table, [self.g.i64(8 * t)], source_etype=lc.F32), typ=v8, align=4)
+                for t in range(max(1, (1 << bits) // 8))]
+        chunks = []
+        for i in range(D // 8):
+            c = self.shuffle(codes, codes, range(8 * i, 8 * i + 8))
+            r = b.call(fn, [tabs[0], c])
+            if len(tabs) > 1:
+                hi = b.lshr(c, _const_vec([3] * 8, lc.I32))
+                for t in range(1, len(tabs)):
+                    sel = b.icmp_unsigned("==", hi, _const_vec([t] * 8, lc.I32))
+                    r = b.select(sel, b.call(fn, [tabs[t], c]), r)
+            chunks.append(r)
         while len(chunks) > 1:
             n = chunks[0].type.count
             chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
@@ -234,7 +270,7 @@ def _emit_item(k: _K, tid, item):
                 blk = g.min(b.sdiv(p, k.n(A_KG)), b.sub(k.n(A_NBK), i64(1)))
                 meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, k.n(A_NBK)), blk), i64(2 * D))], source_etype=F16)
                 c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), s.kbits)
-                lv = k.lookup(lev, c)
+                lv = k.lookup(lev, c, s.kbits)
                 scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
                 b.store(g.fma(lv, scale, zero), kvar)
                 k.sparse(kvar, oidx_k, oval_k, cur_k, p)
@@ -264,7 +300,7 @@ def _emit_item(k: _K, tid, item):
                 sc_ = k.half_vec(meta, NG)
                 zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
                 c = k.codes(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), s.vbits)
-                lv = k.lookup(lev1, c)
+                lv = k.lookup(lev1, c, s.vbits)
                 b.store(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar)
                 k.sparse(kvar, oidx_v, oval_v, cur_v, p)
             with other:
@@ -380,7 +416,8 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
     npad = max(W, -(-n // W) * W)
-    spec = KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, max(key_bits, value_bits)))
+    mb = max(key_bits, value_bits)
+    spec = KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb))
     c = lambda t: t.contiguous()  # noqa: E731
     q, k_codes, k_meta, v_codes, v_meta = c(q), c(k_codes), c(k_meta.half()), c(v_codes), c(v_meta.half())
     levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1])).contiguous()

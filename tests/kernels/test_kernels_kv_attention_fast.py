@@ -68,6 +68,16 @@ def test_kv_attention_llvm_matches_reference(case, threads):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("case", ["kv4_gqa", "k5v3_sparse", "kv2_nuq"])
+def test_levels_gather_path_matches_reference(case, monkeypatch):
+    """The level lookup without the AVX2 vpermps path (a masked gather, as on aarch64 / pre-AVX2 hosts)."""
+    monkeypatch.setattr(kf, "_permps_ok", lambda D, bits: False)
+    monkeypatch.setattr(kf, "_permvar_ok", lambda D, bits: False)
+    args = make_case(**CASES[case])
+    torch.testing.assert_close(kf.kv_attention_llvm(*args, n_threads=2), kva.kv_attention_reference(*args),
+                               rtol=1e-5, atol=2e-6)
+
+
 def test_op_selects_llvm_and_falls_back_for_unsorted_sparse_entries():
     args = list(make_case())
     assert table.select("kv_attention", "cpu", "eager").name == "llvm"
