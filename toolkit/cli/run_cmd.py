@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
     def run(model: str = typer.Argument("smollm2-135m", help="zoo name, HF directory, .gguf or artifact"),
             prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
             max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
-            kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantize the KV cache: 2, 3 or 4"),
+            kv_bits: Optional[int] = typer.Option(
+                None, "--kv-bits", help="quantize the KV cache: 2, 3 or 4 bits per number (4: keys 5, values 3)"),
             kv_preset: Optional[str] = typer.Option(None, "--kv-preset", help="kv4, kv3, kv2, kv4-block, kv2-gear"),
             speculative: Optional[str] = typer.Option(None, "--speculative", help="recycling or aded"),
             temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
