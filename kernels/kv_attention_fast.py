@@ -103,6 +103,13 @@ class _K:
     def shuffle(self, a, c, mask):
         return self.b.shuffle_vector(a, c, _const_vec(mask, lc.I32))
 
+    def concat(self, vecs):
+        """One vector of equal-length vectors laid end to end (pairwise; a power-of-two count)."""
+        while len(vecs) > 1:
+            n = vecs[0].type.count
+            vecs = [self.shuffle(vecs[i], vecs[i + 1], range(2 * n)) for i in range(0, len(vecs), 2)]
+        return vecs[0]
+
     def codes(self, ptr, bits: int):
         """<P x i8> at ptr -> <D x i32> codes (little-endian bit stream of `bits`-wide codes)."""
         b, s = self.b, self.s
@@ -123,11 +130,9 @@ class _K:
         per = 8 // bits
         m = ir.Constant(_vt(P, lc.I8), [(1 << bits) - 1] * P)
         parts = [b.and_(b.lshr(raw, ir.Constant(_vt(P, lc.I8), [k * bits] * P)), m) for k in range(per)]
-        while len(parts) > 1:  # concatenate pairwise: parts[k] occupies [k*P, (k+1)*P)
-            n = parts[0].type.count
-            parts = [self.shuffle(parts[i], parts[i + 1], range(2 * n)) for i in range(0, len(parts), 2)]
+        cat = self.concat(parts)  # parts[k] occupies [k*P, (k+1)*P)
         order = [k * P + i for i in range(P) for k in range(per)]  # code d = i*per + k
-        return b.zext(self.shuffle(parts[0], parts[0], order), _vt(s.D, lc.I32))
+        return b.zext(self.shuffle(cat, cat, order), _vt(s.D, lc.I32))
 
     def lookup(self, table, codes, bits: int):
         """<D x float> = table[codes]: vpermps on 16-code chunks (AVX-512) or 8-code chunks (AVX2, one
@@ -140,10 +145,7 @@ class _K:
             self.g.fn.module, ir.FunctionType(v16, [v16, _vt(16, lc.I32)]), "llvm.x86.avx512.permvar.sf.512")
         tab = b.load(table, typ=v16, align=4)
         chunks = [b.call(fn, [tab, self.shuffle(codes, codes, range(16 * i, 16 * i + 16))]) for i in range(D // 16)]
-        while len(chunks) > 1:
-            n = chunks[0].type.count
-            chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
-        return chunks[0]
+        return self.concat(chunks)
 
     def _permps(self, table, codes, bits: int):
         b, D = self.b, self.s.D
@@ -163,10 +165,7 @@ class _K:
                     sel = b.icmp_unsigned("==", hi, _const_vec([t] * 8, lc.I32))
                     r = b.select(sel, b.call(fn, [tabs[t], c]), r)
             chunks.append(r)
-        while len(chunks) > 1:
-            n = chunks[0].type.count
-            chunks = [self.shuffle(chunks[i], chunks[i + 1], range(2 * n)) for i in range(0, len(chunks), 2)]
-        return chunks[0]
+        return self.concat(chunks)
 
     def sparse(self, vec, idx, val, cursor, p):
         """Replace elements of the slot-p vector at `vec` (an alloca) by the sparse entries idx/val
