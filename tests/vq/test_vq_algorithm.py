@@ -157,11 +157,12 @@ def _short_text(body: str = "too short."):
 
 def test_presets_are_registered_with_honest_targets():
     ps = presets()
-    for name in ("vq2", "vq2-res", "vq3", "rtn2-g32", "rtn2-g64"):
+    for name in ("vq2", "vq2-res", "vq3", "vq2-ft", "vq3-ft", "rtn2-g32", "rtn2-g64"):
         assert name in ps and ps[name]
     # bits per weight on the smollm2 shapes (codebooks, scales, outliers included)
     shapes = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
-    for name, lo, hi in (("vq2", 1.9, 2.3), ("vq2-res", 2.1, 2.3), ("vq3", 2.8, 3.1)):
+    for name, lo, hi in (("vq2", 1.9, 2.3), ("vq2-res", 2.1, 2.3), ("vq3", 2.8, 3.1), ("vq2-ft", 1.9, 2.3),
+                         ("vq3-ft", 2.8, 3.1)):
         cfg = resolve_recipe(name)[0]
         bits = sum(cfg.format_for(*s).storage_bits() for s in shapes)
         bpw = bits / sum(a * b for a, b in shapes)
@@ -230,3 +231,53 @@ def test_block_hessians_match_each_layers_own_inputs(tiny_llama):
         torch.testing.assert_close(hs[n], xs.T @ xs / xs.shape[0], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(hs["self_attn.o_proj"], hs["self_attn.q_proj"])
     torch.testing.assert_close(y, runner.forward_block(block, x))
+
+
+def test_end_to_end_stage_lowers_kl_and_keeps_the_codes(tiny_llama):
+    """The end-to-end stage moves codebooks/scales/norms towards the fp model's distribution; codes and bits stay."""
+    from edgetk.compress.vq_finetune import _eval_kl, _TrainableVQ, finetune_vq_model, teacher_copy
+    from edgetk.compress.vq_linear import VQLinear
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    teacher = teacher_copy(lm.model)
+    rep = compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)[0]
+    codes = {n: m.codes.clone() for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
+    bits = rep.totals["bits_per_weight"]
+    before_all = _eval_kl(lm.model, teacher, calib, 2)
+    rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2)
+    assert rec["stage"] == "model.e2e" and rec["kept"] and rec["after"] < rec["before"]
+    assert _eval_kl(lm.model, teacher, calib, 2) < before_all
+    mods = {n: m for n, m in lm.model.named_modules() if isinstance(m, (VQLinear, _TrainableVQ))}
+    assert set(mods) == set(codes) and all(type(m) is VQLinear for m in mods.values())  # packed again
+    for n, m in mods.items():
+        assert torch.equal(m.codes, codes[n]), n
+        assert m.codebooks.dtype == torch.float16
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # the stand-in computes exactly the packed module's dense weight
+    m = next(iter(mods.values()))
+    assert torch.allclose(_TrainableVQ(m).weight(), m.dequantize(), atol=1e-6)
+    # a worse result is not kept: lr so large the KL goes up
+    lm2 = _tiny(tiny_llama)
+    compress(lm2, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+    state = copy.deepcopy(lm2.model.state_dict())
+    rec = finetune_vq_model(lm2.model, teacher, calib, steps=3, lr=5.0, batch=2, seed=0, n_eval=2)
+    assert not rec["kept"] and rec["after"] == rec["before"]
+    for k, v in lm2.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_end_to_end_stage_through_compress_and_refused_from_disk(tiny_llama):
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    cfg = VQConfig(vec_len=4, codebook_size=16, e2e_steps=4, e2e_lr=3e-3, **FAST)
+    lm = _tiny(tiny_llama)
+    rep = compress(lm, cfg, calib=calib)[0]
+    e2e = [s for s in rep.stages if s["stage"] == "model.e2e"]
+    assert len(e2e) == 1 and e2e[0]["after"] <= e2e[0]["before"]
+    from edgetk.compress.vq import apply_vq
+
+    lm = _tiny(tiny_llama)
+    with pytest.raises(ConfigError, match="whole model in memory"):
+        apply_vq(lm, cfg, calib, runner_kw={"load_block": lambda i: lm.model.model.layers[i]})
+    with pytest.raises(ConfigError, match="e2e_steps"):
+        VQConfig(e2e_steps=-1)

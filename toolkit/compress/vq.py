@@ -14,9 +14,14 @@ Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
    a code only where it lowers that loss;
 6. block stage: codebooks and scales of all the block's layers tuned by Adam on the block's output MSE
    against the fp block on the same inputs, then a discrete re-assignment accepted only if the block loss
-   drops.
+   drops;
+7. end-to-end stage (`e2e_steps`, vq_finetune.py): after all blocks, codebooks, scales, outliers and RMSNorm
+   weights of the whole model tuned by Adam on the KL divergence from the fp model's next-token distribution
+   (AQLM's global fine-tuning, PV-Tuning's continuous step); kept only if the held-out KL drops.
 
 Blocks are processed one at a time (`BlockRunner`): only one block and its calibration activations live.
+The end-to-end stage is the exception: it needs the whole model and an fp copy (the teacher) in memory, so
+it refuses blocks streamed from disk.
 """
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ from torch import nn
 from edgetk.kernels.codebook_gemm import CodebookFormat
 
 from ..config import Config, check, config
+from ..errors import ConfigError
 from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
 from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, chol_inv_upper, kmeans,
                     param_count, set_module, weight_totals)
+from .vq_finetune import finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear
 
 
@@ -52,6 +59,10 @@ class VQConfig(Config):
     block_steps: int = 0  # Adam steps on the block output loss (0 = off)
     block_lr: float = 1e-3
     block_batch: int = 4
+    e2e_steps: int = 0  # Adam steps of end-to-end distillation (KL to the fp model) after all blocks (0 = off)
+    e2e_lr: float = 1e-4
+    e2e_batch: int = 2
+    e2e_norms: bool = True  # also tune the RMSNorm weights (fp, not counted in the quantized layers' bits)
     calib_samples: int = 64  # calibration windows used (of those drawn)
     seed: int = 0
     layers: tuple = QUANT_LINEARS
@@ -67,6 +78,8 @@ class VQConfig(Config):
         check(0 <= self.damp < 1, "damp", self.damp, "in [0, 1)")
         check(self.refine_rounds >= 0 and self.cg_iters >= 0 and self.block_steps >= 0, "refine_rounds",
               self.refine_rounds, "non-negative (also cg_iters, block_steps)")
+        check(self.e2e_steps >= 0 and self.e2e_batch >= 1 and self.e2e_lr > 0, "e2e_steps", self.e2e_steps,
+              "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
         check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
@@ -464,6 +477,13 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
         for i, layer in enumerate(model.model.layers):
             for name in cfg.layers:
                 check_finite(f"model.layers.{i}.{name}", layer.get_submodule(name).weight)
+    teacher = None
+    if cfg.e2e_steps:
+        if runner.load_block is not None:
+            raise ConfigError("end-to-end fine-tuning (e2e_steps > 0) needs the whole model in memory, but the "
+                              "blocks are streamed from disk", hint="use a preset without end-to-end fine-tuning "
+                              "(vq2) or set e2e_steps=0 for models larger than RAM")
+        teacher = teacher_copy(model)
     report = CompressionReport("vq", cfg.to_dict())
     acc = {"bits": 0, "weights": 0}
 
@@ -471,6 +491,10 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
         return quantize_block(i, block, x, cfg, runner, report, acc)
 
     runner.run(process, track_fn=lambda it, d, n: track(it, "vq blocks", n))
+    if teacher is not None:
+        report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
+                                               cfg.seed, tune_norms=cfg.e2e_norms))
+        del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
     report.totals["calibration"] = {"windows": int(calib.shape[0]), "tokens_per_window": int(calib.shape[1])}
     return report
@@ -486,5 +510,10 @@ _preset("vq2-res", "VQ v=8, 2 residual codebooks of 256 + 4 fp16 outlier columns
         vec_len=8, codebook_size=256, stages=2, outliers=4, refine_rounds=1, kmeans_iters=10)
 _preset("vq3", "VQ v=2 K=64 (6-bit codes) + fp16 per-channel scale (~3.03 bpw)", vec_len=2, codebook_size=64,
         refine_rounds=1, kmeans_iters=10)
-_preset("vq2-ft", "vq2 + block-output fine-tuning of codebooks/scales (slower)", vec_len=4, codebook_size=256,
-        refine_rounds=1, kmeans_iters=10, block_steps=20, block_batch=2)
+_preset("vq2-ft", "vq2 + block-output fine-tuning (20 steps per block) + end-to-end distillation of codebooks, "
+        "scales and norms to the fp model (100 steps; slower, needs the model in memory)", vec_len=4,
+        codebook_size=256, refine_rounds=1, kmeans_iters=10, block_steps=20, block_batch=2, e2e_steps=100,
+        e2e_lr=1e-3, e2e_batch=2)
+_preset("vq3-ft", "vq3 + the fine-tuning stages of vq2-ft (block output, then end-to-end distillation; slower, needs "
+        "the model in memory)", vec_len=2, codebook_size=64, refine_rounds=1, kmeans_iters=10, block_steps=20,
+        block_batch=2, e2e_steps=100, e2e_lr=1e-3, e2e_batch=2)

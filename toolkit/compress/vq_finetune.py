@@ -1,0 +1,172 @@
+"""End-to-end fine-tuning of a VQ model's continuous parameters (AQLM global fine-tuning / PV-Tuning's P step).
+
+After every block was quantized on its own (vq.py), the errors of the blocks compound. This stage trains what
+is continuous — codebooks, per-channel scales, outlier columns and the RMSNorm weights — on the KL divergence
+of the quantized model's next-token distribution from the fp model's, over the calibration windows. The codes
+(the discrete mapping) stay fixed, so the bits per weight do not change.
+
+Each `VQLinear` is swapped for a `_TrainableVQ` stand-in holding float32 copies of its parameters and the
+unpacked codes; its forward builds the dense weight (training only; the inference path never does) and the
+stand-ins are swapped back for packed modules (fp16 storage) at the end. The result is kept only if the KL,
+measured on held-out calibration windows after the fp16 rounding, went down.
+
+Needs the whole model (and the fp teacher) in memory: blocks streamed from disk cannot take this stage.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..progress import track
+from .calib import set_module
+from .vq_linear import VQLinear
+
+log = logging.getLogger(__name__)
+
+
+class _TrainableVQ(nn.Module):
+    """Differentiable stand-in of a `VQLinear`: same format, float32 codebooks / scale / outliers, fixed codes."""
+
+    def __init__(self, m: VQLinear):
+        super().__init__()
+        f = self.fmt = m.fmt
+        self.in_features, self.out_features = f.in_features, f.out_features
+        self.register_buffer("codes", m.unpacked_codes().long())  # [S, out, n_vec]
+        self.register_buffer("perm", m.perm.to(torch.int64))
+        g_of_row = torch.arange(f.out_features) // (f.out_features // f.groups)
+        self.register_buffer("g_of_row", g_of_row)
+        self.codebooks = nn.Parameter(m.codebooks.float().clone())
+        # scales are tuned relative to their start (one learning rate fits codebooks, outliers and scales)
+        self.register_buffer("scale0", m.scale.float().clone() if f.has_scale else torch.zeros(0))
+        self.scale_rel = nn.Parameter(torch.ones(f.out_features)) if f.has_scale else None
+        self.outlier_w = nn.Parameter(m.outlier_w.float().clone()) if f.n_outliers else None
+        self.bias = m.bias.float().clone() if f.has_bias else None
+        if f.n_outliers:  # stored order (outliers first) -> original column order
+            self.register_buffer("inv_perm", torch.argsort(self.perm))
+
+    def weight(self) -> torch.Tensor:
+        f = self.fmt
+        wq = sum(self.codebooks[s][self.g_of_row[:, None], self.codes[s]] for s in range(f.stages))
+        wq = wq.reshape(f.out_features, -1)[:, :f.in_q]
+        if f.n_outliers:
+            wq = torch.cat([self.outlier_w, wq], 1)[:, self.inv_perm]
+        return wq * self.scale()[:, None] if f.has_scale else wq
+
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * self.scale_rel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+    def to_vq(self) -> VQLinear:
+        return VQLinear.from_parts(self.fmt, self.codes, self.codebooks.detach(), self.perm,
+                                   None if self.outlier_w is None else self.outlier_w.detach(),
+                                   self.scale().detach() if self.fmt.has_scale else None, self.bias)
+
+    @torch.no_grad()
+    def round_fp16(self) -> None:
+        """Make the float32 copies hold exactly what the fp16 buffers will."""
+        for p in (self.codebooks, self.outlier_w):
+            if p is not None:
+                p.copy_(p.half().float())
+        if self.fmt.has_scale:
+            self.scale0.copy_(self.scale().half().float())
+            self.scale_rel.fill_(1.0)
+
+
+def _kl(student: nn.Module, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student)."""
+    logq = F.log_softmax(student(tokens).float(), -1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _teacher_logp(teacher: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(teacher(tokens).float(), -1)
+
+
+@torch.no_grad()
+def _eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch: int) -> float:
+    tot = 0.0
+    for i in range(0, windows.shape[0], batch):
+        w = windows[i:i + batch]
+        tot += float(_kl(model, _teacher_logp(teacher, w), w)) * w.shape[0]
+    return tot / windows.shape[0]
+
+
+def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
+                      batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4) -> dict:
+    """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
+
+    The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
+    more than n_eval windows; otherwise all windows serve both). Returns the stage record
+    {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool}."""
+    n = calib.shape[0]
+    hold = n_eval if n > n_eval else 0
+    train, held = (calib[:n - hold], calib[n - hold:]) if hold else (calib, calib)
+    names = [name for name, m in model.named_modules() if isinstance(m, VQLinear)]
+    originals = {name: model.get_submodule(name) for name in names}
+    stand_ins = {name: _TrainableVQ(m) for name, m in originals.items()}
+    norms = [p for name, p in model.named_parameters() if tune_norms and "norm" in name]
+    saved_norms = [p.detach().clone() for p in norms]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for name, m in stand_ins.items():
+        set_module(model, name, m)
+    params = [p for m in stand_ins.values() for p in m.parameters()] + norms
+    for p in norms:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        before = _eval_kl(model, teacher, held, batch)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+        model.train(False)
+        for _ in track(range(steps), "vq fine-tune (end to end)", steps):
+            idx = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
+            w = train[idx]
+            loss = _kl(model, _teacher_logp(teacher, w), w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        for m in stand_ins.values():
+            m.round_fp16()
+        after = _eval_kl(model, teacher, held, batch)
+        kept = after < before
+        if kept:
+            for name, m in stand_ins.items():
+                set_module(model, name, m.to_vq())
+        else:
+            log.info("end-to-end fine-tuning did not lower the held-out KL (%.4f -> %.4f): kept the block result",
+                     before, after)
+            for name, m in originals.items():
+                set_module(model, name, m)
+            with torch.no_grad():
+                for p, old in zip(norms, saved_norms):
+                    p.copy_(old)
+    except BaseException:
+        for name, m in originals.items():  # never leave stand-ins in the model
+            set_module(model, name, m)
+        with torch.no_grad():
+            for p, old in zip(norms, saved_norms):
+                p.copy_(old)
+        raise
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+    return {"stage": "model.e2e", "before": before, "after": after if kept else before, "steps": steps,
+            "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0}
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A frozen fp copy of the model before quantization (the distillation teacher)."""
+    t = copy.deepcopy(model)
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t.eval()
