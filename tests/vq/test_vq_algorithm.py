@@ -281,3 +281,31 @@ def test_end_to_end_stage_through_compress_and_refused_from_disk(tiny_llama):
         apply_vq(lm, cfg, calib, runner_kw={"load_block": lambda i: lm.model.model.layers[i]})
     with pytest.raises(ConfigError, match="e2e_steps"):
         VQConfig(e2e_steps=-1)
+
+
+def test_end_to_end_code_step_moves_a_bounded_fraction_of_codes(tiny_llama):
+    """The linearized discrete step (PV-Tuning) switches codes along the gradient, at most `code_frac` per call."""
+    from edgetk.compress.vq_finetune import _TrainableVQ, finetune_vq_model, teacher_copy
+    from edgetk.compress.vq_linear import VQLinear
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    teacher = teacher_copy(lm.model)
+    compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+    name, vq = next((n, m) for n, m in lm.model.named_modules() if isinstance(m, VQLinear))
+    # one layer by hand: a gradient pointing from each weight towards another codeword flips codes
+    t = _TrainableVQ(vq)
+    n_vec = t.codes.shape[1] * t.codes.shape[2]
+    assert t.code_step(0.5, 0.1) == 0  # no gradients seen: nothing moves
+    t._accumulate(torch.randn(vq.out_features, vq.in_features, generator=torch.Generator().manual_seed(0)))
+    before = t.codes.clone()
+    changed = t.code_step(2.0, 0.1)
+    assert 0 < changed <= max(1, int(0.1 * n_vec)) and int((t.codes != before).sum()) == changed
+    assert t.code_step(2.0, 0.1) == 0  # statistics were cleared
+    codes = {n: m.codes.clone() for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
+    rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2, code_every=3,
+                            code_eta=0.5, code_frac=0.05)
+    assert rec["after"] <= rec["before"]
+    # kept: the codes that differ were moved by the code steps; not kept: every code is back where it was
+    moved = sum(int((m.codes != codes[n]).sum()) for n, m in lm.model.named_modules() if isinstance(m, VQLinear))
+    assert moved <= rec["codes_changed"] and (rec["kept"] or moved == 0)

@@ -60,7 +60,62 @@ class _TrainableVQ(nn.Module):
         return self.scale0 * self.scale_rel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(), self.bias)
+        w = self.weight()
+        if self.track_codes and w.requires_grad:
+            w.register_hook(self._accumulate)
+        return F.linear(x, w, self.bias)
+
+    # -- discrete step (PV-Tuning's linearized V step) -------------------------------------------------
+    track_codes = False
+
+    def _accumulate(self, g: torch.Tensor) -> None:
+        if getattr(self, "g_sum", None) is None:
+            self.g_sum, self.g2_sum, self.n_grads = torch.zeros_like(g), torch.zeros_like(g), 0
+        self.g_sum += g
+        self.g2_sum += g * g
+        self.n_grads += 1
+
+    @torch.no_grad()
+    def code_step(self, eta: float, frac: float) -> int:
+        """Move codes towards q - eta * (RMS-normalized mean gradient), in the normalized (codebook) units.
+
+        For every code vector, the nearest codeword to that target; of the vectors whose nearest codeword
+        changes, only the `frac` of all vectors that gain the most distance are switched (a trust region).
+        Returns the number of codes changed; clears the gradient statistics."""
+        if getattr(self, "g_sum", None) is None or not self.n_grads:
+            return 0
+        f = self.fmt
+        g = self.g_sum / self.n_grads
+        gn = g / ((self.g2_sum / self.n_grads).sqrt() + 1e-20)  # in [-1, 1] per weight
+        self.g_sum = self.g2_sum = None
+        self.n_grads = 0
+        if f.n_outliers:
+            gn = gn[:, self.perm]  # stored order: outliers first
+        gq = gn[:, f.n_outliers:]
+        gq = F.pad(gq, (0, f.n_vec * f.vec_len - f.in_q)).reshape(f.out_features, f.n_vec, f.vec_len)
+        changed = 0
+        budget = max(1, int(frac * f.out_features * f.n_vec))
+        for s in range(f.stages):
+            cb = self.codebooks[s].detach()  # [G, K, v]
+            cur = cb[self.g_of_row[:, None], self.codes[s]]  # [out, n_vec, v]
+            target = cur - eta * gq
+            best = torch.empty_like(self.codes[s])
+            gain = torch.empty(cur.shape[:2])
+            for g0 in range(cb.shape[0]):
+                rows = (self.g_of_row == g0).nonzero().flatten()
+                t = target[rows].reshape(-1, f.vec_len)
+                d = (t * t).sum(1, keepdim=True) - 2 * t @ cb[g0].T + (cb[g0] * cb[g0]).sum(1)[None]
+                dk, k = d.min(1)
+                d_cur = ((t - cur[rows].reshape(-1, f.vec_len)) ** 2).sum(1)
+                best[rows] = k.view(len(rows), -1)
+                gain[rows] = (d_cur - dk).view(len(rows), -1)
+            move = (best != self.codes[s]) & (gain > 0)
+            if int(move.sum()) > budget:
+                thr = gain[move].topk(budget).values[-1]
+                move &= gain >= thr
+            self.codes[s] = torch.where(move, best, self.codes[s])
+            changed += int(move.sum())
+        return changed
 
     def to_vq(self) -> VQLinear:
         return VQLinear.from_parts(self.fmt, self.codes, self.codebooks.detach(), self.perm,
@@ -99,10 +154,12 @@ def _eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch:
 
 
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
-                      batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4) -> dict:
+                      batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
+                      code_eta: float = 0.2, code_frac: float = 0.01) -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
-    The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
+    With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
+    gradients of those steps). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
     {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool}."""
     n = calib.shape[0]
@@ -117,6 +174,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     for p, _ in frozen:
         p.requires_grad_(False)
     for name, m in stand_ins.items():
+        m.track_codes = code_every > 0
         set_module(model, name, m)
     params = [p for m in stand_ins.values() for p in m.parameters()] + norms
     for p in norms:
@@ -127,7 +185,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
         model.train(False)
-        for _ in track(range(steps), "vq fine-tune (end to end)", steps):
+        codes_changed = 0
+        for step in track(range(steps), "vq fine-tune (end to end)", steps):
             idx = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
             w = train[idx]
             loss = _kl(model, _teacher_logp(teacher, w), w)
@@ -135,6 +194,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             loss.backward()
             opt.step()
             sched.step()
+            if code_every and (step + 1) % code_every == 0 and step + 1 < steps:
+                codes_changed += sum(m.code_step(code_eta, code_frac) for m in stand_ins.values())
         for m in stand_ins.values():
             m.round_fp16()
         after = _eval_kl(model, teacher, held, batch)
@@ -161,7 +222,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         for p, req in frozen:
             p.requires_grad_(req)
     return {"stage": "model.e2e", "before": before, "after": after if kept else before, "steps": steps,
-            "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0}
+            "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0,
+            "codes_changed": codes_changed if kept else 0}
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:
