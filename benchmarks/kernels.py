@@ -6,7 +6,9 @@ Cases (one JSON line each, then a table):
 * `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB; the faster).
 * `gemv`: 2-bit codebook GEMV (vec_len 4, 256 codewords, 8-bit codes) on 4096x4096 and every linear shape of
   smollm2-135m, 1 and 2 threads, cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
-  kernel called directly (`llvm_codebook.gemv`) and through `torch.ops.edgetk.codebook_gemm`, onnxruntime
+  batch-1 kernel called directly (`edgetk` = the one the op picks here: the int8 LUT of `llvm_codebook_q8` on
+  AVX-512 VBMI hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
+  each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm`, onnxruntime
   `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
@@ -33,7 +35,6 @@ from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import kv_attention as kva
 from edgetk.kernels import kv_attention_fast as kvf
 from edgetk.kernels import llvm_codebook as lk
-from edgetk.kernels import llvm_codebook_q16 as q16
 
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 SHAPES = [(4096, 4096), *SMOLLM2]
@@ -124,13 +125,18 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     x2 = x[None]
     f32 = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
     del ps
-    fast = q16.host_ok()
-    ps = [q16.pack_weight(*w, inf, 4, 8) for w in ws] if fast else []
-    ours = timed_cycles(lambda p: q16.gemv(p, x), ps, reps) if fast else f32
-    del ps
+    luts = {}  # the batch-1 LUT kernels this host runs, preferred first (the op's default is the first)
+    for name in lk.LUT_KERNELS:
+        mod = lk.lut_kernel(name)
+        if mod.host_ok():
+            ps = [mod.pack_weight(*w, inf, 4, 8) for w in ws]
+            luts[name] = timed_cycles(lambda p: mod.gemv(p, x), ps, reps)
+            del ps
+    kernel = next(iter(luts), "f32")
+    ours = luts.get(kernel, f32)
     op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, 8), ws, reps)
-    lk._CACHE._d.clear()
-    lk._CACHE_FAST._d.clear()
+    for cache in (lk._CACHE, *lk._CACHE_LUT.values()):
+        cache._d.clear()
     n_lin = max(2, math.ceil(mb * MB / (out * inf * 4)))
     lin_w = [torch.randn(out, inf) for _ in range(n_lin)]
     lin = timed_cycles(lambda w: F.linear(x2, w), lin_w, reps)
@@ -147,8 +153,9 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     gbs = stored / med / 1e3
     return {"case": "gemv", "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
             "cycled_MB": n * code_bytes / MB, "bits_per_weight": cg.CodebookFormat(out, inf).bits_per_weight(),
-            "kernel": "q16" if fast else "f32", "threads_used": used,
-            "edgetk_us": ours, "edgetk_f32_us": f32, "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
+            "kernel": kernel, "threads_used": used,
+            "edgetk_us": ours, "edgetk_f32_us": f32, **{f"edgetk_{k}_us": v for k, v in luts.items()},
+            "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
             "ort_cycled_MB": n_ort * ort_bytes / MB, "linear_fp32_us": lin,
             "x_vs_ort": ort_t["median_us"] / med, "x_vs_linear": lin["median_us"] / med,
             "op_x_vs_linear": lin["median_us"] / op["median_us"], "GBps": gbs, "bw_frac": gbs / bw,
@@ -207,8 +214,9 @@ def row(r: dict) -> str:
     med = r["edgetk_us"]["median_us"]
     if c == "gemv":
         return (f"gemv {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us "
-                f"(p90 {r['edgetk_us']['p90_us']:.1f}, cpu {r['edgetk_us']['cpu_median_us']:.1f}, "
-                f"f32 {r['edgetk_f32_us']['median_us']:.1f}, op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
+                f"[{r['kernel']}] (p90 {r['edgetk_us']['p90_us']:.1f}, "
+                + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32") if f"edgetk_{k}_us" in r)
+                + f"op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
     if c == "prefill":

@@ -22,9 +22,11 @@ is ``s*n_rb*R*n_vec + jblk*JB*n_rb*R + rb*jl*R + jj*R + i``. Rows are padded to 
 are dropped). A thread therefore streams its rows' codes sequentially within every column block. Codebooks are
 repacked to float32 ``cbT[s][g][t][k]`` (codeword k, component t) so the LUT is built with unit-stride vectors.
 Formats it does not take (non-float32 activations, more than 65536 codewords, malformed tensors) go to
-`codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the int16-LUT kernel of
-`llvm_codebook_q16` where the host has AVX-512BW and K == 256, else the float32 kernels) and "llvm-f32"
-(priority 5: the float32 kernels only, equal to the reference up to summation order).
+`codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the first LUT kernel of
+`LUT_KERNELS` that the host and format allow: the int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI, K <= 256), then
+the int16 LUT of `llvm_codebook_q16` (AVX-512BW, K == 256), else the float32 kernels), "llvm-f32" (priority 5:
+the float32 kernels only, equal to the reference up to summation order) and "llvm-q8" / "llvm-q16" (priority 4:
+batch 1 pinned to that LUT kernel, for tests and benchmarks).
 """
 from __future__ import annotations
 
@@ -344,6 +346,13 @@ class Packed:
         a[A_RPG], a[A_NRB], a[A_IN_F] = self.out_f // self.groups, self.n_rb, self.in_f
         return a
 
+    def argv(self):
+        """A fresh ctypes copy of the static argument block (the template is built once per weight)."""
+        t = self.__dict__.get("_argv")
+        if t is None:
+            t = self.__dict__["_argv"] = (ctypes.c_int64 * N_ARGS)(*self.static_args())
+        return type(t).from_buffer_copy(t)
+
 
 def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: KernelSpec) -> torch.Tensor:
     """Stored codes [S, out, row_bytes] -> the kernel layout codes_r (see the module docstring)."""
@@ -413,8 +422,20 @@ class _PackCache:
 
 
 _CACHE = _PackCache()
-_CACHE_FAST = _PackCache()
-_FAST_GEMV: list = []  # (pack_weight, gemv) of a faster batch-1 kernel for this host (llvm_codebook_q16)
+LUT_KERNELS = ("q8", "q16")  # batch-1 LUT kernels, preferred first (llvm_codebook_q8, llvm_codebook_q16)
+_CACHE_LUT = {name: _PackCache() for name in LUT_KERNELS}
+
+
+@functools.cache
+def lut_kernel(name: str):
+    """The module of batch-1 LUT kernel `name` (pack_weight, gemv, host_ok), imported on first use."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.llvm_codebook_{name}")
+
+
+def lut_available(name: str) -> bool:
+    return available() and lut_kernel(name).host_ok()
 
 
 def _threads(p: Packed, n_threads: int | None) -> int:
@@ -434,15 +455,22 @@ def gemm_stride(p: Packed) -> int:
     return n + (-n % 64)
 
 
+def launch(p: Packed, fn, x: torch.Tensor, stride: int, n_threads: int | None) -> torch.Tensor:
+    """Run the batch-1 kernel `fn` (a compiled `*_work_par`) for one input vector x [in] -> y [out].
+
+    `stride`: scratch bytes per thread. Shared by the float32, int16- and int8-LUT gemv kernels."""
+    nt = _threads(p, n_threads)
+    scr = lc.scratch(stride * nt)
+    y = torch.empty(p.n_rb * p.spec.R, dtype=torch.float32)
+    a = p.argv()
+    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), stride
+    fn(a, p.n_rb, nt)
+    return y if p.n_rb * p.spec.R == p.out_f else y[:p.out_f].clone()
+
+
 def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """One input vector x [in] (float32, contiguous) -> y [out]."""
-    spec, nt, stride = p.spec, _threads(p, n_threads), gemv_stride(p)
-    scr = lc.scratch(stride * nt)
-    y = torch.empty(p.n_rb * spec.R, dtype=torch.float32)
-    a = p.static_args()
-    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), stride
-    compiled(spec)["gemv"]((ctypes.c_int64 * N_ARGS)(*a), p.n_rb, nt)
-    return y if y.numel() == p.out_f else y[:p.out_f].clone()
+    return launch(p, compiled(p.spec)["gemv"], x, gemv_stride(p), n_threads)
 
 
 def gemm_inputs(p: Packed, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,22 +507,27 @@ def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Ten
 
 
 def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
-                       n_threads: int | None = None, exact: bool = False):
+                       n_threads: int | None = None, exact: bool = False, lut: tuple[str, ...] = LUT_KERNELS):
     """Same signature and result as `codebook_gemm_reference`; formats it does not take go there.
 
-    exact=False lets batch-1 calls use the int16-LUT kernel (llvm_codebook_q16) where the host and format
-    allow it (relative error ~1e-5 of the output range); exact=True keeps the float32 LUT everywhere.
+    Batch-1 calls use the first kernel of `lut` that this host runs and that takes the format: "q8" (int8 LUT,
+    llvm_codebook_q8: SNR ~38 dB against the reference, like int8 activations) or "q16" (int16 LUT,
+    llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the float32 LUT
+    everywhere (equal to the reference up to summation order).
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
         return codebook_gemm_reference(*args)
     tensors = (codes, codebooks, perm, outlier_w, scale, bias)
     rows = x.numel() // in_features
-    if rows == 1 and _FAST_GEMV and not exact:
-        pack_fast, gemv_fast = _FAST_GEMV
-        pq = _CACHE_FAST.get(tensors, lambda: pack_fast(*tensors, in_features, vec_len, code_bits))
-        if pq is not None:
-            return gemv_fast(pq, x.reshape(in_features).contiguous(), n_threads).reshape(*x.shape[:-1], -1)
+    if rows == 1 and not exact:
+        for name in lut:
+            mod = lut_kernel(name)
+            if not mod.host_ok():
+                continue
+            pq = _CACHE_LUT[name].get(tensors, lambda: mod.pack_weight(*tensors, in_features, vec_len, code_bits))
+            if pq is not None:
+                return mod.gemv(pq, x.reshape(in_features).contiguous(), n_threads).reshape(*x.shape[:-1], -1)
     p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
     if p is None:
         return codebook_gemm_reference(*args)
@@ -511,8 +544,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
 table.register("codebook_gemm", "cpu", "eager", "llvm", codebook_gemm_llvm, priority=10, available=available)
 table.register("codebook_gemm", "cpu", "eager", "llvm-f32", functools.partial(codebook_gemm_llvm, exact=True),
                priority=5, available=available)
-
-from . import llvm_codebook_q16 as _q16  # noqa: E402  (registers the int16-LUT gemv where the host has it)
-
-if _q16.host_ok():
-    _FAST_GEMV[:] = [_q16.pack_weight, _q16.gemv]
+for _name in LUT_KERNELS:  # pinned LUT kernels (tests, benchmarks): batch 1 only through that kernel
+    table.register("codebook_gemm", "cpu", "eager", f"llvm-{_name}",
+                   functools.partial(codebook_gemm_llvm, lut=(_name,)), priority=4,
+                   available=functools.partial(lut_available, _name))

@@ -14,7 +14,6 @@ codes of a thread's rows are contiguous.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 
@@ -198,10 +197,4 @@ def stride(p: lk.Packed) -> int:
 
 
 def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    nt, st = lk._threads(p, n_threads), stride(p)
-    scr = lc.scratch(st * nt)
-    y = torch.empty(p.n_rb * R, dtype=torch.float32)
-    a = p.static_args()
-    a[lk.A_X], a[lk.A_Y], a[lk.A_SCR], a[lk.A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), st
-    compiled(p.spec)((ctypes.c_int64 * lk.N_ARGS)(*a), p.n_rb, nt)
-    return y if y.numel() == p.out_f else y[:p.out_f].clone()
+    return lk.launch(p, compiled(p.spec), x, stride(p), n_threads)

@@ -1,6 +1,7 @@
 """Cross-check of the llvmlite codebook kernels on aarch64 (NEON) under qemu-user.
 
-The same generator as the host JIT (`edgetk.kernels.llvm_codebook.build_module`) emits an aarch64 ELF object;
+The same generators as the host JIT (`edgetk.kernels.llvm_codebook.build_module`, and the NEON `tbl` int8-LUT gemv of
+`edgetk.kernels.llvm_codebook_q8.build_module`) emit an aarch64 ELF object;
 `codebook_check.c` (this folder) is linked against it with `aarch64-linux-gnu-gcc` and run with
 `qemu-aarch64 -L /usr/aarch64-linux-gnu`. Each case ships the kernel's argument block and one blob holding every
 input (repacked codes, float32 codebooks, x, scratch): pointer arguments are blob offsets that the C program
@@ -18,6 +19,7 @@ import torch
 
 from edgetk.errors import DeviceError
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_common as lc
 
 TRIPLE = "aarch64-unknown-linux-gnu"
@@ -33,11 +35,13 @@ def tools_available() -> bool:
     return shutil.which(CC) is not None and shutil.which("qemu-aarch64") is not None
 
 
-def build(spec: lk.KernelSpec, workdir: Path) -> Path:
-    """Emit the aarch64 object for `spec`, link the check program, return its path."""
+def build(spec: lk.KernelSpec, workdir: Path, kernel: str = "f32") -> Path:
+    """Emit the aarch64 object for `spec` (kernel "f32": gemv + gemm; "q8": the NEON int8-LUT gemv), link the check
+    program, return its path."""
     workdir.mkdir(parents=True, exist_ok=True)
     obj = workdir / "codebook_kernels.o"
-    obj.write_bytes(lc.emit_object(lk.build_module(spec, TRIPLE), TRIPLE))
+    mod = q8.build_module(spec, "neon", TRIPLE) if kernel == "q8" else lk.build_module(spec, TRIPLE)
+    obj.write_bytes(lc.emit_object(mod, TRIPLE))
     exe = workdir / "codebook_check"
     cmd = [CC, "-O2", "-o", str(exe), str(SOURCE), str(obj), "-lpthread", "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -62,13 +66,17 @@ class _Blob:
         return off
 
 
-def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int) -> tuple[int, torch.Tensor | None]:
-    """Serialise one call (gemv when x2 has one row, else gemm); returns (output floats, permuted x for gemm)."""
+def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
+               kernel: str = "f32") -> tuple[int, torch.Tensor | None]:
+    """Serialise one call (gemv when x2 has one row, else gemm; kernel "q8": the int8-LUT gemv); returns (output
+    floats, permuted x for gemm)."""
     blob, a = _Blob([]), p.static_args()
     gemv = x2.shape[0] == 1
     xp = None
+    fn = 2 if kernel == "q8" else 0 if gemv else 1
     if gemv:
-        a[lk.A_X], stride, out_n = blob.add(x2[0]), lk.gemv_stride(p), p.n_rb * p.spec.R
+        stride = q8.stride(p) if kernel == "q8" else lk.gemv_stride(p)
+        a[lk.A_X], out_n = blob.add(x2[0]), p.n_rb * p.spec.R
     else:
         xp, xt = lk.gemm_inputs(p, x2)
         a[lk.A_X], stride, a[lk.A_NBT] = blob.add(xt), lk.gemm_stride(p), xt.shape[0]
@@ -77,15 +85,15 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int) -> tu
     a[lk.A_OW], a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.ow), blob.add(p.scale), blob.add(p.bias)
     a[lk.A_Y], a[lk.A_SCR], a[lk.A_SSTRIDE] = blob.add(None, 4 * out_n), blob.add(None, stride * n_threads), stride
     mask = sum(1 << i for i in PTR_ARGS)
-    head = [MAGIC, 0 if gemv else 1, p.n_rb, n_threads, a[lk.A_Y], 4 * out_n, mask, lk.N_ARGS, *a, blob.size]
+    head = [MAGIC, fn, p.n_rb, n_threads, a[lk.A_Y], 4 * out_n, mask, lk.N_ARGS, *a, blob.size]
     path.write_bytes(struct.pack(f"<{len(head)}q", *head) + b"".join(blob.parts))
     return out_n, xp
 
 
-def run(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path) -> torch.Tensor:
+def run(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path, kernel: str = "f32") -> torch.Tensor:
     """y [B, out] computed by the aarch64 kernel under qemu."""
     case, out = workdir / "case.bin", workdir / "out.bin"
-    out_n, xp = write_case(case, p, x2, n_threads)
+    out_n, xp = write_case(case, p, x2, n_threads, kernel)
     res = subprocess.run(["qemu-aarch64", "-L", SYSROOT, str(exe), str(case), str(out)],
                          capture_output=True, text=True, timeout=300)
     if res.returncode:

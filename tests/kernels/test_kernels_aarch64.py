@@ -7,9 +7,10 @@ import torch
 from edgetk.kernels import aarch64_check as ac
 from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_common as lc
 
-from test_kernels_llvm_codebook import SHAPES, check, make_weight
+from test_kernels_llvm_codebook import SHAPES, check, lut_bound, make_weight, snr_db
 
 pytestmark = pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
 
@@ -30,3 +31,23 @@ def test_aarch64_kernel_under_qemu(tmp_path, shape, rows, threads):
     exe = ac.build(p.spec, tmp_path)
     x = torch.randn(rows, inf)
     check(ac.run(exe, p, x, threads, tmp_path), cg.codebook_gemm_reference(x, *w, inf, v, bits))
+
+
+def test_q8_object_uses_neon_table_lookups():
+    spec = q8.make_spec(4, 256, 1, 64, False, isa="neon")
+    asm = lc.emit_assembly(q8.build_module(spec, "neon", ac.TRIPLE), ac.TRIPLE)
+    assert asm.count("tbl\t") >= 1 and asm.count("tbx\t") >= 3  # 256 entries: tbl over 64, then three tbx
+
+
+@pytest.mark.parametrize("shape,threads", [("outliers_perm", 2), ("residual", 1), ("bits5", 2), ("odd", 1)])
+def test_q8_neon_gemv_under_qemu(tmp_path, shape, threads):
+    """The NEON int8-LUT gemv from the same generator as the x86 VBMI one, within the LUT rounding bound."""
+    out, inf, v, K, bits, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape])
+    p = q8.pack_weight(*w, inf, v, bits, isa="neon")
+    exe = ac.build(p.spec, tmp_path, kernel="q8")
+    x = torch.randn(1, inf)
+    y = ac.run(exe, p, x, threads, tmp_path, kernel="q8")
+    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
+    err = (y - ref).abs().max().item()
+    assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX) and snr_db(y, ref) >= 30

@@ -8,6 +8,7 @@ import torch
 
 from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_codebook_q16 as q16
 from edgetk.kernels import table
 
@@ -71,13 +72,49 @@ def test_q16_gemv_within_the_lut_rounding_bound(shape, threads):
     x = torch.randn(1, inf)
     assert q16.pack_weight(*w, inf, v, bits) is not None
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
-    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads)
+    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=("q16",))
     err = (y - ref).abs().max().item()
-    assert 0 < err <= q16_bound(x, w, inf, v), err
+    assert 0 < err <= lut_bound(x, w, inf, v, q16.QMAX), err
 
 
-def q16_bound(x, w, inf, v):
-    """Worst case of the int16 LUT: every looked-up entry off by half a step of the largest block scale."""
+Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128"]
+EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 576, 4, 128, 7, 1, 1, 0, True, False)}
+
+
+@pytest.mark.skipif(not q8.host_ok(), reason="the int8-LUT gemv runs on x86 AVX-512 VBMI or aarch64 hosts")
+@pytest.mark.parametrize("shape", Q8_SHAPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
+    """Default batch-1 path on VBMI hosts: int8 LUT, one scale per 64 inputs -> within the sum of half-steps,
+    and an SNR against the reference like int8 activations (>= 30 dB; measured 37-43 dB)."""
+    cfg = SHAPES.get(shape) or EXTRA[shape]
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
+    x = torch.randn(1, inf)
+    assert q8.pack_weight(*w, inf, v, bits) is not None
+    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
+    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=("q8",))
+    err = (y - ref).abs().max().item()
+    assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX), err
+    assert snr_db(y, ref) >= 30
+    with table.force("llvm"):  # the default batch-1 kernel here is q8
+        assert torch.equal(torch.ops.edgetk.codebook_gemm(x, *w, inf, v, bits), y)
+
+
+def test_q8_declines_formats_it_does_not_take():
+    """Groups whose rows are not whole 64-row tiles and codebooks over 256 entries go to the next kernel."""
+    for shape in ("groups", "groups_odd_rows", "bits12", "bits16"):
+        out, inf, v, K, bits, *_ = SHAPES[shape]
+        w = make_weight(*SHAPES[shape])
+        assert q8.pack_weight(*w, inf, v, bits, isa="avx512vbmi") is None
+        x = torch.randn(1, inf)
+        err = (lk.codebook_gemm_llvm(x, *w, inf, v, bits) - cg.codebook_gemm_reference(x, *w, inf, v, bits)).abs()
+        assert err.max().item() <= default_bound(x, w, inf, v, bits)
+
+
+def lut_bound(x, w, inf, v, qmax):
+    """Worst case of a quantised LUT (|q| <= qmax): every looked-up entry off by half a step of the largest
+    block scale."""
     codes, cb, perm, ow, scale, _ = w
     n_out = ow.shape[1] if ow.numel() else 0
     xp = x[:, perm] if perm.numel() else x
@@ -85,7 +122,19 @@ def q16_bound(x, w, inf, v):
     xq = torch.nn.functional.pad(xp[0, n_out:], (0, n_vec * v - inf + n_out)).view(n_vec, v)
     lut_max = torch.einsum("jv,sgkv->sgjk", xq, cb.float()).abs().max().item()
     row_scale = scale.abs().max().item() if scale.numel() else 1.0
-    return codes.shape[0] * n_vec * lut_max / (2 * q16.QMAX) * row_scale + 1e-5
+    return codes.shape[0] * n_vec * lut_max / (2 * qmax) * row_scale + 1e-5
+
+
+def snr_db(y, ref):
+    return 10 * math.log10(ref.pow(2).mean().item() / (y - ref).pow(2).mean().item())
+
+
+def default_bound(x, w, inf, v, bits):
+    """The error bound of the batch-1 kernel the "llvm" entry picks for this weight on this host."""
+    for mod in (q8, q16):
+        if mod.host_ok() and mod.pack_weight(*w, inf, v, bits) is not None:
+            return lut_bound(x, w, inf, v, mod.QMAX)
+    return 2e-6 * max(1.0, cg.codebook_gemm_reference(x, *w, inf, v, bits).abs().max().item())
 
 
 def test_op_selects_llvm_and_matches_reference():
@@ -100,7 +149,7 @@ def test_op_selects_llvm_and_matches_reference():
     with table.force("llvm-f32"):
         check(torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8), ref[:1])
     err = (torch.ops.edgetk.codebook_gemm(x[:1], *w, 70, 4, 8) - ref[:1]).abs().max().item()
-    assert err <= (q16_bound(x[:1], w, 70, 4) if q16.host_ok() else 2e-6 * ref.abs().max().item())
+    assert err <= default_bound(x[:1], w, 70, 4, 8)
 
 
 def test_large_gemv_two_threads_and_vector_widths():
@@ -116,6 +165,27 @@ def test_large_gemv_two_threads_and_vector_widths():
                       p.out_f, p.in_f, p.n_out, p.n_vec, p.groups, math.ceil(512 / spec.R))
         check(lk.gemv(p, x[0], 2)[None], ref)
         check(lk.gemm(p, x.expand(5, -1).contiguous(), 2), ref.expand(5, -1))
+
+
+def test_q8_repacked_layout_matches_docstring():
+    """Inside each R-byte vector, byte p holds row p // 2 + (R/2) * (p % 2) of the tile; codebooks padded to Kp."""
+    out, inf, v = 130, 100, 4
+    w = make_weight(out, inf, v, 200, 8, 2, 1, 0, False, False)
+    for isa in ("avx512vbmi", "neon"):
+        p = q8.pack_weight(*w, inf, v, 8, isa=isa)
+        R, JB, n_vec, n_rb = p.spec.R, p.spec.JB, p.n_vec, p.n_rb
+        order = q8._x86_order(256) if isa == "avx512vbmi" else torch.arange(256)  # codeword of each LUT slot
+        assert p.spec.K == 256 and p.cbt.shape == (2, 1, v, 256) and sorted(order.tolist()) == list(range(256))
+        assert torch.equal(p.cbt[..., order < 200], w[1].float().permute(0, 1, 3, 2)[..., order[order < 200]])
+        assert not p.cbt[..., order >= 200].any()
+        idx = cg.unpack_codes(w[0], 8, n_vec)
+        flat = p.codes_r.flatten()
+        for st, r, j in [(0, 0, 0), (1, 129, 24), (0, 17, 13), (1, R // 2 + 3, n_vec - 1)]:
+            jblk, jj, rb, i = j // JB, j % JB, r // R, r % R
+            jl = min(JB, n_vec - jblk * JB)
+            byte = 2 * i if i < R // 2 else 2 * (i - R // 2) + 1
+            off = st * n_rb * R * n_vec + jblk * JB * n_rb * R + rb * jl * R + jj * R + byte
+            assert int(flat[off]) == int(idx[st, r, j]), (isa, st, r, j)
 
 
 def test_repacked_layout_matches_docstring():
@@ -141,7 +211,7 @@ def test_in_place_weight_update_invalidates_the_repack():
     ref = cg.codebook_gemm_reference(x, *w, 64, 4, 8)
     check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8, exact=True), ref)
     err = (lk.codebook_gemm_llvm(x, *w, 64, 4, 8) - ref).abs().max().item()
-    assert err <= (q16_bound(x, w, 64, 4) if q16.host_ok() else 2e-6 * ref.abs().max().item())
+    assert err <= default_bound(x, w, 64, 4, 8)
 
 
 def test_unhandled_formats_fall_back_to_the_reference():

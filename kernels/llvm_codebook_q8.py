@@ -1,0 +1,270 @@
+"""Batch-1 codebook GEMV with an int8 lookup table held in registers (llvmlite-generated, x86 AVX-512 VBMI and
+aarch64 NEON from one generator).
+
+Per column block of JB code vectors, the float LUT (dot products of x with every codeword) is quantised to int8
+with one scale per block (|q| <= 127, so |error| <= scale/2 = max|LUT|/254 per entry). The Kp <= 256 entries of
+one column then sit in registers and a whole tile of R output rows is looked up with byte permutes:
+
+* x86 (R = 64, AVX-512 VBMI): `vpermi2b` takes 128 entries from two zmm tables; Kp = 256 is two of them and a
+  select on code bit 7, Kp = 128 one, Kp = 64 one `vpermb`;
+* aarch64 (R = 16, NEON): `tbl` over four q registers (64 entries), then `tbx` for each further 64 entries
+  (out-of-range indices leave the lane unchanged).
+
+The int8 values accumulate in int16 (the even and odd bytes of the R-byte vector split by shifts; JB*127 < 2**15)
+and per block y += float(acc) * scale. One code byte is read per code: the kernel streams the codes once, with no
+gather. Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows
+are a multiple of R; other formats use the float32 kernels (`llvm_codebook`).
+
+Repacked code layout (one-time per weight, cached): the float32 kernels' ``codes_r[s][jblk][rb][jj][i]`` with
+R-row tiles, except that inside each R-byte vector byte p holds row ``p // 2 + (R/2) * (p % 2)`` of the tile
+(even bytes rows 0..R/2-1, odd bytes rows R/2..R-1), so the two int16 accumulators hold rows in order.
+Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64; codes never index padding);
+on aarch64 slot = codeword, on x86 the slots of each 64 are ordered by `_x86_order` so that the in-lane packs that
+turn four 16-float LUT vectors into 64 int8 entries emit them in codeword order.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import llvm_codebook as lk
+from . import llvm_common as lc
+
+ir = lc.ir
+QMAX = 127  # int8 LUT range
+JB_INPUTS = 64  # inputs per LUT scale block (JB = JB_INPUTS // vec_len code vectors, at least 4)
+PREFETCH = 8192  # bytes of codes prefetched ahead of the tile being read (0 = off)
+ACC = "maddubs"
+ISA_R = {"avx512vbmi": 64, "neon": 16}
+
+
+def host_isa() -> str | None:
+    """The int8-LUT instruction set of this host, or None."""
+    lc._init()
+    triple = lc.llvm.get_process_triple()
+    if triple.startswith("aarch64"):
+        return "neon"
+    f = lc.llvm.get_host_cpu_features()
+    return "avx512vbmi" if triple.startswith("x86_64") and f.get("avx512vbmi") and f.get("avx512bw") else None
+
+
+def host_ok() -> bool:
+    return host_isa() is not None
+
+
+def padded_k(K: int) -> int:
+    return 64 * math.ceil(K / 64)
+
+
+def _vec(n, t=lc.F32):
+    return ir.VectorType(t, n)
+
+
+def _intrinsic(mod, name, ret, args):
+    return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
+
+
+def _lookup(g: lc.Gen, isa: str, tables: list, c):
+    """R int8 LUT entries selected by the R codes in `c` (<R x i8>) from Kp/64 tables of 64 entries."""
+    b, mod = g.b, g.fn.module
+    if isa == "avx512vbmi":
+        v = _vec(64, lc.I8)
+        if len(tables) == 1:
+            return b.call(_intrinsic(mod, "llvm.x86.avx512.permvar.qi.512", v, [v, v]), [tables[0], c])
+        p2 = _intrinsic(mod, "llvm.x86.avx512.vpermi2var.qi.512", v, [v, v, v])
+        lo = b.call(p2, [tables[0], c, tables[1]])
+        if len(tables) == 2:
+            return lo
+        hi = b.call(p2, [tables[2], c, tables[3]])
+        return b.select(b.icmp_signed("<", c, ir.Constant(v, [0] * 64)), hi, lo)
+    v = _vec(16, lc.I8)
+    tbl = _intrinsic(mod, "llvm.aarch64.neon.tbl4.v16i8", v, [v] * 5)
+    tbx = _intrinsic(mod, "llvm.aarch64.neon.tbx4.v16i8", v, [v] * 6)
+    quads = [tables[4 * q:4 * q + 4] for q in range(len(tables) // 4)]
+    out = b.call(tbl, [*quads[0], c])
+    for q, quad in enumerate(quads[1:], 1):
+        out = b.call(tbx, [out, *quad, b.sub(c, ir.Constant(v, [64 * q] * 16))])
+    return out
+
+
+def _gen(mod, spec: lk.KernelSpec, isa: str):
+    fn = ir.Function(mod, lc.WORK_TYPE, "q8_work")
+    g = lc.Gen(fn)
+    b = g.b
+    args, tid, rb0, rb1 = fn.args
+    a = lk._Args(g, args)
+    v, i64, Kp, JB, R = spec.vec_len, g.i64, spec.K, spec.JB, spec.R
+    n_vec, n_rb = a.n(lk.A_NVEC), a.n(lk.A_NRB)
+    scr = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)
+    lut = scr  # f32 [JB][Kp]
+    lutq = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # i8 [JB][Kp]
+    xq = b.gep(lutq, [i64(JB * Kp)], source_etype=lc.I8)
+    xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
+    lk._emit_prep_x(g, a, spec, xq, xo)
+    y = a.p(lk.A_Y)
+    r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
+    with g.loop(r0, r1, name="z") as r:
+        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
+    rpg, G = a.n(lk.A_RPG), a.n(lk.A_GROUPS)
+    g0 = b.sdiv(r0, rpg)
+    g1 = g.min(b.add(b.sdiv(b.sub(r1, i64(1)), rpg), i64(1)), G)
+    with g.loop(0, spec.stages, name="s") as s:
+        with g.loop(g0, g1, name="grp") as grp:
+            lo, hi = lk._group_rows(g, a, spec, grp, rb0, rb1)
+            cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(s, G), grp), i64(v * Kp))], source_etype=lc.F32)
+            with g.loop(0, n_vec, step=JB, name="jb") as j0:
+                jl = g.min(i64(JB), b.sub(n_vec, j0))
+                scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lutq, xq, j0, jl)
+                with g.loop(lo, hi, name="rb") as rb:
+                    _emit_tile(g, a, spec, isa, s, lutq, j0, jl, rb, scale)
+    lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
+    b.ret_void()
+    return fn
+
+
+def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq, j0, jl):
+    """Float LUT of the block (tracking its max |entry|), then the int8 LUT; returns the block scale (max / QMAX)."""
+    b, i64, v, Kp = g.b, g.i64, spec.vec_len, spec.K
+    W = 16
+    vw = _vec(W)
+    mod = g.fn.module
+    fabs = _intrinsic(mod, f"llvm.fabs.v{W}f32", vw, [vw])
+    mx = g.var(vw, init=ir.Constant(vw, [0.0] * W), name="mx")
+    with g.loop(0, jl, name="lj") as jj:
+        xs = [g.splat(g.load(lc.F32, xq, b.add(b.mul(b.add(j0, jj), i64(v)), i64(t))), W) for t in range(v)]
+        row = b.gep(lut, [b.mul(jj, i64(Kp))], source_etype=lc.F32)
+        with g.loop(0, Kp, step=W, name="lk") as k:
+            acc = ir.Constant(vw, [0.0] * W)
+            for t in range(v):
+                wp = b.gep(cb_sg, [b.add(k, i64(t * Kp))], source_etype=lc.F32)
+                acc = g.fma(b.load(wp, typ=vw, align=4), xs[t], acc)
+            b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
+            x, cur = b.call(fabs, [acc]), b.load(mx, typ=vw)
+            b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx)
+    m = b.load(mx, typ=vw)
+    for half in (8, 4, 2, 1):
+        sh = b.shuffle_vector(m, m, ir.Constant(_vec(W, lc.I32), list(range(half, 2 * half)) + list(range(half, W))))
+        m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
+    m = b.extract_element(m, ir.Constant(lc.I32, 0))
+    inv = g.splat(b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
+                           b.fdiv(ir.Constant(lc.F32, float(QMAX)), m), ir.Constant(lc.F32, 0.0)), W)
+    n_el = b.mul(jl, i64(Kp))
+    ld = lambda i: b.fmul(b.load(b.gep(lut, [i], source_etype=lc.F32), typ=vw, align=4), inv)  # noqa: E731
+    if isa == "avx512vbmi":  # 64 entries: 4 x cvtps2dq, packssdw x 2, packsswb (lane order undone by `_x86_order`)
+        vi, vs, vb = _vec(W, lc.I32), _vec(32, lc.I16), _vec(64, lc.I8)
+        cvt = _intrinsic(mod, "llvm.x86.avx512.mask.cvtps2dq.512", vi, [vw, vi, lc.I16, lc.I32])
+        pdw = _intrinsic(mod, "llvm.x86.avx512.packssdw.512", vs, [vi, vi])
+        pwb = _intrinsic(mod, "llvm.x86.avx512.packsswb.512", vb, [vs, vs])
+        with g.loop(0, n_el, step=64, name="qz") as i:
+            d = [b.call(cvt, [ld(b.add(i, i64(W * u))), ir.Constant(vi, [0] * W), ir.Constant(lc.I16, -1),
+                              ir.Constant(lc.I32, 4)]) for u in range(4)]
+            q = b.call(pwb, [b.call(pdw, [d[0], d[1]]), b.call(pdw, [d[2], d[3]])])
+            b.store(q, b.gep(lutq, [i], source_etype=lc.I8), align=1)
+    else:
+        rint = _intrinsic(mod, f"llvm.rint.v{W}f32", vw, [vw])
+        with g.loop(0, n_el, step=W, name="qz") as i:
+            b.store(b.fptosi(b.call(rint, [ld(i)]), _vec(W, lc.I8)), b.gep(lutq, [i], source_etype=lc.I8), align=1)
+    return b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
+
+
+def _x86_order(Kp: int) -> torch.Tensor:
+    """Codeword held by each float LUT slot on x86, so that the in-lane packs (packssdw, packsswb) of four 16-float
+    vectors emit the 64 int8 entries in codeword order: slot 16m + 4l + i holds codeword 16l + 4m + i."""
+    s = torch.arange(Kp)
+    base, r = s - s % 64, s % 64
+    m, l, i = r // 16, (r // 4) % 4, r % 4
+    return base + 16 * l + 4 * m + i
+
+
+def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb, scale):
+    """y[tile rb] += scale * sum over the block's columns of LUTq[j][code] (int16 accumulation)."""
+    b, i64, R, Kp = g.b, g.i64, spec.R, spec.K
+    H = R // 2
+    vb, vh = _vec(R, lc.I8), _vec(H, lc.I16)
+    width = 64 if isa == "avx512vbmi" else 16  # table entries per register
+    n_tab = Kp // width
+    tv = _vec(width, lc.I8)
+    cbase = lk._code_base(g, a, spec, s, j0, jl, rb)
+    acc = [g.var(vh, name=f"acc{h}") for h in range(2)]
+    zero = ir.Constant(vh, [0] * H)
+    for h in range(2):
+        b.store(zero, acc[h])
+    eight = ir.Constant(vh, [8] * H)
+    pf = _intrinsic(g.fn.module, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
+    with g.loop(0, jl, name="jj") as jj:
+        cp = b.gep(cbase, [b.mul(jj, i64(R))], source_etype=lc.I8)
+        if PREFETCH and R >= 64:  # one prefetch per 64-byte line (NEON tiles are 16 bytes: left to the hardware)
+            b.call(pf, [b.gep(cp, [i64(PREFETCH)], source_etype=lc.I8), ir.Constant(lc.I32, 0),
+                        ir.Constant(lc.I32, 3), ir.Constant(lc.I32, 1)])
+        c = b.load(cp, typ=vb, align=1)
+        tp = b.gep(lutq, [b.mul(jj, i64(Kp))], source_etype=lc.I8)
+        tabs = [b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1) for t in range(n_tab)]
+        val = _lookup(g, isa, tabs, c)
+        w = b.bitcast(val, vh)
+        b.store(b.add(b.load(acc[0], typ=vh), b.ashr(b.shl(w, eight), eight)), acc[0])
+        b.store(b.add(b.load(acc[1], typ=vh), b.ashr(w, eight)), acc[1])
+    y = a.p(lk.A_Y)
+    vi, vf = _vec(H, lc.I32), _vec(H)
+    sc = g.splat(scale, H)
+    for h in range(2):
+        yp = b.gep(y, [b.add(b.mul(rb, i64(R)), i64(h * H))], source_etype=lc.F32)
+        t = b.sitofp(b.sext(b.load(acc[h], typ=vh), vi), vf)
+        b.store(g.fma(t, sc, b.load(yp, typ=vf, align=4)), yp, align=4)
+
+
+def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: bool,
+              isa: str | None = None) -> lk.KernelSpec | None:
+    isa = isa or host_isa()
+    if isa is None or K > 256:
+        return None
+    R = ISA_R[isa]
+    if grouped and rows_per_group % R:
+        return None
+    return lk.KernelSpec(vec_len, padded_k(K), 1, R, max(4, JB_INPUTS // vec_len), stages, 16, 1)
+
+
+def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
+    mod = lc.new_module(f"codebook_q8_{isa}_{spec.vec_len}_{spec.K}", triple)
+    lc.add_parallel_for(mod, _gen(mod, spec, isa))
+    return mod
+
+
+@functools.cache
+def compiled(spec: lk.KernelSpec):
+    return lk._PAR_T(lc.jit(build_module(spec, host_isa()), ["q8_work_par"])["q8_work_par"])
+
+
+def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: lk.KernelSpec) -> torch.Tensor:
+    """Stored codes -> the float32 kernels' tile layout with rows interleaved inside each R-byte vector."""
+    flat = lk.repack_codes(codes, code_bits, n_vec, spec)
+    R = spec.R
+    p = torch.arange(R)
+    order = p // 2 + (R // 2) * (p % 2)  # byte p <- row order[p] of the tile
+    return flat.view(-1, R)[:, order].reshape(flat.shape).contiguous()
+
+
+def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
+                isa: str | None = None) -> lk.Packed | None:
+    stages, out_f, _ = codes.shape
+    groups, K = codebooks.shape[1], codebooks.shape[2]
+    spec = make_spec(vec_len, K, stages, out_f // groups, groups > 1, isa)
+    base = lk.pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
+    if spec is None or base is None:
+        return None
+    cbt = torch.nn.functional.pad(base.cbt, (0, spec.K - K))  # [S, G, v, Kp]
+    if (isa or host_isa()) == "avx512vbmi":
+        cbt = cbt[..., _x86_order(spec.K)]
+    cbt = cbt.contiguous()
+    return lk.Packed(spec, repack_codes(codes, code_bits, base.n_vec, spec), cbt, base.perm, base.ow, base.scale,
+                     base.bias, out_f, in_features, base.n_out, base.n_vec, groups, math.ceil(out_f / spec.R))
+
+
+def stride(p: lk.Packed) -> int:
+    n = p.spec.JB * p.spec.K * 5 + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
+    return n + (-n % 64)
+
+
+def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
+    return lk.launch(p, compiled(p.spec), x, stride(p), n_threads)
