@@ -30,6 +30,7 @@ JB = 32
 QMAX = 32767  # int16 LUT range
 
 
+@functools.cache
 def host_ok() -> bool:
     lc._init()
     f = lc.llvm.get_host_cpu_features()

@@ -40,6 +40,7 @@ ACC = "maddubs"
 ISA_R = {"avx512vbmi": 64, "neon": 16}
 
 
+@functools.cache
 def host_isa() -> str | None:
     """The int8-LUT instruction set of this host, or None."""
     lc._init()

@@ -33,13 +33,20 @@ _TABLE: dict[tuple[str, str, str], dict[str, KernelEntry]] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgetk_kernel", default=None)
 
 
+_SORTED: dict[tuple[str, str, str], tuple[KernelEntry, ...]] = {}  # entries by priority (select runs per call)
+
+
 def register(op: str, device: str, fmt: str, name: str, fn: Callable, priority: int = 0,
              available: Callable[[], bool] = lambda: True) -> None:
     _TABLE.setdefault((op, device, fmt), {})[name] = KernelEntry(op, device, fmt, name, fn, priority, available)
+    _SORTED.pop((op, device, fmt), None)
 
 
 def entries(op: str, device: str = "cpu", fmt: str = "eager") -> list[KernelEntry]:
-    return sorted(_TABLE.get((op, device, fmt), {}).values(), key=lambda e: -e.priority)
+    key = (op, device, fmt)
+    if key not in _SORTED:
+        _SORTED[key] = tuple(sorted(_TABLE.get(key, {}).values(), key=lambda e: -e.priority))
+    return list(_SORTED[key])
 
 
 def select(op: str, device: str = "cpu", fmt: str = "eager") -> KernelEntry:
@@ -52,7 +59,7 @@ def select(op: str, device: str = "cpu", fmt: str = "eager") -> KernelEntry:
             raise ConfigError(f"kernel {forced!r} is not registered for {op} on ({device}, {fmt})",
                               hint=f"registered: {sorted(table)}")
         return table[forced]
-    for e in entries(op, device, fmt):
+    for e in _SORTED.get((op, device, fmt)) or entries(op, device, fmt):
         if e.available():
             return e
     return table["reference"]

@@ -75,6 +75,38 @@ def test_op_is_called_not_a_dense_weight(monkeypatch):
     assert not any(p.numel() == 48 * 64 for p in m.buffers())  # no dense weight stored
 
 
+def test_eager_forward_skips_the_dispatcher_but_tracers_see_the_op():
+    """Plain eager CPU calls run the kernel the op would pick (same result as the op); export, dispatch modes and
+    autograd inputs go through `torch.ops.edgetk.codebook_gemm`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = _random_vq(FORMATS[1])
+    x = torch.randn(1, 30)
+    op = torch.ops.edgetk.codebook_gemm.default
+    args = (m.codes, m.codebooks, m.perm_i64, m.outlier_w, m.scale, m.bias, 30, 4, 6)
+    assert torch.equal(m(x), op(x, *args))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        m(x)
+    assert op in seen.ops
+    ep = torch.export.export(m, (x,))
+    assert [n.target for n in ep.graph.nodes if n.op == "call_function"] == [op]
+    from edgetk.kernels.codebook_gemm import _plain_eager
+
+    assert _plain_eager(x) and not _plain_eager(x.requires_grad_())
+    with torch.no_grad():
+        assert _plain_eager(x)
+
+
 def test_vq_artifact_round_trip_and_size(tiny_llama, tmp_path):
     lm = load(copy.deepcopy(tiny_llama))
 

@@ -10,7 +10,8 @@ Buffers follow the packed layout of `edgetk.kernels.codebook_gemm` (see its docs
 * `scale`     float16 [out] or empty
 * `bias`      float16 [out] or empty
 
-`forward` calls `torch.ops.edgetk.codebook_gemm` (a LUT-GEMV at batch 1; no dense weight).
+`forward` calls `torch.ops.edgetk.codebook_gemm` (a LUT-GEMV at batch 1; no dense weight); plain eager CPU calls
+skip the custom-op dispatch and run the kernel the op would pick (`codebook_gemm.call`); tracers see the op.
 `dequantize()` builds the dense weight and exists for tests and quality analysis only.
 `CodebookFormat.storage_bits()` counts exactly what these buffers hold (perm counted at 16 bits).
 """
@@ -75,9 +76,8 @@ class VQLinear(nn.Module):
     # -- inference -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
-        return torch.ops.edgetk.codebook_gemm(x, self.codes, self.codebooks, self.perm_i64,
-                                              self.outlier_w, self.scale, self.bias, f.in_features,
-                                              f.vec_len, f.code_bits)
+        return cg.call(x, self.codes, self.codebooks, self.perm_i64, self.outlier_w, self.scale, self.bias,
+                       f.in_features, f.vec_len, f.code_bits)
 
     def dequantize(self) -> torch.Tensor:
         """Dense W [out, in] in float32 (tests / analysis only; the inference path never builds it)."""
