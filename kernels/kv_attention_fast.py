@@ -6,8 +6,8 @@ pthreads created inside the generated code. Per item, for the rep*T queries that
 1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
    constant shuffle (bits 2 and 4; other widths: a constant shuffle pairs the two bytes each code touches into
    `<D x i16>`, then a per-lane shift and mask), mapped through the 2**bits levels (x86: `vpermps` from the table
-   in registers -- AVX-512 16 lanes, AVX2 8 lanes with one permute per 8 levels and selects on the code's high
-   bits, up to 32 levels; else `llvm.masked.gather`), scaled and shifted by the per-channel block statistics
+   in registers -- AVX-512 16 lanes, `vpermi2ps` over two tables for 32 levels; AVX2 8 lanes with one permute
+   per 8 levels and selects on the code's high bits, up to 32 levels; else `llvm.masked.gather`), scaled and shifted by the per-channel block statistics
    (fp16, widened in registers); slots of the fp region are widened from fp16. The key is rotated in registers
    (RoPE, row p; rotate_half is a constant shuffle) and dotted with every query (`<D x float>` FMA +
    reassociating reduction).
@@ -50,7 +50,7 @@ class KVSpec:
     kbits: int
     vbits: int
     value_group: int
-    permvar: bool = False  # levels looked up with vpermps (x86 AVX-512, <= 16 levels, D % 16 == 0)
+    permvar: bool = False  # levels looked up with vpermps / vpermi2ps (x86 AVX-512, <= 32 levels, D % 16 == 0)
     permps: bool = False  # else with 8-lane vpermps + selects (x86 AVX2, <= 32 levels, D % 8 == 0)
 
     def P(self, bits: int) -> int:
@@ -67,7 +67,7 @@ def _permvar_ok(D: int, bits: int) -> bool:
     lc._init()
     f = lc.llvm.get_host_cpu_features()
     chunks = D // 16
-    return (bits <= 4 and D % 16 == 0 and chunks & (chunks - 1) == 0 and bool(f.get("avx512f"))
+    return (bits <= 5 and D % 16 == 0 and chunks & (chunks - 1) == 0 and bool(f.get("avx512f"))
             and lc.llvm.get_process_triple().startswith("x86"))
 
 
@@ -139,12 +139,18 @@ class _K:
         vpermps per 8 levels, picked by the code's high bits) where allowed, else a gather."""
         if not self.s.permvar:
             return self._permps(table, codes, bits) if self.s.permps else self.g.gather(table, codes, self.s.D)
-        b, D = self.b, self.s.D
-        v16 = _vt(16)
-        fn = self.g.fn.module.globals.get("llvm.x86.avx512.permvar.sf.512") or ir.Function(
-            self.g.fn.module, ir.FunctionType(v16, [v16, _vt(16, lc.I32)]), "llvm.x86.avx512.permvar.sf.512")
-        tab = b.load(table, typ=v16, align=4)
-        chunks = [b.call(fn, [tab, self.shuffle(codes, codes, range(16 * i, 16 * i + 16))]) for i in range(D // 16)]
+        b, D, m = self.b, self.s.D, self.g.fn.module
+        v16, i16 = _vt(16), _vt(16, lc.I32)
+        tabs = [b.load(b.gep(table, [self.g.i64(16 * t)], source_etype=lc.F32), typ=v16, align=4)
+                for t in range(1 if bits <= 4 else 2)]
+        if len(tabs) == 1:  # 16 levels: vpermps
+            name, ty = "llvm.x86.avx512.permvar.sf.512", ir.FunctionType(v16, [v16, i16])
+            call = lambda c: b.call(fn, [tabs[0], c])  # noqa: E731
+        else:  # 32 levels: vpermi2ps over two tables (code bit 4 picks the table)
+            name, ty = "llvm.x86.avx512.vpermi2var.ps.512", ir.FunctionType(v16, [v16, i16, v16])
+            call = lambda c: b.call(fn, [tabs[0], c, tabs[1]])  # noqa: E731
+        fn = m.globals.get(name) or ir.Function(m, ty, name)
+        chunks = [call(self.shuffle(codes, codes, range(16 * i, 16 * i + 16))) for i in range(D // 16)]
         return self.concat(chunks)
 
     def _permps(self, table, codes, bits: int):
