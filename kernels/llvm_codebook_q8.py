@@ -132,19 +132,23 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
     vw = _vec(W)
     mod = g.fn.module
     fabs = _intrinsic(mod, f"llvm.fabs.v{W}f32", vw, [vw])
-    mx = g.var(vw, init=ir.Constant(vw, [0.0] * W), name="mx")
+    mx = [g.var(vw, init=ir.Constant(vw, [0.0] * W), name=f"mx{u}") for u in range(4)]  # 4 chains: maxps latency
     with g.loop(0, jl, name="lj") as jj:
         xs = [g.splat(g.load(lc.F32, xq, b.add(b.mul(b.add(j0, jj), i64(v)), i64(t))), W) for t in range(v)]
         row = b.gep(lut, [b.mul(jj, i64(Kp))], source_etype=lc.F32)
-        with g.loop(0, Kp, step=W, name="lk") as k:
-            acc = ir.Constant(vw, [0.0] * W)
-            for t in range(v):
-                wp = b.gep(cb_sg, [b.add(k, i64(t * Kp))], source_etype=lc.F32)
-                acc = g.fma(b.load(wp, typ=vw, align=4), xs[t], acc)
-            b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
-            x, cur = b.call(fabs, [acc]), b.load(mx, typ=vw)
-            b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx)
-    m = b.load(mx, typ=vw)
+        with g.loop(0, Kp, step=4 * W, name="lk") as k0:  # Kp is a multiple of 64
+            for u in range(4):
+                k = b.add(k0, i64(u * W))
+                acc = b.fmul(b.load(b.gep(cb_sg, [k], source_etype=lc.F32), typ=vw, align=4), xs[0])
+                for t in range(1, v):
+                    wp = b.gep(cb_sg, [b.add(k, i64(t * Kp))], source_etype=lc.F32)
+                    acc = g.fma(b.load(wp, typ=vw, align=4), xs[t], acc)
+                b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
+                x, cur = b.call(fabs, [acc]), b.load(mx[u], typ=vw)
+                b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx[u])
+    m = [b.load(t, typ=vw) for t in mx]
+    m = [b.select(b.fcmp_ordered(">", m[u], m[u + 2]), m[u], m[u + 2]) for u in range(2)]
+    m = b.select(b.fcmp_ordered(">", m[0], m[1]), m[0], m[1])
     for half in (8, 4, 2, 1):
         sh = b.shuffle_vector(m, m, ir.Constant(_vec(W, lc.I32), list(range(half, 2 * half)) + list(range(half, W))))
         m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
