@@ -339,13 +339,8 @@ def _emit_softmax(k: _K, scores, nq, n, npad, acc):
         with g.loop(0, npad, step=W, name="sm1") as p:
             valid = b.icmp_signed("<", b.add(g.splat(p, W), lanes), g.splat(n, W))
             x = b.select(valid, b.load(b.gep(row, [p], source_etype=lc.F32), typ=vw, align=4), ninf)
-            cur = b.load(mx, typ=vw)
-            b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx)
-        m = b.load(mx, typ=vw)
-        for half in (8, 4, 2, 1):
-            sh = k.shuffle(m, m, list(range(half, 2 * half)) + list(range(half, W)))
-            m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
-        mb = g.splat(b.extract_element(m, ir.Constant(lc.I32, 0)), W)
+            b.store(g.fmax(x, b.load(mx, typ=vw)), mx)
+        mb = g.splat(g.hmax(b.load(mx, typ=vw)), W)
         b.store(_const_vec([0.0] * W), sm)
         with g.loop(0, npad, step=W, name="sm2") as p:
             ptr = b.gep(row, [p], source_etype=lc.F32)

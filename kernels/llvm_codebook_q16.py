@@ -60,20 +60,12 @@ def _gen(mod, spec: lk.KernelSpec):
     xq = b.gep(acc, [b.mul(n_rb, i64(R))], source_etype=lc.I32)
     xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
     lk._emit_prep_x(g, a, spec, xq, xo)
-    y = a.p(lk.A_Y)
+
+    def block(s, cb_sg, j0, jl, lo, hi):
+        _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi)
+
+    lk.emit_block_loops(g, a, spec, rb0, rb1, block)
     r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
-    with g.loop(r0, r1, name="z") as r:
-        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
-    rpg, G = a.n(lk.A_RPG), a.n(lk.A_GROUPS)
-    g0 = b.sdiv(r0, rpg)
-    g1 = g.min(b.add(b.sdiv(b.sub(r1, i64(1)), rpg), i64(1)), G)
-    with g.loop(0, spec.stages, name="s") as s:
-        with g.loop(g0, g1, name="grp") as grp:
-            lo, hi = lk._group_rows(g, a, spec, grp, rb0, rb1)
-            cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(s, G), grp), i64(v * K))], source_etype=lc.F32)
-            with g.loop(0, n_vec, step=JB, name="jb") as j0:
-                jl = g.min(i64(JB), b.sub(n_vec, j0))
-                _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi)
     lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
     b.ret_void()
     return fn
@@ -92,13 +84,8 @@ def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi):
     n_el = b.mul(jl, i64(K))
     with g.loop(0, n_el, step=W, name="mq") as i:
         x = b.call(fabs, [b.load(b.gep(lut, [i], source_etype=lc.F32), typ=vw, align=4)])
-        cur = b.load(mx, typ=vw)
-        b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx)
-    m = b.load(mx, typ=vw)
-    for half in (8, 4, 2, 1):
-        sh = b.shuffle_vector(m, m, ir.Constant(_vec(W, lc.I32), list(range(half, 2 * half)) + list(range(half, W))))
-        m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
-    m = b.extract_element(m, ir.Constant(lc.I32, 0))
+        b.store(g.fmax(x, b.load(mx, typ=vw)), mx)
+    m = g.hmax(b.load(mx, typ=vw))
     scale = b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
     inv = b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
                    b.fdiv(ir.Constant(lc.F32, float(QMAX)), m), ir.Constant(lc.F32, 0.0))

@@ -97,29 +97,20 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     args, tid, rb0, rb1 = fn.args
     a = lk._Args(g, args)
     v, i64, Kp, JB, R = spec.vec_len, g.i64, spec.K, spec.JB, spec.R
-    n_vec, n_rb = a.n(lk.A_NVEC), a.n(lk.A_NRB)
-    scr = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)
-    lut = scr  # f32 [JB][Kp]
+    n_vec = a.n(lk.A_NVEC)
+    lut = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)  # f32 [JB][Kp]
     lutq = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # i8 [JB][Kp]
     xq = b.gep(lutq, [i64(JB * Kp)], source_etype=lc.I8)
     xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
     lk._emit_prep_x(g, a, spec, xq, xo)
-    y = a.p(lk.A_Y)
+
+    def block(s, cb_sg, j0, jl, lo, hi):
+        scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lutq, xq, j0, jl)
+        with g.loop(lo, hi, name="rb") as rb:
+            _emit_tile(g, a, spec, isa, s, lutq, j0, jl, rb, scale)
+
+    lk.emit_block_loops(g, a, spec, rb0, rb1, block)
     r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
-    with g.loop(r0, r1, name="z") as r:
-        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
-    rpg, G = a.n(lk.A_RPG), a.n(lk.A_GROUPS)
-    g0 = b.sdiv(r0, rpg)
-    g1 = g.min(b.add(b.sdiv(b.sub(r1, i64(1)), rpg), i64(1)), G)
-    with g.loop(0, spec.stages, name="s") as s:
-        with g.loop(g0, g1, name="grp") as grp:
-            lo, hi = lk._group_rows(g, a, spec, grp, rb0, rb1)
-            cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(s, G), grp), i64(v * Kp))], source_etype=lc.F32)
-            with g.loop(0, n_vec, step=JB, name="jb") as j0:
-                jl = g.min(i64(JB), b.sub(n_vec, j0))
-                scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lutq, xq, j0, jl)
-                with g.loop(lo, hi, name="rb") as rb:
-                    _emit_tile(g, a, spec, isa, s, lutq, j0, jl, rb, scale)
     lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
     b.ret_void()
     return fn
@@ -144,15 +135,9 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
                     wp = b.gep(cb_sg, [b.add(k, i64(t * Kp))], source_etype=lc.F32)
                     acc = g.fma(b.load(wp, typ=vw, align=4), xs[t], acc)
                 b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
-                x, cur = b.call(fabs, [acc]), b.load(mx[u], typ=vw)
-                b.store(b.select(b.fcmp_ordered(">", x, cur), x, cur), mx[u])
+                b.store(g.fmax(b.call(fabs, [acc]), b.load(mx[u], typ=vw)), mx[u])
     m = [b.load(t, typ=vw) for t in mx]
-    m = [b.select(b.fcmp_ordered(">", m[u], m[u + 2]), m[u], m[u + 2]) for u in range(2)]
-    m = b.select(b.fcmp_ordered(">", m[0], m[1]), m[0], m[1])
-    for half in (8, 4, 2, 1):
-        sh = b.shuffle_vector(m, m, ir.Constant(_vec(W, lc.I32), list(range(half, 2 * half)) + list(range(half, W))))
-        m = b.select(b.fcmp_ordered(">", sh, m), sh, m)
-    m = b.extract_element(m, ir.Constant(lc.I32, 0))
+    m = g.hmax(g.fmax(g.fmax(m[0], m[1]), g.fmax(m[2], m[3])))
     inv = g.splat(b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
                            b.fdiv(ir.Constant(lc.F32, float(QMAX)), m), ir.Constant(lc.F32, 0.0)), W)
     n_el = b.mul(jl, i64(Kp))

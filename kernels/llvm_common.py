@@ -182,6 +182,20 @@ class Gen:
     def max(self, a, c):
         return self.b.select(self.b.icmp_signed(">", a, c), a, c)
 
+    def fmax(self, a, c):
+        """Lane-wise max of two float vectors (x86: one vmaxps)."""
+        return self.b.select(self.b.fcmp_ordered(">", a, c), a, c)
+
+    def hmax(self, v):
+        """The largest lane of a float vector (a power-of-two width) as a scalar."""
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            hi = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, v.type.count),
+                                                         list(range(n, 2 * n)) + list(range(n, v.type.count))))
+            v = self.fmax(hi, v)
+        return self.b.extract_element(v, ir.Constant(I32, 0))
+
     def splat(self, val, n: int):
         vt = ir.VectorType(val.type, n)
         v = self.b.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(I32, 0))
