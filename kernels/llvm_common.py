@@ -5,9 +5,12 @@
 * `Gen`: a tiny IR-building kit over `llvmlite.ir` (i64 counted loops, entry-block allocas, typed loads
   of the `i64 args[]` block every kernel receives, `llvm.masked.gather`).
 * `add_parallel_for(module, work)`: emits `<work>_par(args, n_items, n_threads)` which splits
-  [0, n_items) into `n_threads` contiguous ranges, runs range 0 on the calling thread and the others on
-  pthreads (created and joined inside the generated code; no Python thread, no GIL), calling
-  `work(args, tid, begin, end)`.
+  [0, n_items) into `n_threads` contiguous ranges and calls `work(args, tid, begin, end)` for each (no Python
+  thread, no GIL). For the host JIT, when PyTorch's OpenMP runtime (libgomp) is in the process, the ranges run
+  on its thread team through `GOMP_parallel`: those threads already exist (and spin after every PyTorch op),
+  so a call costs microseconds instead of a pthread_create per range (~40 us) and never competes with
+  them for a core. Otherwise (cross targets: the aarch64 check program) range 0 runs on the calling thread
+  and the others on pthreads created and joined inside the generated code.
 * `jit(module)` compiles at -O3 for the host and returns function addresses; `emit_object(module, triple)`
   writes a relocatable object for a cross target (used by kernels/aarch64_check).
 
@@ -38,10 +41,29 @@ _LOCK = threading.Lock()
 
 
 @functools.cache
+def gomp_available() -> bool:
+    """libgomp's entry points are visible in this process (PyTorch's CPU builds load it), registered for the JIT."""
+    _init()
+    return _GOMP[0]
+
+
+_GOMP = [False]
+
+
+@functools.cache
 def _init() -> None:
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     llvm.initialize_native_asmparser()
+    try:
+        import torch  # noqa: F401  (loads its OpenMP runtime)
+
+        proc = ctypes.CDLL(None)
+        for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"):
+            llvm.add_symbol(name, ctypes.cast(getattr(proc, name), ctypes.c_void_p).value)
+        _GOMP[0] = True
+    except (ImportError, AttributeError, OSError):  # another OpenMP runtime or none: pthreads serve
+        pass
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     for name in ("pthread_create", "pthread_join"):
         try:
@@ -156,7 +178,7 @@ class Gen:
 
     @contextlib.contextmanager
     def loop(self, start, stop, step=1, name="i") -> Iterator:
-        """for (i = start; i < stop; i += step) over i64 (signed compare)."""
+        """for (i = start; i < stop; i += step) over i64 (signed compare; step an int or a positive i64 value)."""
         b = self.b
         start = self.i64(start) if isinstance(start, int) else start
         stop = self.i64(stop) if isinstance(stop, int) else stop
@@ -171,7 +193,7 @@ class Gen:
         b.cbranch(b.icmp_signed("<", i, stop), body, end)
         b.position_at_end(body)
         yield i
-        nxt = b.add(i, self.i64(step))
+        nxt = b.add(i, self.i64(step) if isinstance(step, int) else step)
         i.add_incoming(nxt, b.block)
         b.branch(cond)
         b.position_at_end(end)
@@ -226,7 +248,63 @@ WORK_TYPE = ir.FunctionType(VOID, [PTR, I64, I64, I64])  # (args, tid, begin, en
 
 
 def add_parallel_for(mod, work) -> ir.Function:
-    """Emit `<work>_par(args, n_items, n_threads)`: pthreads over contiguous ranges of [0, n_items)."""
+    """Emit `<work>_par(args, n_items, n_threads)`: contiguous ranges of [0, n_items), one per thread (see the
+    module docstring for the two runtimes)."""
+    if mod.triple == llvm.get_process_triple() and gomp_available():
+        return _add_gomp_parallel_for(mod, work)
+    return _add_pthread_parallel_for(mod, work)
+
+
+def _ranges(g: "Gen", n_items, n_thr, t):
+    """[lo, hi) of range t when [0, n_items) is cut into n_thr contiguous ranges."""
+    b = g.b
+    chunk = b.sdiv(b.add(n_items, b.sub(n_thr, g.i64(1))), n_thr)
+    lo = g.min(b.mul(t, chunk), n_items)
+    return lo, g.min(b.add(lo, chunk), n_items)
+
+
+def _add_gomp_parallel_for(mod, work) -> ir.Function:
+    """Ranges on libgomp's team: GOMP_parallel(fn, data, n, 0); team member m of a team of size M runs ranges
+    m, m + M, ... (a smaller team than asked for still covers every range; range t uses scratch slot t)."""
+    def decl(name, ty):
+        return mod.globals.get(name) or ir.Function(mod, ty, name)
+
+    gomp = decl("GOMP_parallel", ir.FunctionType(VOID, [PTR, PTR, I32, I32]))
+    tnum = decl("omp_get_thread_num", ir.FunctionType(I32, []))
+    tcount = decl("omp_get_num_threads", ir.FunctionType(I32, []))
+    body = ir.Function(mod, ir.FunctionType(VOID, [PTR]), f"{work.name}_omp")
+    body.linkage = "internal"
+    g = Gen(body)
+    b = g.b
+    data = body.args[0]
+    args, n_items, n_thr = (g.load(I64, data, g.i64(k)) for k in range(3))
+    me, team = b.sext(b.call(tnum, []), I64), b.sext(b.call(tcount, []), I64)
+    with g.loop(me, n_thr, step=team, name="r") as t:
+        lo, hi = _ranges(g, n_items, n_thr, t)
+        with b.if_then(b.icmp_signed("<", lo, hi)):
+            b.call(work, [b.inttoptr(args, PTR), t, lo, hi])
+    b.ret_void()
+
+    par = ir.Function(mod, ir.FunctionType(VOID, [PTR, I64, I64]), f"{work.name}_par")
+    g = Gen(par)
+    b = g.b
+    args, n_items, n_thr = par.args
+    n_thr = g.max(g.min(n_thr, n_items), g.i64(1))
+    one = b.icmp_signed("==", n_thr, g.i64(1))
+    with b.if_else(one) as (then, other):
+        with then:
+            b.call(work, [args, g.i64(0), g.i64(0), n_items])
+        with other:
+            slot = b.alloca(I64, size=g.i64(3))
+            for k, v in enumerate([b.ptrtoint(args, I64), n_items, n_thr]):
+                g.store(I64, v, slot, g.i64(k))
+            b.call(gomp, [body, slot, b.trunc(n_thr, I32), ir.Constant(I32, 0)])
+    b.ret_void()
+    return par
+
+
+def _add_pthread_parallel_for(mod, work) -> ir.Function:
+    """pthreads over the ranges: range 0 on the calling thread, the others on threads created and joined here."""
     pthread_t = I64  # pthread_t is unsigned long on Linux x86_64 and aarch64
     create = mod.globals.get("pthread_create") or ir.Function(
         mod, ir.FunctionType(I32, [PTR, PTR, PTR, PTR]), "pthread_create")
@@ -248,10 +326,8 @@ def add_parallel_for(mod, work) -> ir.Function:
     n_thr = g.max(g.min(n_thr, n_items), g.i64(1))
     slots = b.alloca(I64, size=b.mul(n_thr, g.i64(4)))
     tids = b.alloca(pthread_t, size=n_thr)
-    chunk = b.sdiv(b.add(n_items, b.sub(n_thr, g.i64(1))), n_thr)
     with g.loop(0, n_thr, name="t") as t:
-        lo = g.min(b.mul(t, chunk), n_items)
-        hi = g.min(b.add(lo, chunk), n_items)
+        lo, hi = _ranges(g, n_items, n_thr, t)
         for k, v in enumerate([b.ptrtoint(args, I64), t, lo, hi]):
             g.store(I64, v, slots, b.add(b.mul(t, g.i64(4)), g.i64(k)))
     with g.loop(1, n_thr, name="spawn") as t:

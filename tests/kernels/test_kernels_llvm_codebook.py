@@ -10,6 +10,7 @@ from edgetk.kernels import codebook_gemm as cg
 from edgetk.kernels import llvm_codebook as lk
 from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_codebook_q16 as q16
+from edgetk.kernels import llvm_common as lc
 from edgetk.kernels import table
 
 # (out, in, vec_len, K, code_bits, stages, groups, n_outliers, scale, bias)
@@ -228,3 +229,28 @@ def test_codes_beyond_the_codebook_never_reach_the_kernel():
     assert lk.pack_weight(codes, cb, *rest, 64, 4, 8) is None
     with pytest.raises(IndexError):  # the reference reports it
         lk.codebook_gemm_llvm(torch.randn(1, 64), codes, cb, *rest, 64, 4, 8)
+
+
+@pytest.mark.skipif(not lc.gomp_available(), reason="PyTorch's OpenMP runtime (libgomp) is not in this process")
+def test_ranges_run_on_the_openmp_team_even_a_smaller_one():
+    """Host kernels split their ranges over libgomp's team; a team smaller than the ranges asked for (here
+    OMP_THREAD_LIMIT=1 against 3 ranges) still runs every range, each with its own scratch slot."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; sys.path.insert(0, %r)\n"
+        "from test_kernels_llvm_codebook import SHAPES, make_weight\n"
+        "from edgetk.kernels import codebook_gemm as cg, llvm_codebook as lk\n"
+        "w = make_weight(512, 256, 4, 256, 8, 1, 1, 0, True, False); x = torch.randn(3, 256)\n"
+        "ref = cg.codebook_gemm_reference(x, *w, 256, 4, 8)\n"
+        "errs = [(lk.codebook_gemm_llvm(x[:r], *w, 256, 4, 8, n_threads=3, exact=True) - ref[:r]).abs().max().item()"
+        " for r in (1, 3)]\n"
+        "print(max(errs) / ref.abs().max().item())\n" % os.path.dirname(__file__))
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) <= 2e-6
+    asm = lc.emit_assembly(lk.build_module(lk.make_spec(4, 256, 1, 64, False)))
+    assert "GOMP_parallel" in asm and "pthread_create" not in asm
