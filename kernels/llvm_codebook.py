@@ -105,11 +105,10 @@ def _group_rows(g: lc.Gen, a: _Args, spec: KernelSpec, grp, rb0, rb1):
     return g.max(lo, rb0), g.min(hi, rb1)
 
 
-def emit_block_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, block) -> None:
-    """The batch-1 LUT kernels' outer loops: zero y over the thread's rows [rb0*R, rb1*R), then for every stage s,
-    output group and column block of JB code vectors call block(s, cb_sg, j0, jl, lo, hi), where cb_sg is the
-    group's cbT[s][g] (K = spec.K entries per component), j0/jl the block's first column and length and [lo, hi)
-    the group's row tiles inside [rb0, rb1)."""
+def emit_group_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, group) -> None:
+    """The batch-1 LUT kernels' outer loops: zero y over the thread's rows [rb0*R, rb1*R), then for every stage s
+    and output group call group(s, cb_sg, lo, hi), where cb_sg is the group's cbT[s][g] (K = spec.K entries per
+    component) and [lo, hi) the group's row tiles inside [rb0, rb1)."""
     b, i64, R = g.b, g.i64, spec.R
     y = a.p(A_Y)
     r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
@@ -123,8 +122,18 @@ def emit_block_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, block) -> 
             lo, hi = _group_rows(g, a, spec, grp, rb0, rb1)
             cb_sg = b.gep(a.p(A_CBT), [b.mul(b.add(b.mul(s, G), grp), i64(spec.vec_len * spec.K))],
                           source_etype=lc.F32)
-            with g.loop(0, a.n(A_NVEC), step=spec.JB, name="jb") as j0:
-                block(s, cb_sg, j0, g.min(i64(spec.JB), b.sub(a.n(A_NVEC), j0)), lo, hi)
+            group(s, cb_sg, lo, hi)
+
+
+def emit_block_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, block) -> None:
+    """`emit_group_loops` with a column-block loop inside: block(s, cb_sg, j0, jl, lo, hi) for every block of JB
+    code vectors (first column j0, jl = min(JB, n_vec - j0) columns)."""
+    def group(s, cb_sg, lo, hi):
+        n_vec = a.n(A_NVEC)
+        with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
+            block(s, cb_sg, j0, g.min(g.i64(spec.JB), g.b.sub(n_vec, j0)), lo, hi)
+
+    emit_group_loops(g, a, spec, rb0, rb1, group)
 
 
 def _code_base(g: lc.Gen, a: _Args, spec: KernelSpec, s, j0, jl, rb):

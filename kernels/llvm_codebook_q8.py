@@ -98,18 +98,29 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     a = lk._Args(g, args)
     v, i64, Kp, JB, R = spec.vec_len, g.i64, spec.K, spec.JB, spec.R
     n_vec = a.n(lk.A_NVEC)
+    n_blk = b.sdiv(b.add(n_vec, i64(JB - 1)), i64(JB))
     lut = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)  # f32 [JB][Kp]
-    lutq = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # i8 [JB][Kp]
-    xq = b.gep(lutq, [i64(JB * Kp)], source_etype=lc.I8)
+    scales = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # f32 [n_blk]
+    lutq = b.gep(scales, [n_blk], source_etype=lc.F32)  # i8 [n_blk * JB][Kp]
+    xq = b.gep(lutq, [b.mul(n_blk, i64(JB * Kp))], source_etype=lc.I8)
     xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
     lk._emit_prep_x(g, a, spec, xq, xo)
 
-    def block(s, cb_sg, j0, jl, lo, hi):
-        scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lutq, xq, j0, jl)
-        with g.loop(lo, hi, name="rb") as rb:
-            _emit_tile(g, a, spec, isa, s, lutq, j0, jl, rb, scale)
+    def group(s, cb_sg, lo, hi):
+        # every block's int8 LUT first, so that the tile loop below streams the codes without pauses
+        with g.loop(0, n_vec, step=JB, name="lb") as j0:
+            jl = g.min(i64(JB), b.sub(n_vec, j0))
+            lq = b.gep(lutq, [b.mul(j0, i64(Kp))], source_etype=lc.I8)
+            scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl)
+            g.store(lc.F32, scale, scales, b.sdiv(j0, i64(JB)))
+        with g.loop(0, n_vec, step=JB, name="jb") as j0:
+            jl = g.min(i64(JB), b.sub(n_vec, j0))
+            lq = b.gep(lutq, [b.mul(j0, i64(Kp))], source_etype=lc.I8)
+            scale = g.load(lc.F32, scales, b.sdiv(j0, i64(JB)))
+            with g.loop(lo, hi, name="rb") as rb:
+                _emit_tile(g, a, spec, isa, s, lq, j0, jl, rb, scale)
 
-    lk.emit_block_loops(g, a, spec, rb0, rb1, block)
+    lk.emit_group_loops(g, a, spec, rb0, rb1, group)
     r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
     lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
     b.ret_void()
@@ -252,7 +263,10 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
 
 
 def stride(p: lk.Packed) -> int:
-    n = p.spec.JB * p.spec.K * 5 + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
+    """Scratch bytes per thread: float LUT of one block, block scales, int8 LUT of every block, permuted x."""
+    JB, Kp = p.spec.JB, p.spec.K
+    n_blk = math.ceil(p.n_vec / JB)
+    n = 4 * JB * Kp + 4 * n_blk + n_blk * JB * Kp + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
     return n + (-n % 64)
 
 
