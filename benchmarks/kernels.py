@@ -6,9 +6,10 @@ Cases (one JSON line each, then a table):
 * `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB; the faster).
 * `gemv`: 2-bit codebook GEMV (vec_len 4, 256 codewords, 8-bit codes) on 4096x4096 and every linear shape of
   smollm2-135m, 1 and 2 threads, cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
-  batch-1 kernel called directly (`edgetk` = the one the op picks here: the int8 LUT of `llvm_codebook_q8` on
-  AVX-512 VBMI hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
-  each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm`, onnxruntime
+  batch-1 kernel called directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on
+  AVX-512 VBMI / NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32
+  `llvm_codebook.gemv`; each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm`
+  (the op's default batch-1 kernel: q16 unless EDGETK_LUT=q8), onnxruntime
   `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.

@@ -23,21 +23,26 @@ are dropped). A thread therefore streams its rows' codes sequentially within eve
 repacked to float32 ``cbT[s][g][t][k]`` (codeword k, component t) so the LUT is built with unit-stride vectors.
 Formats it does not take (non-float32 activations, more than 65536 codewords, malformed tensors) go to
 `codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the first LUT kernel of
-`LUT_KERNELS` that the host and format allow: the int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI, K <= 256), then
-the int16 LUT of `llvm_codebook_q16` (AVX-512BW, K == 256), else the float32 kernels), "llvm-f32" (priority 5:
-the float32 kernels only, equal to the reference up to summation order) and "llvm-q8" / "llvm-q16" (priority 4:
-batch 1 pinned to that LUT kernel, for tests and benchmarks).
+`default_lut()` that the host and format allow, else the float32 kernels; by default the int16 LUT of
+`llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the reference); EDGETK_LUT=q8 puts the
+int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI or NEON, K <= 256; ~38 dB SNR, like int8 activations, about 2x
+faster) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
+order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
+benchmarks).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import math
+import os
 import threading
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from edgetk.errors import ConfigError
 
 from . import llvm_common as lc
 from . import table
@@ -453,8 +458,23 @@ class _PackCache:
 
 
 _CACHE = _PackCache()
-LUT_KERNELS = ("q8", "q16")  # batch-1 LUT kernels, preferred first (llvm_codebook_q8, llvm_codebook_q16)
+LUT_KERNELS = ("q8", "q16")  # batch-1 LUT kernels, fastest first (llvm_codebook_q8, llvm_codebook_q16)
 _CACHE_LUT = {name: _PackCache() for name in LUT_KERNELS}
+
+
+def default_lut() -> tuple[str, ...]:
+    """The LUT kernels the "llvm" entry tries at batch 1, in order: EDGETK_LUT (comma-separated names, e.g. "q8" or
+    "q8,q16"; "none" for the float32 kernels only), else ("q16",), which stays within ~1e-5 of the reference so
+    that eager runs match exported graphs token for token. The int8 LUT (q8) is an accuracy trade-off like
+    onnxruntime's accuracy_level=4 and is chosen explicitly."""
+    env = os.environ.get("EDGETK_LUT")
+    if env is None:
+        return ("q16",)
+    names = tuple(n.strip() for n in env.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in LUT_KERNELS]
+    if unknown:
+        raise ConfigError(f"EDGETK_LUT names unknown LUT kernels {unknown}", hint=f"use names among {LUT_KERNELS}")
+    return names
 
 
 @functools.cache
@@ -538,13 +558,13 @@ def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Ten
 
 
 def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
-                       n_threads: int | None = None, exact: bool = False, lut: tuple[str, ...] = LUT_KERNELS):
+                       n_threads: int | None = None, exact: bool = False, lut: tuple[str, ...] | None = None):
     """Same signature and result as `codebook_gemm_reference`; formats it does not take go there.
 
-    Batch-1 calls use the first kernel of `lut` that this host runs and that takes the format: "q8" (int8 LUT,
-    llvm_codebook_q8: SNR ~38 dB against the reference, like int8 activations) or "q16" (int16 LUT,
-    llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the float32 LUT
-    everywhere (equal to the reference up to summation order).
+    Batch-1 calls use the first kernel of `lut` (default: `default_lut()`) that this host runs and that takes the
+    format: "q8" (int8 LUT, llvm_codebook_q8: SNR ~38 dB against the reference, like int8 activations) or "q16"
+    (int16 LUT, llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the
+    float32 LUT everywhere (equal to the reference up to summation order).
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
@@ -552,7 +572,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     tensors = (codes, codebooks, perm, outlier_w, scale, bias)
     rows = x.numel() // in_features
     if rows == 1 and not exact:
-        for name in lut:
+        for name in default_lut() if lut is None else lut:
             mod = lut_kernel(name)
             if not mod.host_ok():
                 continue
@@ -575,7 +595,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
 table.register("codebook_gemm", "cpu", "eager", "llvm", codebook_gemm_llvm, priority=10, available=available)
 table.register("codebook_gemm", "cpu", "eager", "llvm-f32", functools.partial(codebook_gemm_llvm, exact=True),
                priority=5, available=available)
-for _name in LUT_KERNELS:  # pinned LUT kernels (tests, benchmarks): batch 1 only through that kernel
+for _name in LUT_KERNELS:  # pinned LUT kernels (tests, benchmarks): batch 1 through that kernel first
     table.register("codebook_gemm", "cpu", "eager", f"llvm-{_name}",
-                   functools.partial(codebook_gemm_llvm, lut=(_name,)), priority=4,
+                   functools.partial(codebook_gemm_llvm, lut=LUT_KERNELS[LUT_KERNELS.index(_name):]), priority=4,
                    available=functools.partial(lut_available, _name))

@@ -11,6 +11,7 @@ from edgetk.kernels import llvm_codebook as lk
 from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_codebook_q16 as q16
 from edgetk.kernels import llvm_common as lc
+from edgetk.errors import ConfigError
 from edgetk.kernels import table
 
 # (out, in, vec_len, K, code_bits, stages, groups, n_outliers, scale, bias)
@@ -98,8 +99,25 @@ def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
     err = (y - ref).abs().max().item()
     assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX), err
     assert snr_db(y, ref) >= 30
-    with table.force("llvm"):  # the default batch-1 kernel here is q8
+    with table.force("llvm-q8"):
         assert torch.equal(torch.ops.edgetk.codebook_gemm(x, *w, inf, v, bits), y)
+
+
+def test_default_lut_is_the_int16_one_unless_asked(monkeypatch):
+    """Eager runs stay within ~1e-5 of the reference by default; EDGETK_LUT=q8 opts into the int8 LUT."""
+    monkeypatch.delenv("EDGETK_LUT", raising=False)
+    assert lk.default_lut() == ("q16",)
+    monkeypatch.setenv("EDGETK_LUT", "q8,q16")
+    assert lk.default_lut() == ("q8", "q16")
+    w, x = make_weight(*SHAPES["square"]), torch.randn(1, 64)
+    if q8.host_ok():
+        assert torch.equal(lk.codebook_gemm_llvm(x, *w, 64, 4, 8), lk.codebook_gemm_llvm(x, *w, 64, 4, 8, lut=("q8",)))
+    monkeypatch.setenv("EDGETK_LUT", "none")
+    assert lk.default_lut() == ()
+    check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8), cg.codebook_gemm_reference(x, *w, 64, 4, 8))
+    monkeypatch.setenv("EDGETK_LUT", "q4")
+    with pytest.raises(ConfigError, match="EDGETK_LUT"):
+        lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
 
 
 def test_q8_declines_formats_it_does_not_take():
@@ -132,7 +150,7 @@ def snr_db(y, ref):
 
 def default_bound(x, w, inf, v, bits):
     """The error bound of the batch-1 kernel the "llvm" entry picks for this weight on this host."""
-    for mod in (q8, q16):
+    for mod in (lk.lut_kernel(name) for name in lk.default_lut()):
         if mod.host_ok() and mod.pack_weight(*w, inf, v, bits) is not None:
             return lut_bound(x, w, inf, v, mod.QMAX)
     return 2e-6 * max(1.0, cg.codebook_gemm_reference(x, *w, inf, v, bits).abs().max().item())
