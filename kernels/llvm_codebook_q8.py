@@ -36,7 +36,6 @@ ir = lc.ir
 QMAX = 127  # int8 LUT range
 JB_INPUTS = 64  # inputs per LUT scale block (JB = JB_INPUTS // vec_len code vectors, at least 4)
 PREFETCH = 8192  # bytes of codes prefetched ahead of the tile being read (0 = off)
-ACC = "maddubs"
 ISA_R = {"avx512vbmi": 64, "neon": 16}
 
 
