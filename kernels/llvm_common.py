@@ -40,28 +40,25 @@ VOID = ir.VoidType()
 _LOCK = threading.Lock()
 
 
-@functools.cache
 def gomp_available() -> bool:
     """libgomp's entry points are visible in this process (PyTorch's CPU builds load it), registered for the JIT."""
-    _init()
-    return _GOMP[0]
-
-
-_GOMP = [False]
+    return _init()
 
 
 @functools.cache
-def _init() -> None:
+def _init() -> bool:
+    """Targets, asm printers and the JIT's external symbols (pthreads; libgomp's, when present: returns whether)."""
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     llvm.initialize_native_asmparser()
+    gomp = False
     try:
         import torch  # noqa: F401  (loads its OpenMP runtime)
 
         proc = ctypes.CDLL(None)
         for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"):
             llvm.add_symbol(name, ctypes.cast(getattr(proc, name), ctypes.c_void_p).value)
-        _GOMP[0] = True
+        gomp = True
     except (ImportError, AttributeError, OSError):  # another OpenMP runtime or none: pthreads serve
         pass
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -71,6 +68,7 @@ def _init() -> None:
         except AttributeError:  # glibc < 2.34 keeps pthread in libpthread
             fn = getattr(ctypes.CDLL(ctypes.util.find_library("pthread")), name)
         llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
+    return gomp
 
 
 @functools.cache
