@@ -68,15 +68,20 @@ Q16_SHAPES = ["square", "tall", "wide", "outliers_perm", "residual", "large"]
 @pytest.mark.parametrize("threads", [1, 3])
 def test_q16_gemv_within_the_lut_rounding_bound(shape, threads):
     """Default batch-1 path: int16 LUT, one scale per block of 32 columns -> |error| <= sum of half-steps."""
-    cfg = SHAPES.get(shape, (320, 2048, 4, 256, 8, 1, 5, 0, True, False))
+    _lut_case(q16, "q16", SHAPES.get(shape, (320, 2048, 4, 256, 8, 1, 5, 0, True, False)), threads)
+
+
+def _lut_case(mod, name, cfg, threads):
+    """(y through LUT kernel `name` of module `mod`, the reference, x, w), after checking y is within the LUT bound."""
     out, inf, v, K, bits, *_ = cfg
     w = make_weight(*cfg)
     x = torch.randn(1, inf)
-    assert q16.pack_weight(*w, inf, v, bits) is not None
+    assert mod.pack_weight(*w, inf, v, bits) is not None
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
-    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=("q16",))
+    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=(name,))
     err = (y - ref).abs().max().item()
-    assert 0 < err <= lut_bound(x, w, inf, v, q16.QMAX), err
+    assert 0 < err <= lut_bound(x, w, inf, v, mod.QMAX), err
+    return y, ref, x, w
 
 
 Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128"]
@@ -87,17 +92,11 @@ EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 57
 @pytest.mark.parametrize("shape", Q8_SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
-    """Default batch-1 path on VBMI hosts: int8 LUT, one scale per 64 inputs -> within the sum of half-steps,
-    and an SNR against the reference like int8 activations (>= 30 dB; measured 37-43 dB)."""
+    """Opt-in batch-1 path (EDGETK_LUT=q8 / "llvm-q8"): int8 LUT, one scale per 64 inputs -> within the sum of
+    half-steps, and an SNR against the reference like int8 activations (>= 30 dB; measured 37-43 dB)."""
     cfg = SHAPES.get(shape) or EXTRA[shape]
     out, inf, v, K, bits, *_ = cfg
-    w = make_weight(*cfg)
-    x = torch.randn(1, inf)
-    assert q8.pack_weight(*w, inf, v, bits) is not None
-    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
-    y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=("q8",))
-    err = (y - ref).abs().max().item()
-    assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX), err
+    y, ref, x, w = _lut_case(q8, "q8", cfg, threads)
     assert snr_db(y, ref) >= 30
     with table.force("llvm-q8"):
         assert torch.equal(torch.ops.edgetk.codebook_gemm(x, *w, inf, v, bits), y)
