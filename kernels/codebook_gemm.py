@@ -220,8 +220,12 @@ table.register(OP, "cpu", "eager", "reference", codebook_gemm_reference, priorit
 def codebook_gemm(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor,
                   outlier_w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, in_features: int,
                   vec_len: int, code_bits: int) -> torch.Tensor:
-    impl = table.select(OP, "cpu", "eager").fn
-    return impl(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
+    return _selected(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
+
+
+def _selected(*args) -> torch.Tensor:
+    """The op's CPU body: the kernel the table selects (the op itself, and `call` outside tracers)."""
+    return table.select(OP, "cpu", "eager").fn(*args)
 
 
 @codebook_gemm.register_fake
@@ -242,7 +246,7 @@ def call(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, perm: to
     the custom-op dispatch costs ~25-45 us a call here, more than a 576x576 GEMV. Tracers always see the op."""
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if _plain_eager(x):
-        return table.select(OP, "cpu", "eager").fn(*args)
+        return _selected(*args)
     return torch.ops.edgetk.codebook_gemm(*args)
 
 

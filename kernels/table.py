@@ -42,11 +42,14 @@ def register(op: str, device: str, fmt: str, name: str, fn: Callable, priority: 
     _SORTED.pop((op, device, fmt), None)
 
 
-def entries(op: str, device: str = "cpu", fmt: str = "eager") -> list[KernelEntry]:
-    key = (op, device, fmt)
+def _sorted(key: tuple[str, str, str]) -> tuple[KernelEntry, ...]:
     if key not in _SORTED:
         _SORTED[key] = tuple(sorted(_TABLE.get(key, {}).values(), key=lambda e: -e.priority))
-    return list(_SORTED[key])
+    return _SORTED[key]
+
+
+def entries(op: str, device: str = "cpu", fmt: str = "eager") -> list[KernelEntry]:
+    return list(_sorted((op, device, fmt)))
 
 
 def select(op: str, device: str = "cpu", fmt: str = "eager") -> KernelEntry:
@@ -59,7 +62,7 @@ def select(op: str, device: str = "cpu", fmt: str = "eager") -> KernelEntry:
             raise ConfigError(f"kernel {forced!r} is not registered for {op} on ({device}, {fmt})",
                               hint=f"registered: {sorted(table)}")
         return table[forced]
-    for e in _SORTED.get((op, device, fmt)) or entries(op, device, fmt):
+    for e in _sorted((op, device, fmt)):
         if e.available():
             return e
     return table["reference"]
