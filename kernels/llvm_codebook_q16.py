@@ -179,10 +179,11 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
                      base.bias, out_f, in_features, base.n_out, base.n_vec, groups, math.ceil(out_f / R))
 
 
-def stride(p: lk.Packed) -> int:
+def stride(p: lk.Packed, n_threads: int = 1) -> int:
+    """Scratch bytes per thread (any thread count)."""
     n = JB * K * 4 + JB * K * 2 + p.n_rb * R * 4 + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
     return n + (-n % 64)
 
 
 def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    return lk.launch(p, compiled(p.spec), x, stride(p), n_threads)
+    return lk.launch(p, compiled(p.spec), x, stride, n_threads)

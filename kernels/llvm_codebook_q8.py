@@ -10,9 +10,15 @@ one column then sit in registers and a whole tile of R output rows is looked up 
 * aarch64 (R = 16, NEON): `tbl` over four q registers (64 entries), then `tbx` for each further 64 entries
   (out-of-range indices leave the lane unchanged).
 
-The int8 values accumulate in int16 (the even and odd bytes of the R-byte vector split by shifts; JB*127 < 2**15)
-and per block y += float(acc) * scale. One code byte is read per code: the kernel streams the codes once, with no
-gather. Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows
+Entries are stored biased (u = q + 128, unsigned bytes). Per R-byte lookup result w (read as R/2 int16 words)
+acc0 += w and acc1 += w >> 8: acc1 sums the odd bytes, acc0 - 256 * acc1 (mod 2**16) the even ones (both sums
+<= JB * 255 < 2**15), 3 ops per vector. Per block y += float(sum - 128 * columns) * scale. One code byte is read
+per code: the kernel streams the codes once, with no gather.
+
+Threads split the (stage, column block) items, not the rows (split-K): each thread builds only its blocks' LUTs
+(all of them before its tile loops, prefetching its first codes into L2 meanwhile) and streams one contiguous
+range of the codes into its own partial y; the caller's thread sums the partials and applies the epilogue. The
+result therefore depends on the thread count by float summation order only. Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows
 are a multiple of R; other formats use the float32 kernels (`llvm_codebook`).
 
 Repacked code layout (one-time per weight, cached): the float32 kernels' ``codes_r[s][jblk][rb][jj][i]`` with
@@ -34,8 +40,10 @@ from . import llvm_common as lc
 
 ir = lc.ir
 QMAX = 127  # int8 LUT range
+BIAS = 128  # entries are stored as q + BIAS (unsigned bytes)
 JB_INPUTS = 64  # inputs per LUT scale block (JB = JB_INPUTS // vec_len code vectors, at least 4)
 PREFETCH = 8192  # bytes of codes prefetched ahead of the tile being read (0 = off)
+BUILD_PREFETCH = 0  # bytes of codes prefetched into L2 per LUT column built (0 = off)
 ISA_R = {"avx512vbmi": 64, "neon": 16}
 
 
@@ -89,52 +97,119 @@ def _lookup(g: lc.Gen, isa: str, tables: list, c):
     return out
 
 
+def _slot(g: lc.Gen, a, spec: lk.KernelSpec, tid):
+    """Pointers into range `tid`'s scratch slot (layout: see `stride`)."""
+    b, i64, JB, Kp, v = g.b, g.i64, spec.JB, spec.K, spec.vec_len
+    n_vec = a.n(lk.A_NVEC)
+    base = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)
+    part = base  # f32 [n_rb * R]: this range's partial y (range 0 writes y itself)
+    lut = b.gep(part, [b.mul(a.n(lk.A_NRB), i64(spec.R))], source_etype=lc.F32)  # f32 [JB][Kp]
+    xq = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # f32 [n_vec * v]
+    xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)  # f32 [n_out]
+    scales = b.gep(xo, [a.n(lk.A_NOUT)], source_etype=lc.F32)  # f32 [items of the range][G]
+    return part, lut, xq, xo, scales
+
+
 def _gen(mod, spec: lk.KernelSpec, isa: str):
-    fn = ir.Function(mod, lc.WORK_TYPE, "q8_work")
+    """q8_items(args, tid, i0, i1): items [i0, i1) of the S * n_blk (stage, column block) items, every row, into
+    range tid's partial y. Splitting the columns (not the rows) between threads keeps each thread's code stream
+    contiguous and builds every LUT once."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "q8_items")
+    mod = fn.module
     g = lc.Gen(fn)
     b = g.b
-    args, tid, rb0, rb1 = fn.args
+    args, tid, i0, i1 = fn.args
     a = lk._Args(g, args)
-    v, i64, Kp, JB, R = spec.vec_len, g.i64, spec.K, spec.JB, spec.R
-    n_vec = a.n(lk.A_NVEC)
+    i64, JB, Kp, R = g.i64, spec.JB, spec.K, spec.R
+    n_vec, G, n_rb = a.n(lk.A_NVEC), a.n(lk.A_GROUPS), a.n(lk.A_NRB)
     n_blk = b.sdiv(b.add(n_vec, i64(JB - 1)), i64(JB))
-    lut = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)  # f32 [JB][Kp]
-    scales = b.gep(lut, [i64(JB * Kp)], source_etype=lc.F32)  # f32 [n_blk]
-    lutq = b.gep(scales, [n_blk], source_etype=lc.F32)  # i8 [n_blk * JB][Kp]
-    xq = b.gep(lutq, [b.mul(n_blk, i64(JB * Kp))], source_etype=lc.I8)
-    xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
+    part, lut, xq, xo, scales = _slot(g, a, spec, tid)
+    y = b.select(b.icmp_signed("==", tid, i64(0)), a.p(lk.A_Y), part)
+    n_it = b.sub(i1, i0)
+    lutq = b.gep(scales, [b.mul(n_it, G)], source_etype=lc.F32)  # i8 [items][G][JB][Kp]
+    with g.loop(0, b.mul(n_rb, i64(R)), name="z") as r:
+        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
     lk._emit_prep_x(g, a, spec, xq, xo)
 
-    def group(s, cb_sg, lo, hi):
-        # every block's int8 LUT first, so that the tile loop below streams the codes without pauses
-        with g.loop(0, n_vec, step=JB, name="lb") as j0:
+    def item_loop(body):
+        with g.loop(i0, i1, name="it") as it:
+            st, j0 = b.sdiv(it, n_blk), b.mul(b.srem(it, n_blk), i64(JB))
             jl = g.min(i64(JB), b.sub(n_vec, j0))
-            lq = b.gep(lutq, [b.mul(j0, i64(Kp))], source_etype=lc.I8)
-            scale = _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl)
-            g.store(lc.F32, scale, scales, b.sdiv(j0, i64(JB)))
-        with g.loop(0, n_vec, step=JB, name="jb") as j0:
-            jl = g.min(i64(JB), b.sub(n_vec, j0))
-            lq = b.gep(lutq, [b.mul(j0, i64(Kp))], source_etype=lc.I8)
-            scale = g.load(lc.F32, scales, b.sdiv(j0, i64(JB)))
-            with g.loop(lo, hi, name="rb") as rb:
-                _emit_tile(g, a, spec, isa, s, lq, j0, jl, rb, scale)
+            with g.loop(0, G, name="grp") as grp:
+                k = b.add(b.mul(b.sub(it, i0), G), grp)  # this LUT's index in the slot
+                cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(st, G), grp), i64(spec.vec_len * Kp))],
+                              source_etype=lc.F32)
+                body(st, grp, cb_sg, j0, jl, k, b.gep(lutq, [b.mul(k, i64(JB * Kp))], source_etype=lc.I8))
 
-    lk.emit_group_loops(g, a, spec, rb0, rb1, group)
-    r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
-    lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
+    # while the LUTs are built, the memory bus would idle: prefetch the range's first codes into L2 meanwhile
+    # (BUILD_PREFETCH bytes per LUT column; the range's codes are one contiguous stream)
+    c0 = lk._code_base(g, a, spec, b.sdiv(i0, n_blk), b.mul(b.srem(i0, n_blk), i64(JB)), i64(JB), i64(0))
+    pf = _intrinsic(mod, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
+
+    def build(st, grp, cb_sg, j0, jl, k, lq):
+        def each_column(jj):
+            if not (BUILD_PREFETCH and R >= 64):
+                return
+            off = b.mul(b.add(b.mul(k, i64(JB)), jj), i64(BUILD_PREFETCH))
+            for line in range(0, BUILD_PREFETCH, 64):
+                b.call(pf, [b.gep(c0, [b.add(off, i64(line))], source_etype=lc.I8), ir.Constant(lc.I32, 0),
+                            ir.Constant(lc.I32, 2), ir.Constant(lc.I32, 1)])
+        g.store(lc.F32, _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl, each_column), scales, k)
+
+    def tiles(st, grp, cb_sg, j0, jl, k, lq):
+        scale = g.load(lc.F32, scales, k)
+        lo, hi = lk._group_rows(g, a, spec, grp, i64(0), n_rb)
+        with g.loop(lo, hi, name="rb") as rb:
+            _emit_tile(g, a, spec, isa, st, lq, j0, jl, rb, scale, y)
+
+    item_loop(build)  # every LUT of the range first, so that the tile loops stream the codes without pauses
+    item_loop(tiles)
     b.ret_void()
     return fn
 
 
-def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq, j0, jl):
-    """Float LUT of the block (tracking its max |entry|), then the int8 LUT; returns the block scale (max / QMAX)."""
+def _gen_top(mod, spec: lk.KernelSpec, par):
+    """q8_work_par(args, n_rb, n_threads): the items on n_threads ranges, then y = sum of the ranges' partial y
+    (range 0 wrote y) and the epilogue (outliers, scale, bias)."""
+    fn = ir.Function(mod, ir.FunctionType(lc.VOID, [lc.PTR, lc.I64, lc.I64]), "q8_work_par")
+    g = lc.Gen(fn)
+    b = g.b
+    args, _, nt = fn.args
+    a = lk._Args(g, args)
+    i64 = g.i64
+    n_blk = b.sdiv(b.add(a.n(lk.A_NVEC), i64(spec.JB - 1)), i64(spec.JB))
+    items = b.mul(i64(spec.stages), n_blk)
+    nt = g.max(g.min(nt, items), i64(1))
+    b.call(par, [args, items, nt])
+    y, n = a.p(lk.A_Y), b.mul(a.n(lk.A_NRB), i64(spec.R))
+    with g.loop(1, nt, name="t") as t:
+        part = _slot(g, a, spec, t)[0]
+        with b.if_then(b.icmp_signed("<", lc._ranges(g, items, nt, t)[0], items)):  # empty ranges never ran
+            with g.loop(0, n, name="red") as r:
+                g.store(lc.F32, b.fadd(g.load(lc.F32, y, r), g.load(lc.F32, part, r)), y, r)
+    lk._emit_epilogue(g, a, spec, _slot(g, a, spec, i64(0))[3], i64(0), g.min(n, a.n(lk.A_OUT)))
+    b.ret_void()
+    return fn
+
+
+def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq, j0, jl, each_column=None):
+    """Float LUT of the block (tracking its max |entry|), then the int8 LUT; returns the block scale (max / QMAX).
+    `each_column(jj)` emits extra work at the top of every column (the code prefetches)."""
     b, i64, v, Kp = g.b, g.i64, spec.vec_len, spec.K
     W = 16
     vw = _vec(W)
     mod = g.fn.module
-    fabs = _intrinsic(mod, f"llvm.fabs.v{W}f32", vw, [vw])
+    if isa == "avx512vbmi":  # vrangeps imm 11: max(|a|, |b|) with the sign cleared, one op for fabs + fmax
+        rng = _intrinsic(mod, "llvm.x86.avx512.mask.range.ps.512", vw, [vw, vw, lc.I32, vw, lc.I16, lc.I32])
+        absmax = lambda acc, m: b.call(rng, [acc, m, ir.Constant(lc.I32, 11), m, ir.Constant(lc.I16, -1),  # noqa: E731
+                                             ir.Constant(lc.I32, 4)])
+    else:
+        fabs = _intrinsic(mod, f"llvm.fabs.v{W}f32", vw, [vw])
+        absmax = lambda acc, m: g.fmax(b.call(fabs, [acc]), m)  # noqa: E731
     mx = [g.var(vw, init=ir.Constant(vw, [0.0] * W), name=f"mx{u}") for u in range(4)]  # 4 chains: maxps latency
     with g.loop(0, jl, name="lj") as jj:
+        if each_column is not None:
+            each_column(jj)
         xs = [g.splat(g.load(lc.F32, xq, b.add(b.mul(b.add(j0, jj), i64(v)), i64(t))), W) for t in range(v)]
         row = b.gep(lut, [b.mul(jj, i64(Kp))], source_etype=lc.F32)
         with g.loop(0, Kp, step=4 * W, name="lk") as k0:  # Kp is a multiple of 64
@@ -145,7 +220,7 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
                     wp = b.gep(cb_sg, [b.add(k, i64(t * Kp))], source_etype=lc.F32)
                     acc = g.fma(b.load(wp, typ=vw, align=4), xs[t], acc)
                 b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
-                b.store(g.fmax(b.call(fabs, [acc]), b.load(mx[u], typ=vw)), mx[u])
+                b.store(absmax(acc, b.load(mx[u], typ=vw)), mx[u])
     m = [b.load(t, typ=vw) for t in mx]
     m = g.hmax(g.fmax(g.fmax(m[0], m[1]), g.fmax(m[2], m[3])))
     inv = g.splat(b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
@@ -161,11 +236,13 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
             d = [b.call(cvt, [ld(b.add(i, i64(W * u))), ir.Constant(vi, [0] * W), ir.Constant(lc.I16, -1),
                               ir.Constant(lc.I32, 4)]) for u in range(4)]
             q = b.call(pwb, [b.call(pdw, [d[0], d[1]]), b.call(pdw, [d[2], d[3]])])
-            b.store(q, b.gep(lutq, [i], source_etype=lc.I8), align=1)
+            b.store(b.xor(q, ir.Constant(vb, [BIAS] * 64)), b.gep(lutq, [i], source_etype=lc.I8), align=1)
     else:
         rint = _intrinsic(mod, f"llvm.rint.v{W}f32", vw, [vw])
+        vb = _vec(W, lc.I8)
         with g.loop(0, n_el, step=W, name="qz") as i:
-            b.store(b.fptosi(b.call(rint, [ld(i)]), _vec(W, lc.I8)), b.gep(lutq, [i], source_etype=lc.I8), align=1)
+            q = b.fptosi(b.call(rint, [ld(i)]), vb)
+            b.store(b.xor(q, ir.Constant(vb, [BIAS] * W)), b.gep(lutq, [i], source_etype=lc.I8), align=1)
     return b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
 
 
@@ -178,7 +255,7 @@ def _x86_order(Kp: int) -> torch.Tensor:
     return base + 16 * l + 4 * m + i
 
 
-def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb, scale):
+def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb, scale, y):
     """y[tile rb] += scale * sum over the block's columns of LUTq[j][code] (int16 accumulation)."""
     b, i64, R, Kp = g.b, g.i64, spec.R, spec.K
     H = R // 2
@@ -192,6 +269,8 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
     for h in range(2):
         b.store(zero, acc[h])
     eight = ir.Constant(vh, [8] * H)
+    # biased entries u = q + 128 in 0..255: acc0 = sum of whole words (lo + 256 hi, mod 2**16), acc1 = sum of the
+    # high bytes; the low bytes' sum is acc0 - 256 acc1 (both sums <= JB * 255 < 2**15). 3 ops per vector, not 5.
     pf = _intrinsic(g.fn.module, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
     with g.loop(0, jl, name="jj") as jj:
         cp = b.gep(cbase, [b.mul(jj, i64(R))], source_etype=lc.I8)
@@ -203,14 +282,16 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
         tabs = [b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1) for t in range(n_tab)]
         val = _lookup(g, isa, tabs, c)
         w = b.bitcast(val, vh)
-        b.store(b.add(b.load(acc[0], typ=vh), b.ashr(b.shl(w, eight), eight)), acc[0])
-        b.store(b.add(b.load(acc[1], typ=vh), b.ashr(w, eight)), acc[1])
-    y = a.p(lk.A_Y)
+        b.store(b.add(b.load(acc[0], typ=vh), w), acc[0])
+        b.store(b.add(b.load(acc[1], typ=vh), b.lshr(w, eight)), acc[1])
     vi, vf = _vec(H, lc.I32), _vec(H)
     sc = g.splat(scale, H)
+    hi = b.load(acc[1], typ=vh)
+    bias = g.splat(b.trunc(b.mul(jl, i64(BIAS)), lc.I16), H)
+    sums = [b.sub(b.sub(b.load(acc[0], typ=vh), b.shl(hi, eight)), bias), b.sub(hi, bias)]
     for h in range(2):
         yp = b.gep(y, [b.add(b.mul(rb, i64(R)), i64(h * H))], source_etype=lc.F32)
-        t = b.sitofp(b.sext(b.load(acc[h], typ=vh), vi), vf)
+        t = b.sitofp(b.sext(sums[h], vi), vf)
         b.store(g.fma(t, sc, b.load(yp, typ=vf, align=4)), yp, align=4)
 
 
@@ -227,7 +308,7 @@ def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: b
 
 def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
     mod = lc.new_module(f"codebook_q8_{isa}_{spec.vec_len}_{spec.K}", triple)
-    lc.add_parallel_for(mod, _gen(mod, spec, isa))
+    _gen_top(mod, spec, lc.add_parallel_for(mod, _gen(mod, spec, isa)))
     return mod
 
 
@@ -261,13 +342,19 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
                      base.bias, out_f, in_features, base.n_out, base.n_vec, groups, math.ceil(out_f / spec.R))
 
 
-def stride(p: lk.Packed) -> int:
-    """Scratch bytes per thread: float LUT of one block, block scales, int8 LUT of every block, permuted x."""
+def items(p: lk.Packed) -> int:
+    """(stage, column block) work items; threads take contiguous ranges of them."""
+    return p.spec.stages * math.ceil(p.n_vec / p.spec.JB)
+
+
+def stride(p: lk.Packed, n_threads: int) -> int:
+    """Scratch bytes per range: partial y, float LUT of one block, permuted x, outlier x, then the block scales
+    and int8 LUTs of the range's items (every group)."""
     JB, Kp = p.spec.JB, p.spec.K
-    n_blk = math.ceil(p.n_vec / JB)
-    n = 4 * JB * Kp + 4 * n_blk + n_blk * JB * Kp + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
+    n_it = math.ceil(items(p) / max(1, min(n_threads, items(p)))) * p.groups
+    n = 4 * (p.n_rb * p.spec.R + JB * Kp + p.n_vec * p.spec.vec_len + p.n_out + n_it) + n_it * JB * Kp + 64
     return n + (-n % 64)
 
 
 def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    return lk.launch(p, compiled(p.spec), x, stride(p), n_threads)
+    return lk.launch(p, compiled(p.spec), x, stride, n_threads)

@@ -75,7 +75,7 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
     xp = None
     fn = 2 if kernel == "q8" else 0 if gemv else 1
     if gemv:
-        stride = q8.stride(p) if kernel == "q8" else lk.gemv_stride(p)
+        stride = q8.stride(p, n_threads) if kernel == "q8" else lk.gemv_stride(p)
         a[lk.A_X], out_n = blob.add(x2[0]), p.n_rb * p.spec.R
     else:
         xp, xt = lk.gemm_inputs(p, x2)

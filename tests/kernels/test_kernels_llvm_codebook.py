@@ -98,8 +98,9 @@ def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
     out, inf, v, K, bits, *_ = cfg
     y, ref, x, w = _lut_case(q8, "q8", cfg, threads)
     assert snr_db(y, ref) >= 30
-    with table.force("llvm-q8"):
-        assert torch.equal(torch.ops.edgetk.codebook_gemm(x, *w, inf, v, bits), y)
+    with table.force("llvm-q8"):  # the op's thread count may differ: split-K partial sums, float reordering only
+        torch.testing.assert_close(torch.ops.edgetk.codebook_gemm(x, *w, inf, v, bits), y, rtol=1e-5,
+                                   atol=1e-5 * ref.abs().max().item())
 
 
 def test_default_lut_is_the_int16_one_unless_asked(monkeypatch):
