@@ -13,7 +13,9 @@ Cases (one JSON line each, then a table):
   `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
-* `prefill`: 64 tokens through the prefill kernel vs `F.linear` (one weight, compute bound).
+* `prefill`: 64 tokens through the prefill kernel (the default float32 LUT GEMM, and where oneDNN has bf16 the
+  opt-in EDGETK_PREFILL=bf16 path: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight,
+  compute bound).
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
   query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache;
   cache bytes vs an fp16 cache.
@@ -171,8 +173,16 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
     wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
     ours = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
     lin = timed_cycles(lambda _: F.linear(x, wd), [0] * 3, reps)
-    return {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "edgetk_us": ours,
-            "linear_fp32_us": lin, "x_vs_linear": lin["median_us"] / ours["median_us"]}
+    r = {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "edgetk_us": ours,
+         "linear_fp32_us": lin, "x_vs_linear": lin["median_us"] / ours["median_us"]}
+    dq = lk.dequant_bf16()
+    if dq.host_ok():  # the opt-in EDGETK_PREFILL=bf16 path: dequantize to bf16, oneDNN bf16 matmul
+        pd = dq.pack_weight(*w, inf, 4, 8)
+        bf = timed_cycles(lambda _: dq.gemm(pd, x), [0] * 3, reps)
+        ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+        snr = 10 * math.log10(ref.pow(2).mean().item() / (dq.gemm(pd, x) - ref).pow(2).mean().item())
+        r.update(edgetk_bf16_us=bf, bf16_x_vs_linear=lin["median_us"] / bf["median_us"], bf16_snr_db=snr)
+    return r
 
 
 def kv_case(threads: int, reps: int, ctx: int = 2048, kbits: int = 4, vbits: int = 4) -> dict:
@@ -221,8 +231,10 @@ def row(r: dict) -> str:
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
     if c == "prefill":
+        bf = (f"  bf16 {r['edgetk_bf16_us']['median_us']:9.1f} us x_lin {r['bf16_x_vs_linear']:.2f} "
+              f"({r['bf16_snr_db']:.0f} dB)" if "edgetk_bf16_us" in r else "")
         return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us  linear "
-                f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}")
+                f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}" + bf)
     return (f"kv_attention K{r['key_bits']}V{r['value_bits']} ctx={r['context']} t={r['threads']}  "
             f"edgetk {med:.1f} us  "
             f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "

@@ -477,6 +477,28 @@ def default_lut() -> tuple[str, ...]:
     return names
 
 
+PREFILL_MODES = ("lut", "bf16")
+_CACHE_DQ = _PackCache()
+
+
+def prefill_mode() -> str:
+    """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "lut" (the float32 LUT GEMM, ~1e-6 from the
+    reference). "bf16" dequantizes to a bf16 weight and runs oneDNN's bf16 matmul (llvm_dequant_bf16; ~50 dB SNR,
+    x86 hosts with AVX-512 BF16 / AMX; elsewhere the LUT GEMM runs)."""
+    mode = os.environ.get("EDGETK_PREFILL", "lut").strip() or "lut"
+    if mode not in PREFILL_MODES:
+        raise ConfigError(f"EDGETK_PREFILL={mode!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
+    return mode
+
+
+@functools.cache
+def dequant_bf16():
+    """The llvm_dequant_bf16 module, imported on first use."""
+    from . import llvm_dequant_bf16
+
+    return llvm_dequant_bf16
+
+
 @functools.cache
 def lut_kernel(name: str):
     """The module of batch-1 LUT kernel `name` (pack_weight, gemv, host_ok), imported on first use."""
@@ -565,13 +587,15 @@ def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Ten
 
 
 def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
-                       n_threads: int | None = None, exact: bool = False, lut: tuple[str, ...] | None = None):
+                       n_threads: int | None = None, exact: bool = False, lut: tuple[str, ...] | None = None,
+                       prefill: str | None = None):
     """Same signature and result as `codebook_gemm_reference`; formats it does not take go there.
 
     Batch-1 calls use the first kernel of `lut` (default: `default_lut()`) that this host runs and that takes the
     format: "q8" (int8 LUT, llvm_codebook_q8: SNR ~38 dB against the reference, like int8 activations) or "q16"
     (int16 LUT, llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the
-    float32 LUT everywhere (equal to the reference up to summation order).
+    float32 LUT everywhere (equal to the reference up to summation order). Batch > 1 follows `prefill` (default:
+    `prefill_mode()`): "lut" (float32 LUT GEMM) or "bf16" (dequantize + bf16 matmul where the host has it).
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
@@ -590,6 +614,11 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     if p is None:
         return codebook_gemm_reference(*args)
     x2 = x.reshape(rows, in_features).contiguous()
+    if rows > 1 and not exact and (prefill or prefill_mode()) == "bf16" and dequant_bf16().host_ok():
+        dq = dequant_bf16()
+        pd = _CACHE_DQ.get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits))
+        if pd is not None:
+            return dq.gemm(pd, x2, n_threads).reshape(*x.shape[:-1], pd.out_f)
     if rows == 1:
         y = gemv(p, x2[0], n_threads)
     elif rows == 0:
