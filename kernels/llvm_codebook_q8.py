@@ -42,8 +42,10 @@ ir = lc.ir
 QMAX = 127  # int8 LUT range
 BIAS = 128  # entries are stored as q + BIAS (unsigned bytes)
 JB_INPUTS = 64  # inputs per LUT scale block (JB = JB_INPUTS // vec_len code vectors, at least 4)
-PREFETCH = 8192  # bytes of codes prefetched ahead of the tile being read (0 = off)
-BUILD_PREFETCH = 0  # bytes of codes prefetched into L2 per LUT column built (0 = off)
+PREFETCH = 16384  # bytes of codes prefetched ahead of the tile being read (0 = off)
+PREFETCH_LOCALITY = 2  # llvm.prefetch locality: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2)
+TILES_PER_PASS = 2  # row tiles per column pass (they share the column's table loads)
+BUILD_PREFETCH = 512  # bytes of codes prefetched into L2 per LUT column built (0 = off)
 ISA_R = {"avx512vbmi": 64, "neon": 16}
 
 
@@ -159,8 +161,13 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     def tiles(st, grp, cb_sg, j0, jl, k, lq):
         scale = g.load(lc.F32, scales, k)
         lo, hi = lk._group_rows(g, a, spec, grp, i64(0), n_rb)
-        with g.loop(lo, hi, name="rb") as rb:
-            _emit_tile(g, a, spec, isa, st, lq, j0, jl, rb, scale, y)
+        U = TILES_PER_PASS
+        mid = b.sub(hi, b.srem(b.sub(hi, lo), i64(U)))
+        with g.loop(lo, mid, step=U, name="rb") as rb:
+            _emit_tile(g, a, spec, isa, st, lq, j0, jl, rb, scale, y, U)
+        if U > 1:
+            with g.loop(mid, hi, name="rt") as rb:
+                _emit_tile(g, a, spec, isa, st, lq, j0, jl, rb, scale, y)
 
     item_loop(build)  # every LUT of the range first, so that the tile loops stream the codes without pauses
     item_loop(tiles)
@@ -255,44 +262,46 @@ def _x86_order(Kp: int) -> torch.Tensor:
     return base + 16 * l + 4 * m + i
 
 
-def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb, scale, y):
-    """y[tile rb] += scale * sum over the block's columns of LUTq[j][code] (int16 accumulation)."""
+def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb, scale, y, n_tiles: int = 1):
+    """y[tiles rb .. rb + n_tiles - 1] += scale * sum over the block's columns of LUTq[j][code] (int16
+    accumulation). The tiles of one pass share each column's table loads."""
     b, i64, R, Kp = g.b, g.i64, spec.R, spec.K
     H = R // 2
     vb, vh = _vec(R, lc.I8), _vec(H, lc.I16)
     width = 64 if isa == "avx512vbmi" else 16  # table entries per register
     n_tab = Kp // width
     tv = _vec(width, lc.I8)
-    cbase = lk._code_base(g, a, spec, s, j0, jl, rb)
-    acc = [g.var(vh, name=f"acc{h}") for h in range(2)]
+    cbase = lk._code_base(g, a, spec, s, j0, jl, rb)  # tile rb + u starts u * jl * R bytes later
+    acc = [[g.var(vh, name=f"acc{u}_{h}") for h in range(2)] for u in range(n_tiles)]
     zero = ir.Constant(vh, [0] * H)
-    for h in range(2):
-        b.store(zero, acc[h])
+    for u in range(n_tiles):
+        for h in range(2):
+            b.store(zero, acc[u][h])
     eight = ir.Constant(vh, [8] * H)
     # biased entries u = q + 128 in 0..255: acc0 = sum of whole words (lo + 256 hi, mod 2**16), acc1 = sum of the
     # high bytes; the low bytes' sum is acc0 - 256 acc1 (both sums <= JB * 255 < 2**15). 3 ops per vector, not 5.
     pf = _intrinsic(g.fn.module, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
     with g.loop(0, jl, name="jj") as jj:
-        cp = b.gep(cbase, [b.mul(jj, i64(R))], source_etype=lc.I8)
-        if PREFETCH and R >= 64:  # one prefetch per 64-byte line (NEON tiles are 16 bytes: left to the hardware)
-            b.call(pf, [b.gep(cp, [i64(PREFETCH)], source_etype=lc.I8), ir.Constant(lc.I32, 0),
-                        ir.Constant(lc.I32, 3), ir.Constant(lc.I32, 1)])
-        c = b.load(cp, typ=vb, align=1)
         tp = b.gep(lutq, [b.mul(jj, i64(Kp))], source_etype=lc.I8)
         tabs = [b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1) for t in range(n_tab)]
-        val = _lookup(g, isa, tabs, c)
-        w = b.bitcast(val, vh)
-        b.store(b.add(b.load(acc[0], typ=vh), w), acc[0])
-        b.store(b.add(b.load(acc[1], typ=vh), b.lshr(w, eight)), acc[1])
+        for u in range(n_tiles):
+            cp = b.gep(cbase, [b.mul(b.add(b.mul(jl, i64(u)), jj), i64(R))], source_etype=lc.I8)
+            if PREFETCH and R >= 64:  # one prefetch per 64-byte line (NEON tiles are 16 bytes: left to the hardware)
+                b.call(pf, [b.gep(cp, [i64(PREFETCH)], source_etype=lc.I8), ir.Constant(lc.I32, 0),
+                            ir.Constant(lc.I32, PREFETCH_LOCALITY), ir.Constant(lc.I32, 1)])
+            w = b.bitcast(_lookup(g, isa, tabs, b.load(cp, typ=vb, align=1)), vh)
+            b.store(b.add(b.load(acc[u][0], typ=vh), w), acc[u][0])
+            b.store(b.add(b.load(acc[u][1], typ=vh), b.lshr(w, eight)), acc[u][1])
     vi, vf = _vec(H, lc.I32), _vec(H)
     sc = g.splat(scale, H)
-    hi = b.load(acc[1], typ=vh)
     bias = g.splat(b.trunc(b.mul(jl, i64(BIAS)), lc.I16), H)
-    sums = [b.sub(b.sub(b.load(acc[0], typ=vh), b.shl(hi, eight)), bias), b.sub(hi, bias)]
-    for h in range(2):
-        yp = b.gep(y, [b.add(b.mul(rb, i64(R)), i64(h * H))], source_etype=lc.F32)
-        t = b.sitofp(b.sext(sums[h], vi), vf)
-        b.store(g.fma(t, sc, b.load(yp, typ=vf, align=4)), yp, align=4)
+    for u in range(n_tiles):
+        hi = b.load(acc[u][1], typ=vh)
+        sums = [b.sub(b.sub(b.load(acc[u][0], typ=vh), b.shl(hi, eight)), bias), b.sub(hi, bias)]
+        for h in range(2):
+            yp = b.gep(y, [b.add(b.mul(b.add(rb, i64(u)), i64(R)), i64(h * H))], source_etype=lc.F32)
+            t = b.sitofp(b.sext(sums[h], vi), vf)
+            b.store(g.fma(t, sc, b.load(yp, typ=vf, align=4)), yp, align=4)
 
 
 def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: bool,
