@@ -1,7 +1,10 @@
 """llvmlite-generated CPU kernel for `edgetk::kv_attention` (contract and reference: kernels/kv_attention.py).
 
-Fused dequantization: no dense fp cache is built. One work item = one (batch, KV head); items are spread over
-pthreads created inside the generated code. Per item, for the rep*T queries that read this KV head:
+Fused dequantization: no dense fp cache is built. One work item = one (batch, KV head, context chunk); items are
+spread over the threads (`llvm_common.add_parallel_for`). There is one chunk per head unless the heads do not
+spread evenly over the threads (`chunks`: 3 KV heads on 2 threads -> 2 chunks each); then each item leaves a
+partial (max, sum, unnormalised output) per query and the caller's thread combines them (as flash-decoding does).
+Per item, for the rep*T queries that read this KV head:
 
 1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
    constant shuffle (bits 2 and 4; other widths: a constant shuffle pairs the two bytes each code touches into
@@ -38,8 +41,8 @@ from .kv_attention import kv_attention_reference
 
 ir = lc.ir
 (A_Q, A_KC, A_KM, A_VC, A_VM, A_LEV, A_FP, A_COS, A_SIN, A_MASK, A_OUT, A_SCR, A_SSTRIDE, A_H, A_HQ, A_T, A_S, A_C,
- A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B, A_OIDX, A_OVAL, A_NOUT) = range(28)
-N_ARGS = 28
+ A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B, A_OIDX, A_OVAL, A_NOUT, A_NCH, A_PART) = range(30)
+N_ARGS = 30
 W = 16  # softmax vector width
 F16 = ir.HalfType()
 
@@ -194,6 +197,24 @@ class _K:
         b.branch(c1)
         b.position_at_end(end)
 
+    def skip_sparse(self, idx, cursor, lo):
+        """Advance the cursor past the used entries with flat index < lo (the slots before a chunk)."""
+        b, g = self.b, self.g
+        n_out = self.n(A_NOUT)
+        c1, c2 = b.append_basic_block("sk.more"), b.append_basic_block("sk.test")
+        body, end = b.append_basic_block("sk.body"), b.append_basic_block("sk.end")
+        b.branch(c1)
+        b.position_at_end(c1)
+        j = b.load(cursor, typ=lc.I64)
+        b.cbranch(b.icmp_signed("<", j, n_out), c2, end)
+        b.position_at_end(c2)
+        e = b.sext(g.load(lc.I32, idx, j), lc.I64)
+        b.cbranch(b.and_(b.icmp_signed(">=", e, g.i64(0)), b.icmp_signed("<", e, lo)), body, end)
+        b.position_at_end(body)
+        b.store(b.add(j, g.i64(1)), cursor)
+        b.branch(c1)
+        b.position_at_end(end)
+
     def half_vec(self, ptr, n):
         return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
 
@@ -223,7 +244,7 @@ class _K:
 
 
 def _gen(mod, spec: KVSpec):
-    fn = ir.Function(mod, lc.WORK_TYPE, "kv_work")
+    fn = ir.Function(mod, lc.WORK_TYPE, "kv_items")
     g = lc.Gen(fn)
     args, tid, it0, it1 = fn.args
     k = _K(g, spec, args)
@@ -234,12 +255,63 @@ def _gen(mod, spec: KVSpec):
     return fn
 
 
+def _gen_top(mod, spec: KVSpec, par):
+    """kv_work_par(args, n_items, n_threads): the B*H*NCH items on the threads, then (NCH > 1) every query's
+    output from its chunks' partials (max m_c, sum l_c, unnormalised acc_c): sum_c e^(m_c-M) acc_c / sum_c
+    e^(m_c-M) l_c with M = max_c m_c."""
+    fn = ir.Function(mod, ir.FunctionType(lc.VOID, [lc.PTR, lc.I64, lc.I64]), "kv_work_par")
+    g = lc.Gen(fn)
+    b = g.b
+    args, n_items, nt = fn.args
+    k = _K(g, spec, args)
+    D, i64 = spec.D, g.i64
+    b.call(par, [args, n_items, nt])
+    nch = k.n(A_NCH)
+    vd = _vt(D)
+    with b.if_then(b.icmp_signed(">", nch, i64(1))):
+        nq = b.mul(b.sdiv(k.n(A_HQ), k.n(A_H)), k.n(A_T))
+        part, out = k.p(A_PART), k.p(A_OUT)
+        rec = D + 2
+        mxv, num = g.var(lc.F32, name="cm"), g.var(vd, name="cacc")
+        den = g.var(lc.F32, name="cden")
+        with g.loop(0, b.mul(b.mul(k.n(A_B), k.n(A_H)), nq), name="cq") as r:  # r = bh * nq + qi
+            bh, qi = b.sdiv(r, nq), b.srem(r, nq)
+            rp = lambda c: b.gep(part, [b.mul(b.add(b.mul(b.add(b.mul(bh, nch), c), nq), qi), i64(rec))],  # noqa: E731
+                                 source_etype=lc.F32)
+            b.store(ir.Constant(lc.F32, -math.inf), mxv)
+            with g.loop(0, nch, name="cm1") as c:
+                m = g.load(lc.F32, rp(c), i64(D))
+                b.store(b.select(b.fcmp_ordered(">", m, b.load(mxv, typ=lc.F32)), m, b.load(mxv, typ=lc.F32)), mxv)
+            M = b.load(mxv, typ=lc.F32)
+            b.store(_const_vec([0.0] * D), num)
+            b.store(ir.Constant(lc.F32, 0.0), den)
+            with g.loop(0, nch, name="cm2") as c:
+                m = g.load(lc.F32, rp(c), i64(D))
+                e = b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, -math.inf)),
+                             k.exp(g.splat(b.fsub(m, M), W)), _const_vec([0.0] * W))
+                w = b.extract_element(e, ir.Constant(lc.I32, 0))
+                b.store(g.fma(g.splat(w, D), b.load(rp(c), typ=vd, align=4), b.load(num, typ=vd)), num)
+                b.store(b.fadd(b.fmul(w, g.load(lc.F32, rp(c), i64(D + 1))), b.load(den, typ=lc.F32)), den)
+            inv = b.fdiv(ir.Constant(lc.F32, 1.0), b.load(den, typ=lc.F32))
+            b.store(b.fmul(b.load(num, typ=vd), g.splat(inv, D)), b.gep(out, [b.mul(r, i64(D))], source_etype=lc.F32),
+                    align=4)
+    b.ret_void()
+    return fn
+
+
 def _emit_item(k: _K, tid, item):
+    """One (batch, KV head, context chunk) item; chunk ch of NCH covers slots [p0, p1)."""
     g, b, s = k.g, k.b, k.s
     D, i64 = s.D, g.i64
     H, Hq, T = k.n(A_H), k.n(A_HQ), k.n(A_T)
     n_q, n_fp, npad = k.n(A_NQ), k.n(A_NFP), k.n(A_NPAD)
-    n = b.add(n_q, n_fp)
+    n_all = b.add(n_q, n_fp)
+    nch = k.n(A_NCH)
+    chunk_i, item = b.srem(item, nch), b.sdiv(item, nch)  # from here on `item` is the (batch, KV head) index
+    clen = b.sdiv(b.add(n_all, b.sub(nch, i64(1))), nch)
+    p0 = g.min(b.mul(chunk_i, clen), n_all)
+    p1 = g.min(b.add(p0, clen), n_all)
+    n = b.sub(p1, p0)  # slots of this chunk; scores[qi][p - p0]
     rep = b.sdiv(Hq, H)
     nq = b.mul(rep, T)  # queries reading this KV head
     bb, h = b.sdiv(item, H), b.srem(item, H)
@@ -267,8 +339,10 @@ def _emit_item(k: _K, tid, item):
     oidx_v = b.gep(k.p(A_OIDX), [row_v], source_etype=lc.I32)
     oval_v = b.gep(k.p(A_OVAL), [row_v], source_etype=F16)
     cur_k, cur_v = g.var(lc.I64, g.i64(0), name="cur_k"), g.var(lc.I64, g.i64(0), name="cur_v")
+    for cur, oidx in ((cur_k, oidx_k), (cur_v, oidx_v)):  # skip the entries of slots before the chunk
+        k.skip_sparse(oidx, cur, b.mul(p0, i64(D)))
     # 1. scores
-    with g.loop(0, n, name="p") as p:
+    with g.loop(p0, p1, name="p") as p:
         is_q = b.icmp_signed("<", p, n_q)
         with b.if_else(is_q) as (then, other):
             with then:
@@ -291,14 +365,14 @@ def _emit_item(k: _K, tid, item):
             qv = b.load(b.gep(q0, [b.mul(qi, i64(D))], source_etype=lc.F32), typ=vd, align=4)
             sc = b.fmul(k.reduce_add(b.fmul(qv, kr)), inv)
             sc = b.select(b.icmp_unsigned("!=", vis, ir.Constant(lc.I8, 0)), sc, ir.Constant(lc.F32, -math.inf))
-            g.store(lc.F32, sc, scores, b.add(b.mul(qi, npad), p))
+            g.store(lc.F32, sc, scores, b.add(b.mul(qi, npad), b.sub(p, p0)))
     _emit_softmax(k, scores, nq, n, npad, acc)
     # 3. values
     NG = D // s.value_group
     gmap = [d // s.value_group for d in range(D)]
     vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
     lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
-    with g.loop(0, n, name="pv") as p:
+    with g.loop(p0, p1, name="pv") as p:
         with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
             with then:
                 meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
@@ -312,24 +386,38 @@ def _emit_item(k: _K, tid, item):
                 b.store(k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
         vv = b.load(kvar, typ=vd)
         with g.loop(0, nq, name="qa") as qi:
-            w = g.load(lc.F32, scores, b.add(b.mul(qi, npad), p))
+            w = g.load(lc.F32, scores, b.add(b.mul(qi, npad), b.sub(p, p0)))
             ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
             b.store(g.fma(g.splat(w, D), vv, b.load(ap, typ=vd, align=4)), ap, align=4)
     # output = acc / sum (the sums were left in scores[qi][npad - 1]... kept in the `tot` slots below)
     out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     tot = b.gep(acc, [b.mul(nq, i64(D))], source_etype=lc.F32)
-    with g.loop(0, nq, name="qo") as qi:
-        r = b.fdiv(ir.Constant(lc.F32, 1.0), g.load(lc.F32, tot, qi))
-        ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
-        b.store(b.fmul(b.load(ap, typ=vd, align=4), g.splat(r, D)),
-                b.gep(out0, [b.mul(qi, i64(D))], source_etype=lc.F32), align=4)
+    mxs = b.gep(tot, [nq], source_etype=lc.F32)
+    with b.if_else(b.icmp_signed("==", nch, i64(1))) as (one, many):
+        with one:
+            with g.loop(0, nq, name="qo") as qi:
+                r = b.fdiv(ir.Constant(lc.F32, 1.0), g.load(lc.F32, tot, qi))
+                ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
+                b.store(b.fmul(b.load(ap, typ=vd, align=4), g.splat(r, D)),
+                        b.gep(out0, [b.mul(qi, i64(D))], source_etype=lc.F32), align=4)
+        with many:  # partial record per query: acc[D] (unnormalised), max, sum
+            rec = b.gep(k.p(A_PART), [b.mul(b.mul(b.add(b.mul(item, nch), chunk_i), nq), i64(D + 2))],
+                        source_etype=lc.F32)
+            with g.loop(0, nq, name="qp") as qi:
+                rp = b.gep(rec, [b.mul(qi, i64(D + 2))], source_etype=lc.F32)
+                b.store(b.load(b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32), typ=vd, align=4), rp,
+                        align=4)
+                g.store(lc.F32, g.load(lc.F32, mxs, qi), rp, i64(D))
+                g.store(lc.F32, g.load(lc.F32, tot, qi), rp, i64(D + 1))
 
 
 def _emit_softmax(k: _K, scores, nq, n, npad, acc):
-    """scores[qi][p] <- exp(scores - max) (p < n; 0 in the padding); tot[qi] = sum; acc[qi][:] = 0."""
+    """scores[qi][p] <- exp(scores - max) (p < n; 0 in the padding); tot[qi] = sum, mxs[qi] = max (-inf when no
+    slot is visible); acc[qi][:] = 0."""
     g, b, D = k.g, k.b, k.s.D
     vw = _vt(W)
     tot = b.gep(acc, [b.mul(nq, g.i64(D))], source_etype=lc.F32)
+    mxs = b.gep(tot, [nq], source_etype=lc.F32)
     mx, sm = g.var(vw, name="mx"), g.var(vw, name="sm")
     ninf = _const_vec([-math.inf] * W)
     lanes = _const_vec(list(range(W)), lc.I64)
@@ -340,7 +428,9 @@ def _emit_softmax(k: _K, scores, nq, n, npad, acc):
             valid = b.icmp_signed("<", b.add(g.splat(p, W), lanes), g.splat(n, W))
             x = b.select(valid, b.load(b.gep(row, [p], source_etype=lc.F32), typ=vw, align=4), ninf)
             b.store(g.fmax(x, b.load(mx, typ=vw)), mx)
-        mb = g.splat(g.hmax(b.load(mx, typ=vw)), W)
+        m1 = g.hmax(b.load(mx, typ=vw))
+        g.store(lc.F32, m1, mxs, qi)
+        mb = g.splat(m1, W)
         b.store(_const_vec([0.0] * W), sm)
         with g.loop(0, npad, step=W, name="sm2") as p:
             ptr = b.gep(row, [p], source_etype=lc.F32)
@@ -355,7 +445,7 @@ def _emit_softmax(k: _K, scores, nq, n, npad, acc):
 
 def build_module(spec: KVSpec, triple: str | None = None):
     mod = lc.new_module(f"kv_attention_{spec.D}_{spec.kbits}_{spec.vbits}", triple)
-    lc.add_parallel_for(mod, _gen(mod, spec))
+    _gen_top(mod, spec, lc.add_parallel_for(mod, _gen(mod, spec)))
     return mod
 
 
@@ -415,7 +505,6 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     B, Hq, T, D = q.shape
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
-    npad = max(W, -(-n // W) * W)
     mb = max(key_bits, value_bits)
     spec = KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb))
     c = lambda t: t.contiguous()  # noqa: E731
@@ -430,23 +519,41 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
         out_idx, out_val = torch.full((1,), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.float16)
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
     nq = (Hq // H) * T
-    stride = 4 * (nq * npad + nq * D + nq) + 64
-    stride += -stride % 64
-    nt = max(1, min(torch.get_num_threads() if n_threads is None else n_threads, B * H))
-    if n_threads is None and B * H * n * nq < 8000:  # starting threads (~40 us here) costs more than they save
+    nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
+    if n_threads is None and B * H * n * nq < 8000:  # starting threads costs more than they save
         nt = 1
+    nch = chunks(B * H, nt, n)
+    nt = min(nt, B * H * nch)
+    clen = -(-n // nch)
+    npad = max(W, -(-clen // W) * W)
+    stride = 4 * (nq * npad + nq * D + 2 * nq) + 64
+    stride += -stride % 64
     scr = lc.scratch(stride * nt)
+    part = torch.empty(B * H * nch * nq * (D + 2) if nch > 1 else 1, dtype=torch.float32)
     a = [0] * N_ARGS
     for i, t in ((A_Q, q), (A_KC, k_codes), (A_KM, k_meta), (A_VC, v_codes), (A_VM, v_meta), (A_LEV, levels),
                  (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr),
-                 (A_OIDX, out_idx), (A_OVAL, out_val)):
+                 (A_OIDX, out_idx), (A_OVAL, out_val), (A_PART, part)):
         a[i] = t.data_ptr()
     a[A_SSTRIDE], a[A_H], a[A_HQ], a[A_T], a[A_S], a[A_C] = stride, H, Hq, T, S, kv_fp.shape[3]
     a[A_NBK], a[A_KG], a[A_NQ], a[A_NFP], a[A_MSTRIDE], a[A_NPAD], a[A_B] = (
         k_meta.shape[2], key_group, n_q, n_fp, mask.shape[1], npad, B)
-    a[A_NOUT] = n_out
-    compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H, nt)
+    a[A_NOUT], a[A_NCH] = n_out, nch
+    compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H * nch, nt)
     return out
+
+
+MIN_CHUNK = 256  # context slots per chunk at least (a chunk's partial costs D + 2 floats per query to combine)
+
+
+def chunks(n_heads: int, n_threads: int, n: int) -> int:
+    """Context chunks per (batch, KV head): 1, unless the heads do not spread evenly over the threads (3 KV heads
+    on 2 threads leave one thread a third idle); then enough chunks that every thread gets the same share, as long
+    as each chunk keeps MIN_CHUNK slots."""
+    if n_threads <= 1 or n_heads % n_threads == 0:
+        return 1
+    want = n_threads // math.gcd(n_heads, n_threads)
+    return max(1, min(want, n // MIN_CHUNK))
 
 
 def available() -> bool:

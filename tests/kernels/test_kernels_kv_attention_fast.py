@@ -113,3 +113,25 @@ def test_decoder_with_quantized_cache_same_logits_with_either_kernel(tiny_llama)
             steps += [model(tokens[:, i:i + 1], torch.tensor([i]))[:, -1] for i in range(24, 56)]
         logits[name] = torch.cat(steps)
     torch.testing.assert_close(logits["llvm"], logits["reference"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["kv4_gqa", "k5v3_sparse", "kv2_sparse_batch2_prefill", "kv8_mha_odd",
+                                  "fp_region_only", "k3v5_prefill"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_context_chunks_match_reference(case, threads, monkeypatch):
+    """Heads that do not spread evenly over the threads are split along the context; the chunks' partials
+    (max, sum, unnormalised output) combine to the reference, sparse entries and the fp region included."""
+    monkeypatch.setattr(kf, "MIN_CHUNK", 8)
+    args = make_case(**CASES[case])
+    B, H, n = args[1].shape[0], args[1].shape[1], args[14] + args[15]
+    assert kf.chunks(B * H, threads, n) > 1 or (B * H) % threads == 0
+    torch.testing.assert_close(kf.kv_attention_llvm(*args, n_threads=threads), kva.kv_attention_reference(*args),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_chunk_count():
+    """1 chunk when the heads spread evenly or one thread runs; else enough that every thread gets the same
+    share, each chunk keeping MIN_CHUNK slots."""
+    assert kf.chunks(3, 1, 4096) == 1 and kf.chunks(4, 2, 4096) == 1 and kf.chunks(6, 3, 4096) == 1
+    assert kf.chunks(3, 2, 2048) == 2 and kf.chunks(2, 3, 2048) == 3 and kf.chunks(3, 4, 2048) == 4
+    assert kf.chunks(3, 2, kf.MIN_CHUNK) == 1  # a short context stays whole
