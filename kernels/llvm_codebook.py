@@ -141,6 +141,36 @@ def emit_block_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, block) -> 
     emit_group_loops(g, a, spec, rb0, rb1, group)
 
 
+def split_k_items(g: lc.Gen, a: _Args, spec: KernelSpec):
+    """(stage, column block) work items of the split-K gemv kernels: S * ceil(n_vec / JB)."""
+    n_blk = g.b.sdiv(g.b.add(a.n(A_NVEC), g.i64(spec.JB - 1)), g.i64(spec.JB))
+    return n_blk, g.b.mul(g.i64(spec.stages), n_blk)
+
+
+def emit_split_k_top(mod, spec: KernelSpec, par, name: str, slot) -> ir.Function:
+    """`name`(args, n_rb, n_threads) of a split-K gemv kernel (q8, q16): its (stage, column block) items on
+    n_threads ranges through `par`, then y = the sum of the ranges' partial y (range 0 wrote y itself) and the
+    epilogue (outliers, scale, bias). slot(g, a, t) -> (partial y, outlier x) pointers of range t."""
+    fn = ir.Function(mod, ir.FunctionType(lc.VOID, [lc.PTR, lc.I64, lc.I64]), name)
+    g = lc.Gen(fn)
+    b = g.b
+    args, _, nt = fn.args
+    a = _Args(g, args)
+    i64 = g.i64
+    items = split_k_items(g, a, spec)[1]
+    nt = g.max(g.min(nt, items), i64(1))
+    b.call(par, [args, items, nt])
+    y, n = a.p(A_Y), b.mul(a.n(A_NRB), i64(spec.R))
+    with g.loop(1, nt, name="t") as t:
+        part = slot(g, a, t)[0]
+        with b.if_then(b.icmp_signed("<", lc._ranges(g, items, nt, t)[0], items)):  # empty ranges never ran
+            with g.loop(0, n, name="red") as r:
+                g.store(lc.F32, b.fadd(g.load(lc.F32, y, r), g.load(lc.F32, part, r)), y, r)
+    _emit_epilogue(g, a, spec, slot(g, a, i64(0))[1], i64(0), g.min(n, a.n(A_OUT)))
+    b.ret_void()
+    return fn
+
+
 def _code_base(g: lc.Gen, a: _Args, spec: KernelSpec, s, j0, jl, rb):
     b, R = g.b, g.i64(spec.R)
     nrb_r = b.mul(a.n(A_NRB), R)

@@ -9,8 +9,9 @@ Memory-bound instead of load-port-bound. Only for K == 256 (8-bit codes), any ve
 whose rows are a multiple of 32. aarch64 keeps the generic kernel (a NEON `tbl` variant is the next step).
 
 Repacked code layout (one-time per weight, cached): ``codes_q[s][j][rb][i]`` (uint8) = code of output row
-rb*32 + i for code vector j of stage s (rows padded to a multiple of 32 with code 0), so for a fixed column the
-codes of a thread's rows are contiguous.
+rb*32 + i for code vector j of stage s (rows padded to a multiple of 32 with code 0), so a range of columns is one
+contiguous stream. Threads split the (stage, column block) items (split-K, like llvm_codebook_q8): each builds only
+its blocks' LUTs into its own partial y, summed on the caller's thread before the epilogue.
 """
 from __future__ import annotations
 
@@ -45,33 +46,48 @@ def _intrinsic(mod, name, ret, args):
     return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
 
 
-def _gen(mod, spec: lk.KernelSpec):
-    fn = ir.Function(mod, lc.WORK_TYPE, "q16_work")
-    g = lc.Gen(fn)
-    b = g.b
-    args, tid, rb0, rb1 = fn.args
-    a = lk._Args(g, args)
-    v, i64 = spec.vec_len, g.i64
-    n_vec, n_rb = a.n(lk.A_NVEC), a.n(lk.A_NRB)
-    scr = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)
-    lut = scr  # f32 [JB][K]
+def _slot(g: lc.Gen, a, spec: lk.KernelSpec, tid):
+    """Range tid's scratch: partial y (range 0 writes y itself), float LUT, int16 LUT, int32 accumulators, x."""
+    b, i64 = g.b, g.i64
+    n_rb = a.n(lk.A_NRB)
+    part = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)  # f32 [n_rb*R]
+    lut = b.gep(part, [b.mul(n_rb, i64(R))], source_etype=lc.F32)  # f32 [JB][K]
     lutq = b.gep(lut, [i64(JB * K)], source_etype=lc.F32)  # i16 [JB][K]
     acc = b.gep(lutq, [i64(JB * K)], source_etype=lc.I16)  # i32 [n_rb*R]
     xq = b.gep(acc, [b.mul(n_rb, i64(R))], source_etype=lc.I32)
-    xo = b.gep(xq, [b.mul(n_vec, i64(v))], source_etype=lc.F32)
+    xo = b.gep(xq, [b.mul(a.n(lk.A_NVEC), i64(spec.vec_len))], source_etype=lc.F32)
+    return part, lut, lutq, acc, xq, xo
+
+
+def _gen(mod, spec: lk.KernelSpec):
+    """q16_items(args, tid, i0, i1): (stage, column block) items [i0, i1), every row, into range tid's partial y
+    (split-K, as in llvm_codebook_q8: each thread builds only its blocks' LUTs and streams its own columns)."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "q16_items")
+    g = lc.Gen(fn)
+    b = g.b
+    args, tid, i0, i1 = fn.args
+    a = lk._Args(g, args)
+    i64 = g.i64
+    n_vec, n_rb, G = a.n(lk.A_NVEC), a.n(lk.A_NRB), a.n(lk.A_GROUPS)
+    n_blk = lk.split_k_items(g, a, spec)[0]
+    part, lut, lutq, acc, xq, xo = _slot(g, a, spec, tid)
+    y = b.select(b.icmp_signed("==", tid, i64(0)), a.p(lk.A_Y), part)
+    with g.loop(0, b.mul(n_rb, i64(R)), name="z") as r:
+        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
     lk._emit_prep_x(g, a, spec, xq, xo)
-
-    def block(s, cb_sg, j0, jl, lo, hi):
-        _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi)
-
-    lk.emit_block_loops(g, a, spec, rb0, rb1, block)
-    r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
-    lk._emit_epilogue(g, a, spec, xo, r0, g.min(r1, a.n(lk.A_OUT)))
+    with g.loop(i0, i1, name="it") as it:
+        st, j0 = b.sdiv(it, n_blk), b.mul(b.srem(it, n_blk), i64(JB))
+        jl = g.min(i64(JB), b.sub(n_vec, j0))
+        with g.loop(0, G, name="grp") as grp:
+            cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(st, G), grp), i64(spec.vec_len * K))],
+                          source_etype=lc.F32)
+            lo, hi = lk._group_rows(g, a, spec, grp, i64(0), n_rb)
+            _emit_block(g, a, spec, st, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi, y)
     b.ret_void()
     return fn
 
 
-def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi):
+def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi, y):
     b, i64, v = g.b, g.i64, spec.vec_len
     W = 16
     vw = _vec(W)
@@ -98,7 +114,6 @@ def _emit_block(g, a, spec, s, cb_sg, lut, lutq, acc, xq, j0, jl, lo, hi):
     with g.loop(b.mul(lo, i64(R)), b.mul(hi, i64(R)), step=R, name="za") as r:
         b.store(ir.Constant(vi, [0] * R), b.gep(acc, [r], source_etype=lc.I32), align=4)
     _emit_lookup(g, a, s, lutq, acc, j0, jl, lo, hi)
-    y = a.p(lk.A_Y)
     vf = _vec(R)
     with g.loop(b.mul(lo, i64(R)), b.mul(hi, i64(R)), step=R, name="ya") as r:
         yp = b.gep(y, [r], source_etype=lc.F32)
@@ -151,7 +166,12 @@ def make_spec(vec_len: int, Kc: int, stages: int, rows_per_group: int, grouped: 
 
 def build_module(spec: lk.KernelSpec, triple: str | None = None):
     mod = lc.new_module(f"codebook_q16_{spec.vec_len}", triple)
-    lc.add_parallel_for(mod, _gen(mod, spec))
+
+    def part_xo(g, a, t):
+        sl = _slot(g, a, spec, t)
+        return sl[0], sl[5]
+
+    lk.emit_split_k_top(mod, spec, lc.add_parallel_for(mod, _gen(mod, spec)), "q16_work_par", part_xo)
     return mod
 
 
@@ -181,7 +201,7 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
 
 def stride(p: lk.Packed, n_threads: int = 1) -> int:
     """Scratch bytes per thread (any thread count)."""
-    n = JB * K * 4 + JB * K * 2 + p.n_rb * R * 4 + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
+    n = 4 * p.n_rb * R + JB * K * 4 + JB * K * 2 + p.n_rb * R * 4 + 4 * (p.n_vec * p.spec.vec_len + p.n_out) + 64
     return n + (-n % 64)
 
 

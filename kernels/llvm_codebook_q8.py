@@ -124,7 +124,7 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     a = lk._Args(g, args)
     i64, JB, Kp, R = g.i64, spec.JB, spec.K, spec.R
     n_vec, G, n_rb = a.n(lk.A_NVEC), a.n(lk.A_GROUPS), a.n(lk.A_NRB)
-    n_blk = b.sdiv(b.add(n_vec, i64(JB - 1)), i64(JB))
+    n_blk = lk.split_k_items(g, a, spec)[0]
     part, lut, xq, xo, scales = _slot(g, a, spec, tid)
     y = b.select(b.icmp_signed("==", tid, i64(0)), a.p(lk.A_Y), part)
     n_it = b.sub(i1, i0)
@@ -171,30 +171,6 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
 
     item_loop(build)  # every LUT of the range first, so that the tile loops stream the codes without pauses
     item_loop(tiles)
-    b.ret_void()
-    return fn
-
-
-def _gen_top(mod, spec: lk.KernelSpec, par):
-    """q8_work_par(args, n_rb, n_threads): the items on n_threads ranges, then y = sum of the ranges' partial y
-    (range 0 wrote y) and the epilogue (outliers, scale, bias)."""
-    fn = ir.Function(mod, ir.FunctionType(lc.VOID, [lc.PTR, lc.I64, lc.I64]), "q8_work_par")
-    g = lc.Gen(fn)
-    b = g.b
-    args, _, nt = fn.args
-    a = lk._Args(g, args)
-    i64 = g.i64
-    n_blk = b.sdiv(b.add(a.n(lk.A_NVEC), i64(spec.JB - 1)), i64(spec.JB))
-    items = b.mul(i64(spec.stages), n_blk)
-    nt = g.max(g.min(nt, items), i64(1))
-    b.call(par, [args, items, nt])
-    y, n = a.p(lk.A_Y), b.mul(a.n(lk.A_NRB), i64(spec.R))
-    with g.loop(1, nt, name="t") as t:
-        part = _slot(g, a, spec, t)[0]
-        with b.if_then(b.icmp_signed("<", lc._ranges(g, items, nt, t)[0], items)):  # empty ranges never ran
-            with g.loop(0, n, name="red") as r:
-                g.store(lc.F32, b.fadd(g.load(lc.F32, y, r), g.load(lc.F32, part, r)), y, r)
-    lk._emit_epilogue(g, a, spec, _slot(g, a, spec, i64(0))[3], i64(0), g.min(n, a.n(lk.A_OUT)))
     b.ret_void()
     return fn
 
@@ -317,7 +293,11 @@ def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: b
 
 def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
     mod = lc.new_module(f"codebook_q8_{isa}_{spec.vec_len}_{spec.K}", triple)
-    _gen_top(mod, spec, lc.add_parallel_for(mod, _gen(mod, spec, isa)))
+    def part_xo(g, a, t):
+        part, _, _, xo, _ = _slot(g, a, spec, t)
+        return part, xo
+
+    lk.emit_split_k_top(mod, spec, lc.add_parallel_for(mod, _gen(mod, spec, isa)), "q8_work_par", part_xo)
     return mod
 
 
