@@ -13,7 +13,10 @@ aarch64) and cached; the same generator emits aarch64 objects (kernels/aarch64_c
   dot products for all BT inputs, so the gather-and-sum becomes contiguous `<BT x float>` loads and adds
   (no gathers), 4 output rows at a time.
 
-Both split output-row tiles over pthreads created inside the generated code (`llvm_common.add_parallel_for`).
+Both split output-row tiles over the threads (`llvm_common.add_parallel_for`: libgomp's team on the host,
+pthreads on cross targets). The batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K,
+`emit_split_k_top`), so that each thread builds only its own LUTs and streams one contiguous range of codes.
+Batch > 1 with EDGETK_PREFILL=bf16 goes to `llvm_dequant_bf16` (dequantize + oneDNN bf16 matmul) instead.
 
 Repacked code layout (one-time per weight tensor, cached; the stored layout is never changed):
 ``codes_r[s][jblk][rb][jj][i]`` (uint8 when K <= 256, else uint16) is the code of output row rb*R + i for code
