@@ -180,7 +180,21 @@ class _K:
         """Replace elements of the slot-p vector at `vec` (an alloca) by the sparse entries idx/val
         (int32 flat index p*D + d / fp16) the cursor points at, while they belong to slot p."""
         b, g, D = self.b, self.g, self.s.D
-        n_out, hi = self.n(A_NOUT), b.mul(b.add(p, g.i64(1)), g.i64(D))
+
+        def put(j, e):
+            x = b.fpext(g.load(F16, val, j), lc.F32)
+            g.store(lc.F32, x, b.bitcast(vec, lc.F32.as_pointer()), b.sub(e, b.mul(p, g.i64(D))))
+
+        self._walk(idx, cursor, b.mul(b.add(p, g.i64(1)), g.i64(D)), put)
+
+    def skip_sparse(self, idx, cursor, lo):
+        """Advance the cursor past the used entries with flat index < lo (the slots before a chunk)."""
+        self._walk(idx, cursor, lo)
+
+    def _walk(self, idx, cursor, hi, on_entry=None):
+        """While the cursor's entry is used (>= 0) and below flat index hi: on_entry(j, index), cursor += 1."""
+        b, g = self.b, self.g
+        n_out = self.n(A_NOUT)
         c1, c2 = b.append_basic_block("sp.more"), b.append_basic_block("sp.here")
         body, end = b.append_basic_block("sp.body"), b.append_basic_block("sp.end")
         b.branch(c1)
@@ -191,26 +205,8 @@ class _K:
         e = b.sext(g.load(lc.I32, idx, j), lc.I64)
         b.cbranch(b.and_(b.icmp_signed(">=", e, g.i64(0)), b.icmp_signed("<", e, hi)), body, end)
         b.position_at_end(body)
-        x = b.fpext(g.load(F16, val, j), lc.F32)
-        g.store(lc.F32, x, b.bitcast(vec, lc.F32.as_pointer()), b.sub(e, b.mul(p, g.i64(D))))
-        b.store(b.add(j, g.i64(1)), cursor)
-        b.branch(c1)
-        b.position_at_end(end)
-
-    def skip_sparse(self, idx, cursor, lo):
-        """Advance the cursor past the used entries with flat index < lo (the slots before a chunk)."""
-        b, g = self.b, self.g
-        n_out = self.n(A_NOUT)
-        c1, c2 = b.append_basic_block("sk.more"), b.append_basic_block("sk.test")
-        body, end = b.append_basic_block("sk.body"), b.append_basic_block("sk.end")
-        b.branch(c1)
-        b.position_at_end(c1)
-        j = b.load(cursor, typ=lc.I64)
-        b.cbranch(b.icmp_signed("<", j, n_out), c2, end)
-        b.position_at_end(c2)
-        e = b.sext(g.load(lc.I32, idx, j), lc.I64)
-        b.cbranch(b.and_(b.icmp_signed(">=", e, g.i64(0)), b.icmp_signed("<", e, lo)), body, end)
-        b.position_at_end(body)
+        if on_entry is not None:
+            on_entry(j, e)
         b.store(b.add(j, g.i64(1)), cursor)
         b.branch(c1)
         b.position_at_end(end)
