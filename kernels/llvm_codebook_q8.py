@@ -18,8 +18,10 @@ per code: the kernel streams the codes once, with no gather.
 Threads split the (stage, column block) items, not the rows (split-K): each thread builds only its blocks' LUTs
 (all of them before its tile loops, prefetching its first codes into L2 meanwhile) and streams one contiguous
 range of the codes into its own partial y; the caller's thread sums the partials and applies the epilogue. The
-result therefore depends on the thread count by float summation order only. Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows
-are a multiple of R; other formats use the float32 kernels (`llvm_codebook`).
+result therefore depends on the thread count by float summation order only.
+
+Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows are a
+multiple of R; other formats use the float32 kernels (`llvm_codebook`).
 
 Repacked code layout (one-time per weight, cached): the float32 kernels' ``codes_r[s][jblk][rb][jj][i]`` with
 R-row tiles, except that inside each R-byte vector byte p holds row ``p // 2 + (R/2) * (p % 2)`` of the tile
@@ -146,6 +148,7 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     # while the LUTs are built, the memory bus would idle: prefetch the range's first codes into L2 meanwhile
     # (BUILD_PREFETCH bytes per LUT column; the range's codes are one contiguous stream)
     c0 = lk._code_base(g, a, spec, b.sdiv(i0, n_blk), b.mul(b.srem(i0, n_blk), i64(JB)), i64(JB), i64(0))
+    span = b.mul(b.mul(n_it, i64(JB)), b.mul(n_rb, i64(R)))  # bytes of the range's codes (at most)
     pf = _intrinsic(mod, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
 
     def build(st, grp, cb_sg, j0, jl, k, lq):
@@ -153,9 +156,10 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
             if not (BUILD_PREFETCH and R >= 64):
                 return
             off = b.mul(b.add(b.mul(k, i64(JB)), jj), i64(BUILD_PREFETCH))
-            for line in range(0, BUILD_PREFETCH, 64):
-                b.call(pf, [b.gep(c0, [b.add(off, i64(line))], source_etype=lc.I8), ir.Constant(lc.I32, 0),
-                            ir.Constant(lc.I32, 2), ir.Constant(lc.I32, 1)])
+            with b.if_then(b.icmp_signed("<", off, span)):  # never past the range (small layers: no stray lines)
+                for line in range(0, BUILD_PREFETCH, 64):
+                    b.call(pf, [b.gep(c0, [b.add(off, i64(line))], source_etype=lc.I8), ir.Constant(lc.I32, 0),
+                                ir.Constant(lc.I32, 2), ir.Constant(lc.I32, 1)])
         g.store(lc.F32, _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl, each_column), scales, k)
 
     def tiles(st, grp, cb_sg, j0, jl, k, lq):
