@@ -277,7 +277,7 @@ def _gen_top(mod, spec: KVSpec, par):
             b.store(ir.Constant(lc.F32, -math.inf), mxv)
             with g.loop(0, nch, name="cm1") as c:
                 m = g.load(lc.F32, rp(c), i64(D))
-                b.store(b.select(b.fcmp_ordered(">", m, b.load(mxv, typ=lc.F32)), m, b.load(mxv, typ=lc.F32)), mxv)
+                b.store(g.fmax(m, b.load(mxv, typ=lc.F32)), mxv)
             M = b.load(mxv, typ=lc.F32)
             b.store(_const_vec([0.0] * D), num)
             b.store(ir.Constant(lc.F32, 0.0), den)

@@ -113,37 +113,6 @@ def _group_rows(g: lc.Gen, a: _Args, spec: KernelSpec, grp, rb0, rb1):
     return g.max(lo, rb0), g.min(hi, rb1)
 
 
-def emit_group_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, group) -> None:
-    """The batch-1 LUT kernels' outer loops: zero y over the thread's rows [rb0*R, rb1*R), then for every stage s
-    and output group call group(s, cb_sg, lo, hi), where cb_sg is the group's cbT[s][g] (K = spec.K entries per
-    component) and [lo, hi) the group's row tiles inside [rb0, rb1)."""
-    b, i64, R = g.b, g.i64, spec.R
-    y = a.p(A_Y)
-    r0, r1 = b.mul(rb0, i64(R)), b.mul(rb1, i64(R))
-    with g.loop(r0, r1, name="z") as r:
-        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
-    rpg, G = a.n(A_RPG), a.n(A_GROUPS)
-    g0 = b.sdiv(r0, rpg)
-    g1 = g.min(b.add(b.sdiv(b.sub(r1, i64(1)), rpg), i64(1)), G)
-    with g.loop(0, spec.stages, name="s") as s:
-        with g.loop(g0, g1, name="grp") as grp:
-            lo, hi = _group_rows(g, a, spec, grp, rb0, rb1)
-            cb_sg = b.gep(a.p(A_CBT), [b.mul(b.add(b.mul(s, G), grp), i64(spec.vec_len * spec.K))],
-                          source_etype=lc.F32)
-            group(s, cb_sg, lo, hi)
-
-
-def emit_block_loops(g: lc.Gen, a: _Args, spec: KernelSpec, rb0, rb1, block) -> None:
-    """`emit_group_loops` with a column-block loop inside: block(s, cb_sg, j0, jl, lo, hi) for every block of JB
-    code vectors (first column j0, jl = min(JB, n_vec - j0) columns)."""
-    def group(s, cb_sg, lo, hi):
-        n_vec = a.n(A_NVEC)
-        with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
-            block(s, cb_sg, j0, g.min(g.i64(spec.JB), g.b.sub(n_vec, j0)), lo, hi)
-
-    emit_group_loops(g, a, spec, rb0, rb1, group)
-
-
 def split_k_items(g: lc.Gen, a: _Args, spec: KernelSpec):
     """(stage, column block) work items of the split-K gemv kernels: S * ceil(n_vec / JB)."""
     n_blk = g.b.sdiv(g.b.add(a.n(A_NVEC), g.i64(spec.JB - 1)), g.i64(spec.JB))
@@ -564,14 +533,14 @@ def gemm_stride(p: Packed) -> int:
 def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None) -> torch.Tensor:
     """Run the batch-1 kernel `fn` (a compiled `*_work_par`) for one input vector x [in] -> y [out].
 
-    `stride`: scratch bytes per thread, or a function (p, n_threads) -> them. Shared by the float32, int16- and
-    int8-LUT gemv kernels. The thread count and stride are cached per weight (a few µs a call otherwise)."""
+    `stride(p, n_threads)`: scratch bytes per thread. Shared by the float32, int16- and int8-LUT gemv kernels.
+    The thread count and stride are cached per weight (a few µs a call otherwise)."""
     key = (n_threads, torch.get_num_threads() if n_threads is None else 0)
     cache = p.__dict__.setdefault("_launch", {})
     hit = cache.get(key)
     if hit is None:
         nt = _threads(p, n_threads)
-        hit = cache[key] = (nt, stride(p, nt) if callable(stride) else stride)
+        hit = cache[key] = (nt, stride(p, nt))
     nt, st = hit
     scr = lc.scratch(st * nt)
     y = torch.empty(p.n_rb * p.spec.R, dtype=torch.float32)
@@ -597,7 +566,11 @@ def gemm_inputs(p: Packed, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def gemm_finish(p: Packed, yt: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
     """yt [n_bt, n_rb*R, BT] (VQ part) -> y [B, out] with outliers, scale and bias."""
-    y = yt.transpose(1, 2).reshape(-1, yt.shape[1])[:xp.shape[0], :p.out_f]
+    return finish(p, yt.transpose(1, 2).reshape(-1, yt.shape[1])[:xp.shape[0], :p.out_f], xp)
+
+
+def finish(p: Packed, y: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """VQ part y [B, out] -> + outlier columns (from the permuted inputs xp), * scale, + bias."""
     if p.ow is not None:
         y = torch.addmm(y, xp[:, :p.n_out], p.ow.T)
     if p.scale is not None:
@@ -649,9 +622,9 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     x2 = x.reshape(rows, in_features).contiguous()
     if rows > 1 and not exact and (prefill or prefill_mode()) == "bf16" and dequant_bf16().host_ok():
         dq = dequant_bf16()
-        pd = _CACHE_DQ.get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits))
+        pd = _CACHE_DQ.get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))
         if pd is not None:
-            return dq.gemm(pd, x2, n_threads).reshape(*x.shape[:-1], pd.out_f)
+            return dq.gemm(pd, x2, n_threads).reshape(*x.shape[:-1], pd.base.out_f)
     if rows == 1:
         y = gemv(p, x2[0], n_threads)
     elif rows == 0:

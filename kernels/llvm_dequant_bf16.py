@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
+from . import llvm_codebook as lk
 from . import llvm_common as lc
 from .codebook_gemm import unpack_codes
 
@@ -76,60 +76,41 @@ def compiled(v: int):
 class Packed:
     idx: torch.Tensor  # uint8 [out, n_vec]
     cb: torch.Tensor  # bf16 [G, K, v]
-    perm: torch.Tensor | None
-    ow: torch.Tensor | None
-    scale: torch.Tensor | None
-    bias: torch.Tensor | None
-    out_f: int
-    in_f: int
-    n_out: int
-    n_vec: int
-    groups: int
-    vec_len: int
+    base: lk.Packed  # the validated float32-kernel pack: perm, outliers, scale, bias and the sizes
 
 
-def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits) -> Packed | None:
+def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
+                base: lk.Packed | None = None) -> Packed | None:
     """The dequantizing kernel's form of one weight, or None for formats it does not take (see the docstring).
-    Expects a weight `llvm_codebook.pack_weight` accepted (shapes and code ranges checked there)."""
-    stages, out_f, _ = codes.shape
-    _, groups, K, v = codebooks.shape
-    if stages != 1 or K > 256 or code_bits > 8:
+    `base`: this weight's `llvm_codebook.pack_weight` (it checks the shapes and code ranges), if already made."""
+    base = base or lk.pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
+    if base is None or codes.shape[0] != 1 or codebooks.shape[2] > 256 or code_bits > 8:
         return None
-    n_out = outlier_w.shape[1] if outlier_w.numel() else 0
-    n_vec = math.ceil((in_features - n_out) / vec_len)
-    idx = unpack_codes(codes[0], code_bits, n_vec).to(torch.uint8).contiguous()
-    f32 = lambda t: t.detach().to(torch.float32).contiguous() if t.numel() else None  # noqa: E731
-    return Packed(idx, codebooks[0].detach().to(torch.bfloat16).contiguous(),
-                  perm.detach().to(torch.int64).contiguous() if perm.numel() else None, f32(outlier_w), f32(scale),
-                  f32(bias), out_f, in_features, n_out, n_vec, groups, v)
+    idx = unpack_codes(codes[0], code_bits, base.n_vec).to(torch.uint8).contiguous()
+    return Packed(idx, codebooks[0].detach().to(torch.bfloat16).contiguous(), base)
 
 
 def dequantize(p: Packed, n_threads: int | None = None) -> torch.Tensor:
     """The bf16 weight [out, n_vec * v] (a view of this thread's scratch buffer: valid until the next kernel call
     on this thread)."""
-    cols = p.n_vec * p.vec_len
-    buf = lc.scratch(2 * p.out_f * cols + 64)
+    q = p.base
+    cols = q.n_vec * q.spec.vec_len
+    buf = lc.scratch(2 * q.out_f * cols + 64)
     off = -buf.data_ptr() % 64
-    w = buf[off:off + 2 * p.out_f * cols].view(torch.bfloat16).view(p.out_f, cols)
+    w = buf[off:off + 2 * q.out_f * cols].view(torch.bfloat16).view(q.out_f, cols)
     a = (ctypes.c_int64 * N_ARGS)()
     a[D_IDX], a[D_CB], a[D_W] = p.idx.data_ptr(), p.cb.data_ptr(), w.data_ptr()
-    a[D_NVEC], a[D_RPG], a[D_K] = p.n_vec, p.out_f // p.groups, p.cb.shape[1]
+    a[D_NVEC], a[D_RPG], a[D_K] = q.n_vec, q.out_f // q.groups, p.cb.shape[1]
     nt = torch.get_num_threads() if n_threads is None else n_threads
-    compiled(p.vec_len)(ctypes.addressof(a), p.out_f, max(1, min(nt, p.out_f)))
+    compiled(q.spec.vec_len)(ctypes.addressof(a), q.out_f, max(1, min(nt, q.out_f)))
     return w
 
 
 def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """Inputs x2 [B, in] (float32) -> y [B, out] (float32)."""
-    xp = x2.index_select(1, p.perm) if p.perm is not None else x2
-    xq = xp[:, p.n_out:]
-    pad = p.n_vec * p.vec_len - xq.shape[1]
+    q = p.base
+    xp = x2.index_select(1, q.perm) if q.perm is not None else x2
+    xq = xp[:, q.n_out:]
+    pad = q.n_vec * q.spec.vec_len - xq.shape[1]
     xb = torch.nn.functional.pad(xq, (0, pad)) if pad else xq
-    y = torch.nn.functional.linear(xb.to(torch.bfloat16), dequantize(p, n_threads)).float()
-    if p.ow is not None:
-        y = torch.addmm(y, xp[:, :p.n_out], p.ow.T)
-    if p.scale is not None:
-        y = y * p.scale
-    if p.bias is not None:
-        y = y + p.bias
-    return y
+    return lk.finish(q, torch.nn.functional.linear(xb.to(torch.bfloat16), dequantize(p, n_threads)).float(), xp)

@@ -295,9 +295,9 @@ def test_bf16_prefill_close_to_the_reference(shape, threads):
     p = dq.pack_weight(*w, inf, v, bits)
     assert p is not None  # the format went through the dequantizing kernel, not the LUT fallback
     wd = dq.dequantize(p, threads).float()  # the kernel's weight is the codewords rounded to bf16, row by row
-    codes = cg.unpack_codes(w[0][0], bits, p.n_vec)
+    codes = cg.unpack_codes(w[0][0], bits, p.base.n_vec)
     group = torch.arange(out)[:, None] // (out // w[1].shape[1])
-    assert torch.equal(wd.view(out, p.n_vec, v), w[1][0].bfloat16().float()[group, codes])
+    assert torch.equal(wd.view(out, p.base.n_vec, v), w[1][0].bfloat16().float()[group, codes])
 
 
 def test_prefill_mode_defaults_to_the_lut_gemm(monkeypatch):
