@@ -1,15 +1,16 @@
 """Kernel benchmark: llvmlite codebook GEMV / prefill GEMM and fused kv_attention vs their peers, same run.
 
-    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--json-only]
+    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--formats k256,r16] [--only gemv,prefill,kv]
 
 Cases (one JSON line each, then a table):
 * `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB; the faster).
-* `gemv`: 2-bit codebook GEMV (vec_len 4, 256 codewords, 8-bit codes) on 4096x4096 and every linear shape of
-  smollm2-135m, 1 and 2 threads, cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
+* `gemv`: 2-bit codebook GEMV on 4096x4096 and every linear shape of smollm2-135m, 1 and 2 threads, in two
+  formats of 2 bits per weight (`--formats`): `k256` (vec_len 4, 256 codewords, 8-bit codes: vq2) and `r16`
+  (vec_len 4, 2 residual codebooks of 16, 4-bit codes: vq2-r16, whose tables fit one AVX2 `vpshufb` / NEON `tbl`), cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
   batch-1 kernel called directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on
-  AVX-512 VBMI / NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32
+  AVX-512 VBMI / AVX2 / NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32
   `llvm_codebook.gemv`; each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm`
-  (the op's default batch-1 kernel: q16 unless EDGETK_LUT=q8), onnxruntime
+  (the op's default batch-1 kernel: q16 where the host has it, else the float32 one, unless EDGETK_LUT=q8), onnxruntime
   `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
@@ -78,11 +79,15 @@ def bandwidth(threads: int, reps: int) -> dict:
             "linear_GBps": nbytes / lin["median_us"] / 1e3, "sum_GBps": nbytes / sm["median_us"] / 1e3}
 
 
-def codebook_weights(out: int, inf: int, n: int, seed: int = 0) -> list[tuple]:
+FORMATS = {"k256": (256, 8, 1), "r16": (16, 4, 2)}  # (codebook size, code bits, stages); vec_len 4: 2 bits/weight
+
+
+def codebook_weights(out: int, inf: int, n: int, seed: int = 0, fmt: str = "k256") -> list[tuple]:
+    K, bits, stages = FORMATS[fmt]
     g = torch.Generator().manual_seed(seed)
     e = torch.empty(0)
-    return [(cg.pack_codes(torch.randint(0, 256, (1, out, inf // 4), generator=g), 8),
-             torch.randn(1, 1, 256, 4, generator=g).half(), torch.empty(0, dtype=torch.int64), e, e, e)
+    return [(cg.pack_codes(torch.randint(0, K, (stages, out, inf // 4), generator=g), bits),
+             torch.randn(stages, 1, K, 4, generator=g).half(), torch.empty(0, dtype=torch.int64), e, e, e)
             for _ in range(n)]
 
 
@@ -117,13 +122,15 @@ def ort_matmulnbits(out: int, inf: int, n: int, threads: int):
     return sess, bytes_per
 
 
-def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -> dict:
+def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, fmt: str = "k256") -> dict:
     torch.set_num_threads(threads)
+    K, bits, stages = FORMATS[fmt]
     code_bytes = out * inf // 4
     n = max(2, math.ceil(mb * MB / code_bytes))
-    ws = codebook_weights(out, inf, n)
-    ps = [lk.pack_weight(*w, inf, 4, 8) for w in ws]
-    stored = cg.CodebookFormat(out, inf).storage_bits() / 8
+    ws = codebook_weights(out, inf, n, fmt=fmt)
+    ps = [lk.pack_weight(*w, inf, 4, bits) for w in ws]
+    cf = cg.CodebookFormat(out, inf, code_bits=bits, codebook_size=K, stages=stages)
+    stored = cf.storage_bits() / 8
     x = torch.randn(inf)
     x2 = x[None]
     f32 = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
@@ -132,12 +139,14 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     for name in lk.LUT_KERNELS:
         mod = lk.lut_kernel(name)
         if mod.host_ok():
-            ps = [mod.pack_weight(*w, inf, 4, 8) for w in ws]
+            ps = [mod.pack_weight(*w, inf, 4, bits) for w in ws]
+            if ps[0] is None:  # the format is not one this kernel takes
+                continue
             luts[name] = timed_cycles(lambda p: mod.gemv(p, x), ps, reps)
             del ps
     kernel = next(iter(luts), "f32")
     ours = luts.get(kernel, f32)
-    op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, 8), ws, reps)
+    op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, bits), ws, reps)
     for cache in (lk._CACHE, *lk._CACHE_LUT.values()):
         cache._d.clear()
     n_lin = max(2, math.ceil(mb * MB / (out * inf * 4)))
@@ -149,13 +158,13 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float) -
     feed = {"A": x2.numpy()}
     ort_t = timed_cycles(lambda _: sess.run(None, feed), [0], reps)
     ort_t = {k: v / n_ort for k, v in ort_t.items()}
-    used = lk._threads(lk.pack_weight(*ws[0], inf, 4, 8), None)
+    used = lk._threads(lk.pack_weight(*ws[0], inf, 4, bits), None)
     del ws
     del sess
     med = ours["median_us"]
     gbs = stored / med / 1e3
-    return {"case": "gemv", "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
-            "cycled_MB": n * code_bytes / MB, "bits_per_weight": cg.CodebookFormat(out, inf).bits_per_weight(),
+    return {"case": "gemv", "format": fmt, "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
+            "cycled_MB": n * code_bytes / MB, "bits_per_weight": cf.bits_per_weight(),
             "kernel": kernel, "threads_used": used,
             "edgetk_us": ours, "edgetk_f32_us": f32, **{f"edgetk_{k}_us": v for k, v in luts.items()},
             "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
@@ -224,9 +233,10 @@ def row(r: dict) -> str:
         return f"bandwidth  t={r['threads']}  {r['read_GBps']:.1f} GB/s"
     med = r["edgetk_us"]["median_us"]
     if c == "gemv":
-        return (f"gemv {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us "
+        return (f"gemv {r['format']:>4} {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us "
                 f"[{r['kernel']}] (p90 {r['edgetk_us']['p90_us']:.1f}, "
-                + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32") if f"edgetk_{k}_us" in r)
+                + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32")
+                          if f"edgetk_{k}_us" in r and k != r["kernel"])
                 + f"op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
@@ -247,20 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mb", type=int, default=256, help="MB of distinct weights each GEMV peer cycles through")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and one smollm2 shape only")
+    ap.add_argument("--formats", default="k256,r16", help=f"gemv formats, among {sorted(FORMATS)}")
+    ap.add_argument("--only", default="gemv,prefill,kv", help="case groups to run (gemv, prefill, kv)")
     args = ap.parse_args(argv)
     results = []
     bw = {t: bandwidth(t, args.reps) for t in (1, 2)}
     results += list(bw.values())
     shapes = SHAPES[:2] if args.quick else SHAPES
-    for out, inf in shapes:
-        for t in (1, 2):
-            results.append(gemv_case(out, inf, t, args.mb, args.reps, bw[t]["read_GBps"]))
-            print(json.dumps(results[-1]), flush=True)
-    for out, inf in [(4096, 4096), (576, 1536)]:
+    formats = [f for f in args.formats.split(",") if f]
+    only = set(args.only.split(","))
+    bad = [f for f in formats if f not in FORMATS] + sorted(only - {"gemv", "prefill", "kv"})
+    if bad:
+        ap.error(f"unknown format or case group {bad}: formats {sorted(FORMATS)}, groups gemv, prefill, kv")
+    for fmt in formats if "gemv" in only else ():
+        for out, inf in shapes:
+            for t in (1, 2):
+                results.append(gemv_case(out, inf, t, args.mb, args.reps, bw[t]["read_GBps"], fmt))
+                print(json.dumps(results[-1]), flush=True)
+    for out, inf in [(4096, 4096), (576, 1536)] if "prefill" in only else ():
         for t in (1, 2):
             results.append(prefill_case(out, inf, t, args.reps))
             print(json.dumps(results[-1]), flush=True)
-    for kb, vb in ((4, 4), (5, 3)):  # 5/3: the kv4 preset's widths (codes straddle bytes)
+    for kb, vb in ((4, 4), (5, 3)) if "kv" in only else ():  # 5/3: the kv4 preset's widths (codes straddle bytes)
         for t in (1, 2):
             results.append(kv_case(t, args.reps, kbits=kb, vbits=vb))
             print(json.dumps(results[-1]), flush=True)

@@ -28,8 +28,9 @@ Formats it does not take (non-float32 activations, more than 65536 codewords, ma
 `codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the first LUT kernel of
 `default_lut()` that the host and format allow, else the float32 kernels; by default the int16 LUT of
 `llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the reference); EDGETK_LUT=q8 puts the
-int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI or NEON, K <= 256; ~38 dB SNR, like int8 activations, about 2x
-faster) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
+int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI, AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations, about 2x
+faster than q16; on AVX2, which has no q16, 2x (K = 256) to 15x (K <= 16, nibble codes) faster than the float32
+kernel) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
 order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
 benchmarks).
 """
@@ -71,6 +72,7 @@ class KernelSpec:
     stages: int
     BT: int  # batch tile of the prefill kernel
     JS: int  # code vectors per prefill LUT sub-block (divides JB)
+    nibbles: bool = False  # llvm_codebook_q8, K <= 16: two 4-bit codes per byte (columns 2p, 2p+1 of a tile)
 
     @property
     def ctype(self):

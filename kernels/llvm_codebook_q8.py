@@ -1,5 +1,5 @@
-"""Batch-1 codebook GEMV with an int8 lookup table held in registers (llvmlite-generated, x86 AVX-512 VBMI and
-aarch64 NEON from one generator).
+"""Batch-1 codebook GEMV with an int8 lookup table held in registers (llvmlite-generated, x86 AVX-512 VBMI, x86
+AVX2 and aarch64 NEON from one generator).
 
 Per column block of JB code vectors, the float LUT (dot products of x with every codeword) is quantised to int8
 with one scale per block (|q| <= 127, so |error| <= scale/2 = max|LUT|/254 per entry). The Kp <= 256 entries of
@@ -7,8 +7,13 @@ one column then sit in registers and a whole tile of R output rows is looked up 
 
 * x86 (R = 64, AVX-512 VBMI): `vpermi2b` takes 128 entries from two zmm tables; Kp = 256 is two of them and a
   select on code bit 7, Kp = 128 one, Kp = 64 one `vpermb`;
+* x86 without VBMI (R = 32, AVX2): `vpshufb` looks up 16 entries per 128-bit lane (each 16-entry table is
+  broadcast to both lanes). Kp = 16 is one `vpshufb`; a larger Kp is Kp/16 of them, table t indexed by
+  `uadd.sat(c - 16 t, 0x70)` (codes of table t land on 0x70..0x7f, every other code on >= 0x80, which `vpshufb`
+  turns into 0), OR-ed together: 4 ops per 16 codewords, so small codebooks (K = 16 / 64: `vq2-r16`, `vq3`) are
+  cheap and K = 256 costs 64 ops per 32 codes;
 * aarch64 (R = 16, NEON): `tbl` over four q registers (64 entries), then `tbx` for each further 64 entries
-  (out-of-range indices leave the lane unchanged).
+  (out-of-range indices leave the lane unchanged); Kp = 16 / 32 is one `tbl` over one / two registers.
 
 Entries are stored biased (u = q + 128, unsigned bytes). Per R-byte lookup result w (read as R/2 int16 words)
 acc0 += w and acc1 += w >> 8: acc1 sums the odd bytes, acc0 - 256 * acc1 (mod 2**16) the even ones (both sums
@@ -21,12 +26,18 @@ range of the codes into its own partial y; the caller's thread sums the partials
 result therefore depends on the thread count by float summation order only.
 
 Codebooks with K <= 256 (codes up to 8 bits), any vec_len, residual stages and output groups whose rows are a
-multiple of R; other formats use the float32 kernels (`llvm_codebook`).
+multiple of R; other formats use the float32 kernels (`llvm_codebook`). With K <= 16 the codes are streamed as
+nibbles (half the bytes): one R-byte load serves two columns, `c & 15` and `c >> 4` each looked up in its own
+column's table.
 
 Repacked code layout (one-time per weight, cached): the float32 kernels' ``codes_r[s][jblk][rb][jj][i]`` with
 R-row tiles, except that inside each R-byte vector byte p holds row ``p // 2 + (R/2) * (p % 2)`` of the tile
-(even bytes rows 0..R/2-1, odd bytes rows R/2..R-1), so the two int16 accumulators hold rows in order.
-Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64; codes never index padding);
+(even bytes rows 0..R/2-1, odd bytes rows R/2..R-1), so the two int16 accumulators hold rows in order. K <= 16
+(`spec.nibbles`): the vectors of columns 2p and 2p+1 of a tile share one R-byte vector (column 2p in the low
+nibbles); a block of jl columns holds ceil(jl / 2) vectors per tile (an odd block's last high nibbles are 0 and
+look up a table of zeros), so stage s starts at ``s * n_rb * R * ceil(n_vec / 2)`` (JB is even).
+Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64, or 16 / 32 on AVX2 and NEON
+for K <= 16 / 32; codes never index padding);
 on aarch64 slot = codeword, on x86 the slots of each 64 are ordered by `_x86_order` so that the in-lane packs that
 turn four 16-float LUT vectors into 64 int8 entries emit them in codeword order.
 """
@@ -48,7 +59,7 @@ PREFETCH = 16384  # bytes of codes prefetched ahead of the tile being read (0 = 
 PREFETCH_LOCALITY = 2  # llvm.prefetch locality: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2)
 TILES_PER_PASS = 2  # row tiles per column pass (they share the column's table loads)
 BUILD_PREFETCH = 512  # bytes of codes prefetched into L2 per LUT column built (0 = off)
-ISA_R = {"avx512vbmi": 64, "neon": 16}
+ISA_R = {"avx512vbmi": 64, "avx2": 32, "neon": 16}
 
 
 @functools.cache
@@ -59,14 +70,21 @@ def host_isa() -> str | None:
     if triple.startswith("aarch64"):
         return "neon"
     f = lc.llvm.get_host_cpu_features()
-    return "avx512vbmi" if triple.startswith("x86_64") and f.get("avx512vbmi") and f.get("avx512bw") else None
+    if not triple.startswith("x86_64"):
+        return None
+    if f.get("avx512vbmi") and f.get("avx512bw"):
+        return "avx512vbmi"
+    return "avx2" if f.get("avx2") else None
 
 
 def host_ok() -> bool:
     return host_isa() is not None
 
 
-def padded_k(K: int) -> int:
+def padded_k(K: int, isa: str) -> int:
+    """LUT entries per column: whole 64-entry tables, except 16 or 32 entries for small codebooks on AVX2 / NEON."""
+    if isa != "avx512vbmi" and K <= 32:
+        return 16 if K <= 16 else 32
     return 64 * math.ceil(K / 64)
 
 
@@ -91,7 +109,23 @@ def _lookup(g: lc.Gen, isa: str, tables: list, c):
             return lo
         hi = b.call(p2, [tables[2], c, tables[3]])
         return b.select(b.icmp_signed("<", c, ir.Constant(v, [0] * 64)), hi, lo)
+    if isa == "avx2":
+        v = _vec(32, lc.I8)
+        shuf = _intrinsic(mod, "llvm.x86.avx2.pshuf.b", v, [v, v])
+        if len(tables) == 1:  # codes < 16: bit 7 clear, the low nibble indexes the table
+            return b.call(shuf, [tables[0], c])
+        sat = _intrinsic(mod, "llvm.uadd.sat.v32i8", v, [v, v])
+        bias = ir.Constant(v, [0x70] * 32)
+        out = None
+        for t, tab in enumerate(tables):  # table t: codes 16t..16t+15 -> 0x70..0x7f, the rest -> >= 0x80 (zero)
+            idx = b.call(sat, [c if t == 0 else b.sub(c, ir.Constant(v, [16 * t] * 32)), bias])
+            r = b.call(shuf, [tab, idx])
+            out = r if out is None else b.or_(out, r)
+        return out
     v = _vec(16, lc.I8)
+    if len(tables) < 4:  # 16 or 32 entries: one tbl over one or two q registers
+        n = len(tables)
+        return b.call(_intrinsic(mod, f"llvm.aarch64.neon.tbl{n}.v16i8", v, [v] * (n + 1)), [*tables, c])
     tbl = _intrinsic(mod, "llvm.aarch64.neon.tbl4.v16i8", v, [v] * 5)
     tbx = _intrinsic(mod, "llvm.aarch64.neon.tbx4.v16i8", v, [v] * 6)
     quads = [tables[4 * q:4 * q + 4] for q in range(len(tables) // 4)]
@@ -147,13 +181,13 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
 
     # while the LUTs are built, the memory bus would idle: prefetch the range's first codes into L2 meanwhile
     # (BUILD_PREFETCH bytes per LUT column; the range's codes are one contiguous stream)
-    c0 = lk._code_base(g, a, spec, b.sdiv(i0, n_blk), b.mul(b.srem(i0, n_blk), i64(JB)), i64(JB), i64(0))
-    span = b.mul(b.mul(n_it, i64(JB)), b.mul(n_rb, i64(R)))  # bytes of the range's codes (at most)
+    c0 = _code_base(g, a, spec, b.sdiv(i0, n_blk), b.mul(b.srem(i0, n_blk), i64(JB)), i64(JB), i64(0))
+    span = b.mul(b.mul(n_it, i64(JB // 2 if spec.nibbles else JB)), b.mul(n_rb, i64(R)))  # the range's bytes, at most
     pf = _intrinsic(mod, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
 
     def build(st, grp, cb_sg, j0, jl, k, lq):
         def each_column(jj):
-            if not (BUILD_PREFETCH and R >= 64):
+            if not (BUILD_PREFETCH and isa != "neon"):
                 return
             off = b.mul(b.add(b.mul(k, i64(JB)), jj), i64(BUILD_PREFETCH))
             with b.if_then(b.icmp_signed("<", off, span)):  # never past the range (small layers: no stray lines)
@@ -161,6 +195,10 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
                     b.call(pf, [b.gep(c0, [b.add(off, i64(line))], source_etype=lc.I8), ir.Constant(lc.I32, 0),
                                 ir.Constant(lc.I32, 2), ir.Constant(lc.I32, 1)])
         g.store(lc.F32, _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl, each_column), scales, k)
+        if spec.nibbles:  # an odd block's last high nibbles (code 0) look up column jl: entries of value 0
+            with b.if_then(b.icmp_signed("!=", b.srem(jl, i64(2)), i64(0))):
+                with g.loop(b.mul(jl, i64(Kp)), b.mul(b.add(jl, i64(1)), i64(Kp)), name="ph") as e:
+                    g.store(lc.I8, ir.Constant(lc.I8, BIAS), lq, e)
 
     def tiles(st, grp, cb_sg, j0, jl, k, lq):
         scale = g.load(lc.F32, scales, k)
@@ -193,14 +231,15 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
     else:
         fabs = _intrinsic(mod, f"llvm.fabs.v{W}f32", vw, [vw])
         absmax = lambda acc, m: g.fmax(b.call(fabs, [acc]), m)  # noqa: E731
-    mx = [g.var(vw, init=ir.Constant(vw, [0.0] * W), name=f"mx{u}") for u in range(4)]  # 4 chains: maxps latency
+    U = min(4, Kp // W)
+    mx = [g.var(vw, init=ir.Constant(vw, [0.0] * W), name=f"mx{u}") for u in range(U)]  # U chains: maxps latency
     with g.loop(0, jl, name="lj") as jj:
         if each_column is not None:
             each_column(jj)
         xs = [g.splat(g.load(lc.F32, xq, b.add(b.mul(b.add(j0, jj), i64(v)), i64(t))), W) for t in range(v)]
         row = b.gep(lut, [b.mul(jj, i64(Kp))], source_etype=lc.F32)
-        with g.loop(0, Kp, step=4 * W, name="lk") as k0:  # Kp is a multiple of 64
-            for u in range(4):
+        with g.loop(0, Kp, step=U * W, name="lk") as k0:  # Kp is a multiple of 64, or 16 / 32
+            for u in range(U):
                 k = b.add(k0, i64(u * W))
                 acc = b.fmul(b.load(b.gep(cb_sg, [k], source_etype=lc.F32), typ=vw, align=4), xs[0])
                 for t in range(1, v):
@@ -209,7 +248,9 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
                 b.store(acc, b.gep(row, [k], source_etype=lc.F32), align=4)
                 b.store(absmax(acc, b.load(mx[u], typ=vw)), mx[u])
     m = [b.load(t, typ=vw) for t in mx]
-    m = g.hmax(g.fmax(g.fmax(m[0], m[1]), g.fmax(m[2], m[3])))
+    while len(m) > 1:
+        m = [g.fmax(m[i], m[i + 1]) if i + 1 < len(m) else m[i] for i in range(0, len(m), 2)]
+    m = g.hmax(m[0])
     inv = g.splat(b.select(b.fcmp_ordered(">", m, ir.Constant(lc.F32, 0.0)),
                            b.fdiv(ir.Constant(lc.F32, float(QMAX)), m), ir.Constant(lc.F32, 0.0)), W)
     n_el = b.mul(jl, i64(Kp))
@@ -233,6 +274,18 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
     return b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
 
 
+def _code_base(g: lc.Gen, a, spec: lk.KernelSpec, s, j0, jl, rb):
+    """Codes of tile rb in the block of columns [j0, j0 + jl) of stage s (nibbles: half the bytes)."""
+    if not spec.nibbles:
+        return lk._code_base(g, a, spec, s, j0, jl, rb)
+    b, i64 = g.b, g.i64
+    half = lambda n: b.sdiv(b.add(n, i64(1)), i64(2))  # noqa: E731
+    nrb_r = b.mul(a.n(lk.A_NRB), i64(spec.R))
+    off = b.add(b.mul(s, b.mul(nrb_r, half(a.n(lk.A_NVEC)))), b.mul(b.sdiv(j0, i64(2)), nrb_r))
+    off = b.add(off, b.mul(b.mul(rb, half(jl)), i64(spec.R)))
+    return b.gep(a.p(lk.A_CODES), [off], source_etype=lc.I8)
+
+
 def _x86_order(Kp: int) -> torch.Tensor:
     """Codeword held by each float LUT slot on x86, so that the in-lane packs (packssdw, packsswb) of four 16-float
     vectors emit the 64 int8 entries in codeword order: slot 16m + 4l + i holds codeword 16l + 4m + i."""
@@ -248,10 +301,14 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
     b, i64, R, Kp = g.b, g.i64, spec.R, spec.K
     H = R // 2
     vb, vh = _vec(R, lc.I8), _vec(H, lc.I16)
-    width = 64 if isa == "avx512vbmi" else 16  # table entries per register
+    width = 64 if isa == "avx512vbmi" else 16  # table entries per register (AVX2: one per 128-bit lane)
     n_tab = Kp // width
     tv = _vec(width, lc.I8)
-    cbase = lk._code_base(g, a, spec, s, j0, jl, rb)  # tile rb + u starts u * jl * R bytes later
+    lanes = (lambda t: b.shuffle_vector(t, t, ir.Constant(_vec(32, lc.I32), list(range(16)) * 2))) \
+        if isa == "avx2" else (lambda t: t)
+    cbase = _code_base(g, a, spec, s, j0, jl, rb)  # tile rb + u starts u * jl * R bytes later (nibbles: jl/2)
+    nib = spec.nibbles
+    per_tile = b.sdiv(b.add(jl, i64(1)), i64(2)) if nib else jl  # R-byte vectors per tile of the block
     acc = [[g.var(vh, name=f"acc{u}_{h}") for h in range(2)] for u in range(n_tiles)]
     zero = ir.Constant(vh, [0] * H)
     for u in range(n_tiles):
@@ -261,20 +318,34 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
     # biased entries u = q + 128 in 0..255: acc0 = sum of whole words (lo + 256 hi, mod 2**16), acc1 = sum of the
     # high bytes; the low bytes' sum is acc0 - 256 acc1 (both sums <= JB * 255 < 2**15). 3 ops per vector, not 5.
     pf = _intrinsic(g.fn.module, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
-    with g.loop(0, jl, name="jj") as jj:
-        tp = b.gep(lutq, [b.mul(jj, i64(Kp))], source_etype=lc.I8)
-        tabs = [b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1) for t in range(n_tab)]
+    def tables(col):
+        tp = b.gep(lutq, [b.mul(col, i64(Kp))], source_etype=lc.I8)
+        return [lanes(b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1)) for t in range(n_tab)]
+
+    def add(u, w):
+        w = b.bitcast(w, vh)
+        b.store(b.add(b.load(acc[u][0], typ=vh), w), acc[u][0])
+        b.store(b.add(b.load(acc[u][1], typ=vh), b.lshr(w, eight)), acc[u][1])
+
+    nib_mask = ir.Constant(vb, [15] * R)
+    with g.loop(0, per_tile, name="jj") as jj:
+        tabs = tables(b.mul(jj, i64(2)) if nib else jj)
+        tabs_hi = tables(b.add(b.mul(jj, i64(2)), i64(1))) if nib else None
         for u in range(n_tiles):
-            cp = b.gep(cbase, [b.mul(b.add(b.mul(jl, i64(u)), jj), i64(R))], source_etype=lc.I8)
-            if PREFETCH and R >= 64:  # one prefetch per 64-byte line (NEON tiles are 16 bytes: left to the hardware)
+            cp = b.gep(cbase, [b.mul(b.add(b.mul(per_tile, i64(u)), jj), i64(R))], source_etype=lc.I8)
+            if PREFETCH and isa != "neon":  # x86: ahead of every tile (NEON tiles are 16 bytes: left to the hardware)
                 b.call(pf, [b.gep(cp, [i64(PREFETCH)], source_etype=lc.I8), ir.Constant(lc.I32, 0),
                             ir.Constant(lc.I32, PREFETCH_LOCALITY), ir.Constant(lc.I32, 1)])
-            w = b.bitcast(_lookup(g, isa, tabs, b.load(cp, typ=vb, align=1)), vh)
-            b.store(b.add(b.load(acc[u][0], typ=vh), w), acc[u][0])
-            b.store(b.add(b.load(acc[u][1], typ=vh), b.lshr(w, eight)), acc[u][1])
+            c = b.load(cp, typ=vb, align=1)
+            if nib:
+                add(u, _lookup(g, isa, tabs, b.and_(c, nib_mask)))
+                add(u, _lookup(g, isa, tabs_hi, b.lshr(c, ir.Constant(vb, [4] * R))))
+            else:
+                add(u, _lookup(g, isa, tabs, c))
     vi, vf = _vec(H, lc.I32), _vec(H)
     sc = g.splat(scale, H)
-    bias = g.splat(b.trunc(b.mul(jl, i64(BIAS)), lc.I16), H)
+    looked = b.mul(per_tile, i64(2)) if nib else jl  # lookups per row (an odd block's zero table included)
+    bias = g.splat(b.trunc(b.mul(looked, i64(BIAS)), lc.I16), H)
     for u in range(n_tiles):
         hi = b.load(acc[u][1], typ=vh)
         sums = [b.sub(b.sub(b.load(acc[u][0], typ=vh), b.shl(hi, eight)), bias), b.sub(hi, bias)]
@@ -292,7 +363,9 @@ def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: b
     R = ISA_R[isa]
     if grouped and rows_per_group % R:
         return None
-    return lk.KernelSpec(vec_len, padded_k(K), 1, R, max(4, JB_INPUTS // vec_len), stages, 16, 1)
+    JB = max(4, JB_INPUTS // vec_len)
+    nibbles = K <= 16
+    return lk.KernelSpec(vec_len, padded_k(K, isa), 1, R, JB + JB % 2 if nibbles else JB, stages, 16, 1, nibbles)
 
 
 def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
@@ -316,7 +389,20 @@ def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: lk.Kerne
     R = spec.R
     p = torch.arange(R)
     order = p // 2 + (R // 2) * (p % 2)  # byte p <- row order[p] of the tile
-    return flat.view(-1, R)[:, order].reshape(flat.shape).contiguous()
+    flat = flat.view(-1, R)[:, order].reshape(flat.shape).contiguous()
+    if not spec.nibbles:
+        return flat
+    S, n_rb = codes.shape[0], math.ceil(codes.shape[1] / R)
+    per_stage = flat.view(S, -1)
+    out, off = [], 0
+    for j0 in range(0, n_vec, spec.JB):  # each block: [n_rb][jl][R] -> [n_rb][ceil(jl/2)][R], column 2p low
+        jl = min(spec.JB, n_vec - j0)
+        blk = per_stage[:, off:off + n_rb * jl * R].reshape(S, n_rb, jl, R)
+        off += n_rb * jl * R
+        if jl % 2:
+            blk = torch.nn.functional.pad(blk, (0, 0, 0, 1))
+        out.append((blk[:, :, 0::2] | (blk[:, :, 1::2] << 4)).reshape(S, -1))
+    return torch.cat(out, 1).contiguous()
 
 
 def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,

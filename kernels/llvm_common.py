@@ -72,14 +72,17 @@ def _init() -> bool:
 
 
 @functools.cache
-def target_machine(triple: str | None = None):
-    """TargetMachine for `triple` (None = this host with its CPU features)."""
+def target_machine(triple: str | None = None, cpu: str | None = None):
+    """TargetMachine for `triple` (None = this host with its CPU features); `cpu` names another CPU of the
+    triple (e.g. "sapphirerapids": to check the AVX-512 code a host without AVX-512 cannot run)."""
     _init()
-    if triple is None:
+    if triple is None and cpu is None:
         triple = llvm.get_process_triple()
         cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
     else:
-        cpu, features = ("generic", "+neon") if triple.startswith("aarch64") else ("generic", "")
+        triple = triple or llvm.get_process_triple()
+        features = "+neon" if triple.startswith("aarch64") and cpu is None else ""
+        cpu = cpu or "generic"
     target = llvm.Target.from_triple(triple)
     return target.create_target_machine(cpu=cpu, features=features, opt=3, reloc="pic", codemodel="default",
                                         jit=triple == llvm.get_process_triple())
@@ -111,8 +114,8 @@ def _optimize(mod_ref, tm) -> None:
     pb.getModulePassManager().run(mod_ref, pb)
 
 
-def compile_ir(mod, triple: str | None = None):
-    tm = target_machine(triple)
+def compile_ir(mod, triple: str | None = None, cpu: str | None = None):
+    tm = target_machine(triple, cpu)
     ref = llvm.parse_assembly(str(mod))
     ref.verify()
     _optimize(ref, tm)
@@ -138,8 +141,8 @@ def emit_object(mod, triple: str) -> bytes:
     return tm.emit_object(ref)
 
 
-def emit_assembly(mod, triple: str | None = None) -> str:
-    ref, tm = compile_ir(mod, triple)
+def emit_assembly(mod, triple: str | None = None, cpu: str | None = None) -> str:
+    ref, tm = compile_ir(mod, triple, cpu)
     return tm.emit_assembly(ref)
 
 

@@ -1,6 +1,8 @@
 """The aarch64 (NEON) object emitted by the llvmlite generator, run under qemu-aarch64, vs the reference."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from edgetk.kernels import llvm_codebook as lk
 from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_common as lc
 
-from test_kernels_llvm_codebook import SHAPES, check, lut_bound, make_weight, snr_db
+from test_kernels_llvm_codebook import EXTRA, SHAPES, check, lut_bound, make_weight, snr_db
 
 pytestmark = pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
 
@@ -37,13 +39,20 @@ def test_q8_object_uses_neon_table_lookups():
     spec = q8.make_spec(4, 256, 1, 64, False, isa="neon")
     asm = lc.emit_assembly(q8.build_module(spec, "neon", ac.TRIPLE), ac.TRIPLE)
     assert asm.count("tbl\t") >= 1 and asm.count("tbx\t") >= 3  # 256 entries: tbl over 64, then three tbx
+    spec = q8.make_spec(4, 16, 2, 64, False, isa="neon")
+    asm = lc.emit_assembly(q8.build_module(spec, "neon", ac.TRIPLE), ac.TRIPLE)
+    assert spec.nibbles and spec.K == 16 and "tbx\t" not in asm
+    assert re.search(r"tbl\tv\d+\.16b, \{ ?v\d+\.16b ?\}", asm)  # 16 entries: one tbl over one register
 
 
-@pytest.mark.parametrize("shape,threads", [("outliers_perm", 2), ("residual", 1), ("bits5", 2), ("odd", 1)])
+@pytest.mark.parametrize("shape,threads", [("outliers_perm", 2), ("residual", 1), ("bits5", 2), ("odd", 1),
+                                           ("r16_odd_block", 2)])
 def test_q8_neon_gemv_under_qemu(tmp_path, shape, threads):
-    """The NEON int8-LUT gemv from the same generator as the x86 VBMI one, within the LUT rounding bound."""
-    out, inf, v, K, bits, *_ = SHAPES[shape]
-    w = make_weight(*SHAPES[shape])
+    """The NEON int8-LUT gemv from the same generator as the x86 ones, within the LUT rounding bound (r16: 4-bit
+    codes as nibbles, 16-entry tables)."""
+    cfg = SHAPES.get(shape) or EXTRA[shape]
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
     p = q8.pack_weight(*w, inf, v, bits, isa="neon")
     exe = ac.build(p.spec, tmp_path, kernel="q8")
     x = torch.randn(1, inf)

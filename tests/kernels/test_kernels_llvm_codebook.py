@@ -84,11 +84,16 @@ def _lut_case(mod, name, cfg, threads):
     return y, ref, x, w
 
 
-Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128"]
-EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 576, 4, 128, 7, 1, 1, 0, True, False)}
+Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128", "k64", "r16",
+             "r16_odd_block", "k11_v3", "r16_groups"]
+EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 576, 4, 128, 7, 1, 1, 0, True, False),
+         "k64": (128, 300, 2, 64, 6, 1, 1, 0, True, True),  # vq3's format
+         # K <= 16: codes streamed as nibbles (vq2-r16's format); an odd last block (21 code vectors); odd JB
+         "r16": (192, 576, 4, 16, 4, 2, 1, 0, True, False), "r16_odd_block": (64, 85, 4, 16, 4, 2, 1, 1, True, True),
+         "k11_v3": (96, 99, 3, 11, 4, 1, 1, 0, False, False), "r16_groups": (128, 256, 4, 16, 4, 2, 2, 0, True, False)}
 
 
-@pytest.mark.skipif(not q8.host_ok(), reason="the int8-LUT gemv runs on x86 AVX-512 VBMI or aarch64 hosts")
+@pytest.mark.skipif(not q8.host_ok(), reason="the int8-LUT gemv runs on x86 AVX2 / AVX-512 VBMI or aarch64 hosts")
 @pytest.mark.parametrize("shape", Q8_SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
@@ -118,6 +123,26 @@ def test_default_lut_is_the_int16_one_unless_asked(monkeypatch):
     monkeypatch.setenv("EDGETK_LUT", "q4")
     with pytest.raises(ConfigError, match="EDGETK_LUT"):
         lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
+
+
+def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
+    """The AVX-512 LUT kernels (q16: AVX-512BW, q8: VBMI) compile for an AVX-512 CPU on any host (their table
+    permutes are in the code); the AVX2 one uses vpshufb on ymm only. On a host without the ISA the format falls
+    back: q16 declines (the op runs the exact float32 kernel), q8 takes the AVX2 variant."""
+    spec16 = lk.KernelSpec(4, 256, 1, q16.R, q16.JB, 2, 16, 1)
+    asm = lc.emit_assembly(q16.build_module(spec16), cpu="sapphirerapids")
+    assert asm.count("vpermt2w") + asm.count("vpermi2w") >= 4 and "zmm" in asm
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx512vbmi"), "avx512vbmi"),
+                           cpu="icelake-server")
+    assert asm.count("vpermt2b") + asm.count("vpermi2b") >= 2 and "vrangeps" in asm
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 16, 2, 64, False, isa="avx2"), "avx2"), cpu="znver3")
+    assert asm.count("vpshufb") >= 2 and "zmm" not in asm
+    w, x = make_weight(*SHAPES["square"]), torch.randn(1, 64)
+    if not q16.host_ok():
+        assert q16.pack_weight(*w, 64, 4, 8) is None
+        check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8, lut=("q16",)), cg.codebook_gemm_reference(x, *w, 64, 4, 8))
+    if lc.llvm.get_process_triple().startswith("x86_64") and lc.llvm.get_host_cpu_features().get("avx2"):
+        assert q8.host_isa() in ("avx2", "avx512vbmi")
 
 
 def test_q8_declines_formats_it_does_not_take():
@@ -205,6 +230,29 @@ def test_q8_repacked_layout_matches_docstring():
             byte = 2 * i if i < R // 2 else 2 * (i - R // 2) + 1
             off = st * n_rb * R * n_vec + jblk * JB * n_rb * R + rb * jl * R + jj * R + byte
             assert int(flat[off]) == int(idx[st, r, j]), (isa, st, r, j)
+
+
+def test_q8_nibble_layout_matches_docstring():
+    """K <= 16: columns 2p (low nibble) and 2p+1 (high) of a tile share an R-byte vector, rows interleaved as in the
+    byte layout; an odd block ends with a vector whose high nibbles are 0; Kp is 16 on AVX2 / NEON, 64 on VBMI."""
+    out, inf, v = 70, 4 * 37, 4
+    w = make_weight(out, inf, v, 16, 4, 2, 1, 0, False, False)
+    for isa, kp in (("avx2", 16), ("neon", 16), ("avx512vbmi", 64)):
+        p = q8.pack_weight(*w, inf, v, 4, isa=isa)
+        R, JB, n_vec, n_rb = p.spec.R, p.spec.JB, p.n_vec, p.n_rb
+        assert p.spec.nibbles and p.spec.K == kp and JB % 2 == 0 and n_vec % JB % 2 == 1  # the last block is odd
+        half = lambda n: (n + 1) // 2  # noqa: E731
+        assert p.codes_r.numel() == 2 * n_rb * R * half(n_vec)
+        idx = cg.unpack_codes(w[0], 4, n_vec)
+        flat = p.codes_r.flatten()
+        for st, r, j in [(0, 0, 0), (1, 69, 36), (0, 17, 13), (1, R // 2 + 3, n_vec - 2), (0, 5, JB + 1)]:
+            jblk, jj, rb, i = j // JB, j % JB, r // R, r % R
+            jl = min(JB, n_vec - jblk * JB)
+            byte = 2 * i if i < R // 2 else 2 * (i - R // 2) + 1
+            off = st * n_rb * R * half(n_vec) + jblk * JB // 2 * n_rb * R + rb * half(jl) * R + jj // 2 * R + byte
+            assert (int(flat[off]) >> (4 * (jj % 2))) & 15 == int(idx[st, r, j]), (isa, st, r, j)
+            if j == n_vec - 1 or jj == jl - 1 and jl % 2:
+                assert int(flat[off]) >> 4 == 0
 
 
 def test_repacked_layout_matches_docstring():

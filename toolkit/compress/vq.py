@@ -508,6 +508,12 @@ _preset("vq2", "VQ v=4 K=256 (8-bit codes) + fp16 per-channel scale: Hessian k-m
         "codebook/scale/code refinement (~2.06 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10)
 _preset("vq2-res", "VQ v=8, 2 residual codebooks of 256 + 4 fp16 outlier columns + scale (~2.2 bpw)",
         vec_len=8, codebook_size=256, stages=2, outliers=4, refine_rounds=1, kmeans_iters=10)
+_preset("vq2-r16", "VQ v=4, 2 residual codebooks of 16 (4-bit codes each) per third of the output channels + fp16 "
+        "scale (~2.04 bpw): the codebooks small enough for one-instruction table lookups (AVX2 vpshufb, NEON tbl)",
+        vec_len=4, codebook_size=16, stages=2, groups=3, refine_rounds=1, kmeans_iters=10)
+_preset("vq2-r16-ft", "vq2-r16 + the fine-tuning stages of vq2-ft (block output, then end-to-end distillation; slower, "
+        "needs the model in memory)", vec_len=4, codebook_size=16, stages=2, groups=3, refine_rounds=1, kmeans_iters=10,
+        block_steps=20, block_batch=2, e2e_steps=100, e2e_lr=1e-3, e2e_batch=2)
 _preset("vq3", "VQ v=2 K=64 (6-bit codes) + fp16 per-channel scale (~3.03 bpw)", vec_len=2, codebook_size=64,
         refine_rounds=1, kmeans_iters=10)
 _preset("vq2-ft", "vq2 + block-output fine-tuning (20 steps per block) + end-to-end distillation of codebooks, "

@@ -161,7 +161,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
     gradients of those steps). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
-    {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool}."""
+    {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
+    switches the code steps made during training (reported also when the result is not kept and they are undone)}."""
     n = calib.shape[0]
     hold = n_eval if n > n_eval else 0
     train, held = (calib[:n - hold], calib[n - hold:]) if hold else (calib, calib)
@@ -223,7 +224,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             p.requires_grad_(req)
     return {"stage": "model.e2e", "before": before, "after": after if kept else before, "steps": steps,
             "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0,
-            "codes_changed": codes_changed if kept else 0}
+            "codes_changed": codes_changed}
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:
