@@ -16,6 +16,7 @@ VARIANTS = {
     "3bit-outliers-2stage": dict(in_f=50, bits=3, stages=2, n_outliers=5),
     "8bit-groups-nobias": dict(bits=8, groups=4, scale=False, bias=False),
     "4bit-pad-vec6": dict(in_f=46, vec_len=6, bits=4, groups=2),
+    "4bit-2stage-groups": dict(in_f=64, bits=4, stages=2, groups=2),  # vq2-r16's format (16 codewords per stage)
 }
 
 

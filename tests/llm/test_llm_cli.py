@@ -52,3 +52,38 @@ def test_chat_reads_stdin_non_interactively(tiny_dir, capsys, monkeypatch):
     replies = _json_lines(capsys.readouterr().out)
     assert [r["user"] for r in replies] == ["hello", "how are you?"]
     assert all(r["metrics"]["new_tokens"] >= 1 for r in replies)
+
+
+def test_run_lut_option_picks_the_codebook_kernel(tmp_path, tiny_lm, capsys, monkeypatch):
+    """--lut q8 runs the VQ layers of a (vq2-r16 format) artifact through the int8-LUT GEMV, scoped to the command;
+    a bad name is a usage error."""
+    import torch
+
+    from edgetk.compress import compress
+    from edgetk.compress.vq import VQConfig
+    from edgetk.compressed import save
+    from edgetk.kernels import llvm_codebook as lk
+
+    monkeypatch.delenv("EDGETK_LUT", raising=False)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    reports = compress(tiny_lm, VQConfig(vec_len=4, codebook_size=16, stages=2, kmeans_iters=3, refine_rounds=1,
+                                         cg_iters=2, calib_samples=4), calib=calib)
+    art = save(tiny_lm, tmp_path / "vq", reports, recipe="tiny-r16")
+    args = ["run", str(art.root), "--prompt", "hello there", "-n", "8", "--max-seq-len", "64", "--json"]
+    q8 = lk.lut_kernel("q8")
+    calls, real = [], q8.gemv
+    monkeypatch.setattr(q8, "gemv", lambda p, x, n=None: calls.append(p.spec) or real(p, x, n))  # counts, runs it
+    main(args + ["--lut", "none"])
+    exact = _json_lines(capsys.readouterr().out)[0]
+    assert not calls
+    main(args + ["--lut", "q8"])
+    fast = _json_lines(capsys.readouterr().out)[0]
+    if lk.lut_available("q8"):  # x86 AVX2 / AVX-512 VBMI, aarch64: every decode step's VQ layers, 4-bit nibbles
+        assert len(calls) >= 7 * 2 * 7 and all(s.nibbles and s.stages == 2 for s in calls)
+    assert len(fast["token_ids"]) == len(exact["token_ids"]) == 8
+    import os
+
+    assert "EDGETK_LUT" not in os.environ  # scoped to the command
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--lut", "q4"])
+    assert e.value.code == 2

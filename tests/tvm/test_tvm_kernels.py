@@ -55,6 +55,7 @@ CASES = {  # shape classes: square, tall, wide, odd sizes with every optional pa
                                                  scale=True, bias=True),
     "2bit-padded": dict(out_f=24, in_f=30, vec_len=4, bits=2, k=4, bias=True),
     "16bit": dict(out_f=20, in_f=36, vec_len=2, bits=16, k=300, scale=True),
+    "r16-4bit-2stages-groups": dict(out_f=48, in_f=64, vec_len=4, bits=4, k=16, stages=2, groups=3, scale=True),
 }
 
 

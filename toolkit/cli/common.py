@@ -83,3 +83,36 @@ def _fmt(v: Any) -> str:
 
 def kv_table(title: str, data: dict[str, Any]) -> Table:
     return table(title, ["field", "value"], [[k, v] for k, v in data.items()])
+
+
+def lut_kernels(lut: str | None):
+    """Context manager: EDGETK_LUT=`lut` (the batch-1 codebook LUT kernels, e.g. "q8") for the command's duration,
+    validated first; None leaves the environment as it is."""
+    import contextlib
+    import os
+
+    from ..errors import ConfigError
+
+    @contextlib.contextmanager
+    def _cm():
+        if lut is None:
+            yield
+            return
+        from edgetk.kernels.llvm_codebook import LUT_KERNELS
+
+        names = [n.strip() for n in lut.split(",") if n.strip()]
+        bad = [n for n in names if n not in (*LUT_KERNELS, "none")]
+        if not names or bad:
+            raise ConfigError(f"--lut {lut!r} names no LUT kernel" if not names else f"--lut names unknown kernels {bad}",
+                              hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
+        old = os.environ.get("EDGETK_LUT")
+        os.environ["EDGETK_LUT"] = ",".join(names)
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("EDGETK_LUT", None)
+            else:
+                os.environ["EDGETK_LUT"] = old
+
+    return _cm()

@@ -2,6 +2,7 @@
 
     edgetk run smollm2-135m --prompt "The capital of France is" --max-new-tokens 32 --kv-bits 4 \
         --speculative recycling --json
+    edgetk run ARTIFACT --prompt "..." --lut q8      # VQ layers through the int8-LUT GEMV (EDGETK_LUT)
     printf 'Hello\\nWhat is 2+2?\\n' | edgetk chat smollm2-135m --json
 
 Text streams to stdout as it is generated (with --json: one JSON object per generation instead);
@@ -15,7 +16,10 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
-from .common import console, emit_json, kv_table, progress
+from .common import console, emit_json, kv_table, lut_kernels, progress
+
+LUT_HELP = ("batch-1 codebook LUT kernels for VQ layers, as EDGETK_LUT: q8 (int8 table, fastest, ~40 dB SNR), q16, "
+            "none (float32); default: q16 where the host has it, else float32")
 
 CHAT_TURN = "<|im_start|>{role}\n{text}<|im_end|>\n"
 CHAT_REPLY = "<|im_start|>assistant\n"
@@ -63,13 +67,15 @@ def register(app: typer.Typer) -> None:
             stop: list[str] = typer.Option([], "--stop", help="stop sequence (repeatable)"),
             max_seq_len: int = typer.Option(2048, "--max-seq-len", min=8),
             backend: str = typer.Option("eager", "--backend"),
+            lut: Optional[str] = typer.Option(None, "--lut", help=LUT_HELP),
             json_: bool = typer.Option(False, "--json", help="print one JSON line")) -> None:
         """Generate a continuation of a prompt, with metrics."""
-        with progress(json_):
-            llm = _load(model, kv_bits, kv_preset, max_seq_len, backend)
-        result = llm.generate(prompt, max_new_tokens, greedy=temperature <= 0, temperature=max(temperature, 1e-6),
-                              top_p=top_p, seed=seed, stop=stop, speculative=speculative,
-                              on_token=_stream(json_))
+        with lut_kernels(lut):
+            with progress(json_):
+                llm = _load(model, kv_bits, kv_preset, max_seq_len, backend)
+            result = llm.generate(prompt, max_new_tokens, greedy=temperature <= 0,
+                                  temperature=max(temperature, 1e-6), top_p=top_p, seed=seed, stop=stop,
+                                  speculative=speculative, on_token=_stream(json_))
         if json_:
             emit_json(result.to_dict())
         else:
@@ -84,32 +90,38 @@ def register(app: typer.Typer) -> None:
              speculative: Optional[str] = typer.Option(None, "--speculative"),
              system: str = typer.Option("", "--system", help="system message"),
              max_seq_len: int = typer.Option(2048, "--max-seq-len", min=64),
+             lut: Optional[str] = typer.Option(None, "--lut", help=LUT_HELP),
              json_: bool = typer.Option(False, "--json", help="one JSON line per reply")) -> None:
         """Chat: each line read from stdin is a user turn; replies stream to stdout. Ends at EOF or '/exit'."""
-        with progress(json_):
-            llm = _load(model, kv_bits, kv_preset, max_seq_len, "eager")
-        history: list[tuple[str, str]] = [("system", system)] if system else []
-        interactive = sys.stdin.isatty()
-        while True:
-            if interactive:
-                console.print("[bold]you>[/] ", end="")
-            line = sys.stdin.readline()
-            if not line or line.strip() == "/exit":
-                break
-            if not line.strip():
-                continue
-            history.append(("user", line.rstrip("\n")))
-            prompt = _chat_prompt(llm, history, max_seq_len - max_new_tokens)
-            result = llm.generate(prompt, max_new_tokens, speculative=speculative, stop=["<|im_end|>"],
-                                  on_token=_stream(json_))
-            reply = result.text.strip()
-            history.append(("assistant", reply))
-            if json_:
-                emit_json({"user": line.rstrip("\n"), "reply": reply, "stop_reason": result.stop_reason,
-                           "metrics": result.metrics.to_dict()})
-            else:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+        with lut_kernels(lut):
+            _chat(model, max_new_tokens, kv_bits, kv_preset, speculative, system, max_seq_len, json_)
+
+
+def _chat(model, max_new_tokens, kv_bits, kv_preset, speculative, system, max_seq_len, json_) -> None:
+    with progress(json_):
+        llm = _load(model, kv_bits, kv_preset, max_seq_len, "eager")
+    history: list[tuple[str, str]] = [("system", system)] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            console.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        history.append(("user", line.rstrip("\n")))
+        prompt = _chat_prompt(llm, history, max_seq_len - max_new_tokens)
+        result = llm.generate(prompt, max_new_tokens, speculative=speculative, stop=["<|im_end|>"],
+                              on_token=_stream(json_))
+        reply = result.text.strip()
+        history.append(("assistant", reply))
+        if json_:
+            emit_json({"user": line.rstrip("\n"), "reply": reply, "stop_reason": result.stop_reason,
+                       "metrics": result.metrics.to_dict()})
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _chat_prompt(llm, history: list[tuple[str, str]], budget: int) -> str:
