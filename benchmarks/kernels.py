@@ -1,17 +1,19 @@
 """Kernel benchmark: llvmlite codebook GEMV / prefill GEMM and fused kv_attention vs their peers, same run.
 
-    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--formats k256,r16] [--only gemv,prefill,kv]
+    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--formats k256,r16]
+        [--only gemv,prefill,kv]
 
 Cases (one JSON line each, then a table):
 * `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB; the faster).
 * `gemv`: 2-bit codebook GEMV on 4096x4096 and every linear shape of smollm2-135m, 1 and 2 threads, in two
   formats of 2 bits per weight (`--formats`): `k256` (vec_len 4, 256 codewords, 8-bit codes: vq2) and `r16`
-  (vec_len 4, 2 residual codebooks of 16, 4-bit codes: vq2-r16, whose tables fit one AVX2 `vpshufb` / NEON `tbl`), cycling through >= `--mb` MB of distinct weights for every peer: edgetk's
-  batch-1 kernel called directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on
-  AVX-512 VBMI / AVX2 / NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32
-  `llvm_codebook.gemv`; each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm`
-  (the op's default batch-1 kernel: q16 where the host has it, else the float32 one, unless EDGETK_LUT=q8), onnxruntime
-  `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
+  (vec_len 4, 2 residual codebooks of 16, 4-bit codes: vq2-r16, whose tables fit one AVX2 `vpshufb` / NEON
+  `tbl`), cycling through >= `--mb` MB of distinct weights for every peer: edgetk's batch-1 kernel called
+  directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on AVX-512 VBMI / AVX2 /
+  NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
+  each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm` (the custom-op dispatch
+  included; the op's default batch-1 kernel: q16 where the host has it, else the float32 one, unless
+  EDGETK_LUT=q8), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
 * `prefill`: 64 tokens through the prefill kernel (the default float32 LUT GEMM, and where oneDNN has bf16 the

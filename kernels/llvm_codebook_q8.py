@@ -318,6 +318,7 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
     # biased entries u = q + 128 in 0..255: acc0 = sum of whole words (lo + 256 hi, mod 2**16), acc1 = sum of the
     # high bytes; the low bytes' sum is acc0 - 256 acc1 (both sums <= JB * 255 < 2**15). 3 ops per vector, not 5.
     pf = _intrinsic(g.fn.module, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
+
     def tables(col):
         tp = b.gep(lutq, [b.mul(col, i64(Kp))], source_etype=lc.I8)
         return [lanes(b.load(b.gep(tp, [i64(width * t)], source_etype=lc.I8), typ=tv, align=1)) for t in range(n_tab)]

@@ -103,8 +103,8 @@ def lut_kernels(lut: str | None):
         names = [n.strip() for n in lut.split(",") if n.strip()]
         bad = [n for n in names if n not in (*LUT_KERNELS, "none")]
         if not names or bad:
-            raise ConfigError(f"--lut {lut!r} names no LUT kernel" if not names else f"--lut names unknown kernels {bad}",
-                              hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
+            what = f"--lut {lut!r} names no LUT kernel" if not names else f"--lut names unknown kernels {bad}"
+            raise ConfigError(what, hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
         old = os.environ.get("EDGETK_LUT")
         os.environ["EDGETK_LUT"] = ",".join(names)
         try:
