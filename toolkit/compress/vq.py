@@ -511,9 +511,6 @@ _preset("vq2-res", "VQ v=8, 2 residual codebooks of 256 + 4 fp16 outlier columns
 _preset("vq2-r16", "VQ v=4, 2 residual codebooks of 16 (4-bit codes each) per third of the output channels + fp16 "
         "scale (~2.04 bpw): the codebooks small enough for one-instruction table lookups (AVX2 vpshufb, NEON tbl)",
         vec_len=4, codebook_size=16, stages=2, groups=3, refine_rounds=1, kmeans_iters=10)
-_preset("vq2-r16x4", "VQ v=8, 4 residual codebooks of 16 (4-bit codes each) per third of the output channels + fp16 "
-        "scale (~2.05 bpw): table lookups as cheap as vq2-r16's, 65536 code combinations per 8 weights",
-        vec_len=8, codebook_size=16, stages=4, groups=3, refine_rounds=1, kmeans_iters=10)
 _preset("vq2-r16-ft", "vq2-r16 + the fine-tuning stages of vq2-ft (block output, then end-to-end distillation; slower, "
         "needs the model in memory)", vec_len=4, codebook_size=16, stages=2, groups=3, refine_rounds=1, kmeans_iters=10,
         block_steps=20, block_batch=2, e2e_steps=100, e2e_lr=1e-3, e2e_batch=2)
