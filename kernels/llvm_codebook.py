@@ -29,8 +29,8 @@ Formats it does not take (non-float32 activations, more than 65536 codewords, ma
 `default_lut()` that the host and format allow, else the float32 kernels; by default the int16 LUT of
 `llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the reference); EDGETK_LUT=q8 puts the
 int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI, AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations, about 2x
-faster than q16; on AVX2, which has no q16, 2x (K = 256) to 15x (K <= 16, nibble codes) faster than the float32
-kernel) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
+faster than q16; on AVX2, which has no q16, 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster than the
+float32 kernel) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
 order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
 benchmarks).
 """
