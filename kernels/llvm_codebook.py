@@ -472,12 +472,15 @@ def default_lut() -> tuple[str, ...]:
     that eager runs match exported graphs token for token. The int8 LUT (q8) is an accuracy trade-off like
     onnxruntime's accuracy_level=4 and is chosen explicitly."""
     env = os.environ.get("EDGETK_LUT")
-    if env is None:
-        return ("q16",)
-    names = tuple(n.strip() for n in env.split(",") if n.strip() and n.strip() != "none")
+    return ("q16",) if env is None else parse_lut(env)
+
+
+def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
+    """Comma-separated LUT kernel names ("none" and blanks dropped) -> tuple; unknown names raise ConfigError."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
     unknown = [n for n in names if n not in LUT_KERNELS]
     if unknown:
-        raise ConfigError(f"EDGETK_LUT names unknown LUT kernels {unknown}", hint=f"use names among {LUT_KERNELS}")
+        raise ConfigError(f"{what} names unknown LUT kernels {unknown}", hint=f"use names among {LUT_KERNELS}")
     return names
 
 

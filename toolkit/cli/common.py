@@ -98,13 +98,12 @@ def lut_kernels(lut: str | None):
         if lut is None:
             yield
             return
-        from edgetk.kernels.llvm_codebook import LUT_KERNELS
+        from edgetk.kernels.llvm_codebook import LUT_KERNELS, parse_lut
 
-        names = [n.strip() for n in lut.split(",") if n.strip()]
-        bad = [n for n in names if n not in (*LUT_KERNELS, "none")]
-        if not names or bad:
-            what = f"--lut {lut!r} names no LUT kernel" if not names else f"--lut names unknown kernels {bad}"
-            raise ConfigError(what, hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
+        if not lut.strip(", "):
+            raise ConfigError(f"--lut {lut!r} names no LUT kernel",
+                              hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
+        names = parse_lut(lut, "--lut") or ("none",)
         old = os.environ.get("EDGETK_LUT")
         os.environ["EDGETK_LUT"] = ",".join(names)
         try:
