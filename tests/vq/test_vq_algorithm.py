@@ -310,3 +310,70 @@ def test_end_to_end_code_step_moves_a_bounded_fraction_of_codes(tiny_llama):
     # kept: the codes that differ were moved by the code steps; not kept: every code is back where it was
     moved = sum(int((m.codes != codes[n]).sum()) for n, m in lm.model.named_modules() if isinstance(m, VQLinear))
     assert moved <= rec["codes_changed"] and (rec["kept"] or moved == 0)
+
+
+def test_stand_in_weight_matches_dequantize_across_formats_and_follows_code_steps(tiny_llama):
+    """The trainable stand-in's dense weight (index_select over a flat codebook) equals the packed module's, for
+    residual stages, several codebook groups and outliers; a code step rebuilds the index it caches."""
+    from edgetk.compress.vq_finetune import _TrainableVQ
+    from edgetk.compress.vq_linear import VQLinear
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    compress(lm, VQConfig(vec_len=4, codebook_size=16, stages=2, groups=2, outliers=3, damp=0.1, **FAST),
+             calib=calib)
+    vqs = [m for m in lm.model.modules() if isinstance(m, VQLinear)]
+    assert vqs and all(m.fmt.groups == 2 and m.fmt.stages == 2 and m.fmt.n_outliers == 3 for m in vqs)
+    for m in vqs:
+        torch.testing.assert_close(_TrainableVQ(m).weight(), m.dequantize(), rtol=0, atol=1e-6)
+    t = _TrainableVQ(vqs[0])
+    w0 = t.weight().detach().clone()
+    t._accumulate(torch.randn(t.out_features, t.in_features, generator=torch.Generator().manual_seed(1)))
+    assert t.code_step(2.0, 0.2) > 0
+    moved = t.weight().detach()
+    assert not torch.equal(moved, w0)
+    torch.testing.assert_close(moved, t.to_vq().dequantize(), rtol=0, atol=1e-3)  # fp16 storage of the parts
+
+
+def test_end_to_end_stage_in_bfloat16_and_the_precision_setting(tiny_llama, monkeypatch):
+    """bf16 autocast training still lowers the float32 held-out KL; 'auto' resolves by the host; bad values raise."""
+    from edgetk.compress import vq as vqmod
+    from edgetk.compress.vq_finetune import finetune_vq_model, teacher_copy
+    from edgetk.kernels import llvm_dequant_bf16
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    teacher = teacher_copy(lm.model)
+    compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+    rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2,
+                            precision="bfloat16")
+    assert rec["precision"] == "bfloat16" and rec["kept"] and rec["after"] < rec["before"]
+    with pytest.raises(ValueError, match="precision"):
+        finetune_vq_model(lm.model, teacher, calib, steps=1, lr=1e-3, batch=2, seed=0, precision="fp8")
+    with pytest.raises(ConfigError, match="ft_precision"):
+        VQConfig(ft_precision="half")
+    assert vqmod.ft_precision("float32") == "float32" and vqmod.ft_precision("bfloat16") == "bfloat16"
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(llvm_dequant_bf16, "host_ok", lambda native=native: native)
+        assert vqmod.ft_precision("auto") == want
+    # through compress: the stage record says which precision ran
+    lm = _tiny(tiny_llama)
+    rep = compress(lm, VQConfig(vec_len=4, codebook_size=16, e2e_steps=3, e2e_lr=3e-3, ft_precision="bfloat16",
+                                e2e_code_every=2, **FAST), calib=calib)[0]
+    e2e = next(s for s in rep.stages if s["stage"] == "model.e2e")
+    assert e2e["precision"] == "bfloat16" and e2e["after"] <= e2e["before"]
+
+
+def test_a_row_with_only_outlier_weights_stays_finite():
+    """A row whose quantized columns are all zero (its weight only in the fp16 outlier columns) has scale 0:
+    the stored scale is kept at fp16's smallest normal, so the outlier columns (stored divided by it) are not NaN."""
+    w, h, x = _problem(out_f=32, in_f=64)
+    h = torch.diag(torch.diag(h))  # uncorrelated inputs: the closed-form scale of that row is exactly 0
+    w[3] = 0.0
+    w[3, :4] = 10.0  # these columns now dominate the importance: they are the outliers
+    cfg = VQConfig(vec_len=4, codebook_size=16, outliers=4, kmeans_iters=4, refine_rounds=1, cg_iters=3)
+    mod, st, p, _ = quantize_layer(w, h, cfg, torch.Generator().manual_seed(0))
+    wq = mod.dequantize()
+    assert torch.isfinite(wq).all() and torch.isfinite(mod.outlier_w.float()).all()
+    torch.testing.assert_close(wq[3, :4], w[3, :4], rtol=1e-2, atol=1e-3)
+    assert wq[3, 4:].abs().max() < 1e-2

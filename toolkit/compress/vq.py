@@ -17,7 +17,11 @@ Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
    drops;
 7. end-to-end stage (`e2e_steps`, vq_finetune.py): after all blocks, codebooks, scales, outliers and RMSNorm
    weights of the whole model tuned by Adam on the KL divergence from the fp model's next-token distribution
-   (AQLM's global fine-tuning, PV-Tuning's continuous step); kept only if the held-out KL drops.
+   (AQLM's global fine-tuning, PV-Tuning's continuous step); kept only if the held-out KL drops. With
+   `e2e_code_every` > 0 the codes move too, every that many steps, along the accumulated gradient (PV-Tuning's
+   linearized discrete step). The training passes run in bf16 autocast where oneDNN has bf16 matmuls
+   (`ft_precision="auto"`: AMX / AVX-512 hosts, 2-3x faster; float32 elsewhere; the keep/undo decision is always
+   measured in float32), so the result of the -ft presets depends on the host's ISA.
 
 Blocks are processed one at a time (`BlockRunner`): only one block and its calibration activations live.
 The end-to-end stage is the exception: it needs the whole model and an fp copy (the teacher) in memory, so
@@ -63,6 +67,10 @@ class VQConfig(Config):
     e2e_lr: float = 1e-4
     e2e_batch: int = 2
     e2e_norms: bool = True  # also tune the RMSNorm weights (fp, not counted in the quantized layers' bits)
+    e2e_code_every: int = 0  # every N end-to-end steps, move codes along the accumulated gradient (0 = off)
+    # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
+    # (x86 with AVX-512 / AMX: 2-3x faster), else float32
+    ft_precision: str = "auto"
     calib_samples: int = 64  # calibration windows used (of those drawn)
     seed: int = 0
     layers: tuple = QUANT_LINEARS
@@ -81,6 +89,9 @@ class VQConfig(Config):
         check(self.e2e_steps >= 0 and self.e2e_batch >= 1 and self.e2e_lr > 0, "e2e_steps", self.e2e_steps,
               "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
+        check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
+        check(self.ft_precision in ("auto", "float32", "bfloat16"), "ft_precision", self.ft_precision,
+              "one of 'auto', 'float32', 'bfloat16'")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
         check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
 
@@ -343,6 +354,17 @@ def to_module(p: LayerProblem, st: LayerState) -> VQLinear:
                                st.s if f.has_scale else None, None)
 
 
+def fp16_scale(s: torch.Tensor, outl: torch.Tensor) -> torch.Tensor:
+    """Per-channel scales as fp16 stores them. The outlier columns are stored divided by the scale, so a row's
+    scale is kept large enough in magnitude for that quotient to fit fp16 (and never rounds to 0, which would
+    store NaN): a row whose quantized columns are all zero, e.g. only dead inputs, gets a scale of 0 from the
+    closed-form fit."""
+    floor = torch.full_like(s, torch.finfo(torch.float16).tiny)
+    if outl.numel():
+        floor = torch.maximum(floor, outl.abs().amax(1) / 32768)
+    return torch.where(s.abs() < floor, torch.where(s < 0, -floor, floor), s).half().float()
+
+
 def quantize_layer(w: torch.Tensor, h: torch.Tensor, cfg: VQConfig, gen: torch.Generator):
     """-> (VQLinear, LayerState, LayerProblem, stage records)."""
     fmt = cfg.format_for(*w.shape)
@@ -351,7 +373,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor, cfg: VQConfig, gen: torch.G
     stages = [{"stage": "layer.init", "round": 0, "before": p.ref(), "after": p.loss(st.what())}]
     stages += refine_layer(p, st, cfg, stages[0]["after"])
     st.cbs = st.cbs.half().float()  # what the fp16 storage holds
-    st.s = st.s.half().float()
+    st.s = fp16_scale(st.s, st.outl)
     st.outl = (st.outl / st.s[:, None]).half().float() * st.s[:, None]
     return to_module(p, st), st, p, stages
 
@@ -402,7 +424,7 @@ def _tune_block(runner, block, x, y, layers: list[_Layer], cfg: VQConfig, gen) -
     with torch.no_grad():
         old = [(l.st.cbs, l.st.s) for l in layers]
         for l, c, s in zip(layers, cbs, ss):
-            l.st.cbs, l.st.s = c.detach().half().float(), s.detach().half().float()
+            l.st.cbs, l.st.s = c.detach().half().float(), fp16_scale(s.detach(), l.st.outl)
         _set_dense(block, layers)
         l1 = float(block_loss(runner, block, xe, ye))
         if l1 > l0:  # never accept a worse block
@@ -467,6 +489,15 @@ def quantize_block(i: int, block: nn.Module, x: torch.Tensor, cfg: VQConfig, run
 
 
 # -- the method ---------------------------------------------------------------------------------------
+def ft_precision(setting: str) -> str:
+    """Resolve `VQConfig.ft_precision`: "auto" is bfloat16 where oneDNN runs bf16 matmuls natively."""
+    if setting != "auto":
+        return setting
+    from edgetk.kernels.llvm_dequant_bf16 import host_ok
+
+    return "bfloat16" if host_ok() else "float32"
+
+
 @register_method(VQConfig)
 def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict | None = None) -> CompressionReport:
     model = loaded.model
@@ -493,7 +524,8 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     runner.run(process, track_fn=lambda it, d, n: track(it, "vq blocks", n))
     if teacher is not None:
         report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
-                                               cfg.seed, tune_norms=cfg.e2e_norms))
+                                               cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
+                                               precision=ft_precision(cfg.ft_precision)))
         del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
     report.totals["calibration"] = {"windows": int(calib.shape[0]), "tokens_per_window": int(calib.shape[1])}

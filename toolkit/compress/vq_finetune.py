@@ -14,6 +14,7 @@ Needs the whole model (and the fp teacher) in memory: blocks streamed from disk 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -39,6 +40,7 @@ class _TrainableVQ(nn.Module):
         self.register_buffer("perm", m.perm.to(torch.int64))
         g_of_row = torch.arange(f.out_features) // (f.out_features // f.groups)
         self.register_buffer("g_of_row", g_of_row)
+        self._flat = None  # row-of-codebook index per code (g * K + code), rebuilt when the codes move
         self.codebooks = nn.Parameter(m.codebooks.float().clone())
         # scales are tuned relative to their start (one learning rate fits codebooks, outliers and scales)
         self.register_buffer("scale0", m.scale.float().clone() if f.has_scale else torch.zeros(0))
@@ -50,7 +52,10 @@ class _TrainableVQ(nn.Module):
 
     def weight(self) -> torch.Tensor:
         f = self.fmt
-        wq = sum(self.codebooks[s][self.g_of_row[:, None], self.codes[s]] for s in range(f.stages))
+        if self._flat is None:
+            self._flat = (self.g_of_row[:, None] * self.codebooks.shape[2] + self.codes).reshape(f.stages, -1)
+        # index_select (its backward an index_add) is ~2x faster on CPU than the equivalent advanced indexing
+        wq = sum(self.codebooks[s].reshape(-1, f.vec_len).index_select(0, self._flat[s]) for s in range(f.stages))
         wq = wq.reshape(f.out_features, -1)[:, :f.in_q]
         if f.n_outliers:
             wq = torch.cat([self.outlier_w, wq], 1)[:, self.inv_perm]
@@ -115,6 +120,7 @@ class _TrainableVQ(nn.Module):
                 move &= gain >= thr
             self.codes[s] = torch.where(move, best, self.codes[s])
             changed += int(move.sum())
+        self._flat = None
         return changed
 
     def to_vq(self) -> VQLinear:
@@ -133,15 +139,31 @@ class _TrainableVQ(nn.Module):
             self.scale_rel.fill_(1.0)
 
 
-def _kl(student: nn.Module, teacher_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _compute(precision: str):
+    """The matmul precision of the training forward/backward passes: bfloat16 runs them under CPU autocast
+    (oneDNN bf16, AMX where the CPU has it; the trained parameters, the loss and the optimizer stay float32)."""
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _kl(student: nn.Module, teacher_logp: torch.Tensor, tokens: torch.Tensor,
+        precision: str = "float32") -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student)."""
-    logq = F.log_softmax(student(tokens).float(), -1)
+    with _compute(precision):
+        out = student(tokens)
+    logq = F.log_softmax(out.float(), -1)
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
 @torch.no_grad()
-def _teacher_logp(teacher: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(teacher(tokens).float(), -1)
+def _teacher_logp(teacher: nn.Module, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    with _compute(precision):
+        out = teacher(tokens)
+    return F.log_softmax(out.float(), -1)
 
 
 @torch.no_grad()
@@ -155,14 +177,19 @@ def _eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch:
 
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
                       batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
-                      code_eta: float = 0.2, code_frac: float = 0.01) -> dict:
+                      code_eta: float = 0.2, code_frac: float = 0.01, precision: str = "float32") -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
     With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
     gradients of those steps). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
     {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
-    switches the code steps made during training (reported also when the result is not kept and they are undone)}."""
+    switches the code steps made during training (reported also when the result is not kept and they are undone),
+    "precision": the training passes' matmul precision}. `precision` "bfloat16" runs the training forward and
+    backward passes (student and teacher) under bf16 autocast, ~2-3x faster on CPUs with AMX / AVX-512 BF16; the
+    held-out KL that decides whether the result is kept is always measured in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n = calib.shape[0]
     hold = n_eval if n > n_eval else 0
     train, held = (calib[:n - hold], calib[n - hold:]) if hold else (calib, calib)
@@ -190,7 +217,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         for step in track(range(steps), "vq fine-tune (end to end)", steps):
             idx = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
             w = train[idx]
-            loss = _kl(model, _teacher_logp(teacher, w), w)
+            loss = _kl(model, _teacher_logp(teacher, w, precision), w, precision)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,7 +251,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             p.requires_grad_(req)
     return {"stage": "model.e2e", "before": before, "after": after if kept else before, "steps": steps,
             "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0,
-            "codes_changed": codes_changed}
+            "codes_changed": codes_changed, "precision": precision}
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:
