@@ -176,3 +176,37 @@ def test_real_model_artifact_size_matches_manifest_bits(smollm2, tmp_path):
     assert len(reports[0].layers) == 210
     disk = man["files"]["model.safetensors"]["bytes"]
     assert abs(disk - man["bits_per_weight_model"] * man["params"] / 8) / disk < 0.05
+
+
+def test_per_layer_overrides_quantize_round_trip_and_are_validated(tiny_llama, tmp_path):
+    """`overrides` gives chosen layers their own format (mixed bits); the artifact keeps each layer's format and
+    its bits are counted per layer; malformed entries are refused naming the entry."""
+    from edgetk.compress.vq_linear import VQLinear
+    from edgetk.errors import ConfigError
+
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = dict(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2, calib_samples=4)
+    cfg = VQConfig(**base, overrides=("self_attn.v_proj:vec_len=2,codebook_size=64", "mlp.down_proj:stages=2"))
+    lm = load(copy.deepcopy(tiny_llama))
+    lm.config = tiny_llama.cfg
+    reports = compress(lm, cfg, calib=calib)
+    fmts = {n: m.fmt for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
+    for n, f in fmts.items():
+        want = (2, 64, 1) if n.endswith("v_proj") else (4, 16, 2) if n.endswith("down_proj") else (4, 16, 1)
+        assert (f.vec_len, f.codebook_size, f.stages) == want, n
+    plain = load(copy.deepcopy(tiny_llama))
+    plain.config = tiny_llama.cfg
+    r0 = compress(plain, VQConfig(**base), calib=calib)
+    assert reports[0].totals["bits_per_weight"] > r0[0].totals["bits_per_weight"]  # 3 and 2 bits per weight there, 1 elsewhere
+    x = torch.randint(0, 256, (1, 16))
+    y = lm.model(x)
+    save(lm, tmp_path / "mix", reports)
+    back = load(tmp_path / "mix")
+    assert {n: m.fmt for n, m in back.model.named_modules() if isinstance(m, VQLinear)} == fmts
+    torch.testing.assert_close(back.model(x), y, rtol=0, atol=1e-5)
+    for bad, match in [(("x_proj:vec_len=2",), "layer among"), (("mlp.up_proj",), "layer among"),
+                       (("mlp.up_proj:seed=3",), "fields among"), (("mlp.up_proj:vec_len=two",), "integer"),
+                       (("mlp.up_proj:vec_len=64",), "entry 'mlp.up_proj:vec_len=64'.*vec_len"),
+                       (("mlp.up_proj:stages=2", "mlp.up_proj:groups=2"), "one entry per layer")]:
+        with pytest.raises(ConfigError, match=match):
+            VQConfig(**base, overrides=bad)

@@ -74,6 +74,9 @@ class VQConfig(Config):
     calib_samples: int = 64  # calibration windows used (of those drawn)
     seed: int = 0
     layers: tuple = QUANT_LINEARS
+    # per-layer formats, e.g. ("self_attn.v_proj:vec_len=2,codebook_size=64",): that layer (in every block) takes
+    # these fields instead (vec_len, codebook_size, stages, groups, outliers) - bits where they matter most
+    overrides: tuple = ()
     needs_calibration = True
 
     def validate(self) -> None:
@@ -94,6 +97,39 @@ class VQConfig(Config):
               "one of 'auto', 'float32', 'bfloat16'")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
         check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
+        for name, item in zip(self._overrides(), self.overrides):
+            try:
+                self.for_layer(name)
+            except ConfigError as exc:
+                raise ConfigError(f"config field 'overrides' entry {item!r}: {exc.args[0]}",
+                                  hint="fix that entry of 'overrides'") from None
+
+    def _overrides(self) -> dict[str, dict[str, int]]:
+        """{layer name: {field: value}} from `overrides` ("name:field=value,..."), checked."""
+        out = {}
+        for item in self.overrides:
+            name, sep, body = str(item).partition(":")
+            fields = dict(kv.split("=", 1) for kv in body.split(",") if "=" in kv) if sep else {}
+            bad = [kv for kv in body.split(",") if "=" not in kv] if sep else [item]
+            check(name in QUANT_LINEARS and not bad and fields, "overrides", item,
+                  f"'layer:field=value,...' with a layer among {QUANT_LINEARS}")
+            check(name not in out, "overrides", item, "one entry per layer")
+            unknown = sorted(set(fields) - set(OVERRIDABLE))
+            check(not unknown, "overrides", item, f"fields among {OVERRIDABLE}")
+            try:
+                out[name] = {k: int(v) for k, v in fields.items()}
+            except ValueError:
+                check(False, "overrides", item, "integer values")
+        return out
+
+    def for_layer(self, name: str) -> "VQConfig":
+        """The config of layer `name` (e.g. "mlp.down_proj"): this one with its override applied."""
+        o = self._overrides().get(name)
+        if not o:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, overrides=(), **o)
 
     @property
     def code_bits(self) -> int:
@@ -105,6 +141,9 @@ class VQConfig(Config):
         return CodebookFormat(out_features=out_f, in_features=in_f, vec_len=self.vec_len, code_bits=self.code_bits,
                               codebook_size=self.codebook_size, stages=self.stages, groups=groups,
                               n_outliers=n_out, has_scale=self.scale, has_bias=False)
+
+
+OVERRIDABLE = ("vec_len", "codebook_size", "stages", "groups", "outliers")
 
 
 # -- one layer ---------------------------------------------------------------------------------------
@@ -461,7 +500,8 @@ def quantize_block(i: int, block: nn.Module, x: torch.Tensor, cfg: VQConfig, run
     layers = []
     for name in track(cfg.layers, f"vq block {i}"):
         t0 = time.perf_counter()
-        _, st, p, stages = quantize_layer(block.get_submodule(name).weight.detach(), hs[name], cfg, gen)
+        _, st, p, stages = quantize_layer(block.get_submodule(name).weight.detach(), hs[name], cfg.for_layer(name),
+                                          gen)
         layers.append(_Layer(name, p, st, time.perf_counter() - t0, stages))
     _set_dense(block, layers)
     t0 = time.perf_counter()
