@@ -64,3 +64,24 @@ def test_cli_bad_format_is_config_error(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["export", "minilm-l6", "--format", "tflite", "-o", str(tmp_path / "a")])
     assert info.value.code == 2
+
+
+@pytest.mark.backend
+def test_cli_exports_a_mixed_format_vq_artifact(tmp_path, tiny_llama, capsys):
+    """Per-layer formats (VQConfig.overrides) export like uniform ones: each node carries its own format."""
+    from edgetk.compress import compress
+    from edgetk.compress.vq import VQConfig
+    from edgetk.compressed import save
+
+    lm = LoadedModel("tiny-mix", "decoder", tiny_llama, config=tiny_llama.cfg, source="test")
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = VQConfig(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2, calib_samples=4,
+                   overrides=("self_attn.v_proj:vec_len=2,codebook_size=64", "mlp.down_proj:stages=2"))
+    reports = compress(lm, cfg, calib=calib)
+    save(lm, tmp_path / "mix", reports)
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "mix"), "--format", "onnx", "-o", str(out), "--max-seq-len", "48",
+                 "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["golden_identical"] is True
+    assert line["custom_ops"]["edgetk::codebook_gemm"]["count"] == 7 * len(tiny_llama.model.layers)
