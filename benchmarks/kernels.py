@@ -1,6 +1,6 @@
 """Kernel benchmark: llvmlite codebook GEMV / prefill GEMM and fused kv_attention vs their peers, same run.
 
-    nice -n 10 python benchmarks/kernels.py [--quick] [--mb MB] [--reps 7] [--formats k256,r16]
+    nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--formats k256,r16]
         [--only gemv,prefill,kv]
 
 Cases (one JSON line each, then a table):
@@ -9,8 +9,8 @@ Cases (one JSON line each, then a table):
 * `gemv`: 2-bit codebook GEMV on 4096x4096 and every linear shape of smollm2-135m, 1 and 2 threads, in two
   formats of 2 bits per weight (`--formats`): `k256` (vec_len 4, 256 codewords, 8-bit codes: vq2) and `r16`
   (vec_len 4, 2 residual codebooks of 16, 4-bit codes: vq2-r16, whose tables fit one AVX2 `vpshufb` / NEON
-  `tbl`), cycling through >= `--mb` MB of distinct weights for every peer (default: 256 MB or twice the
-  last-level cache, the larger, so that the weights stream from memory, not from a large L3): edgetk's batch-1 kernel called
+  `tbl`), cycling through >= `--mb` MB of distinct weights for every peer (the `bandwidth` line reports the
+  last-level cache size: `--mb` should exceed what of it the process can use): edgetk's batch-1 kernel called
   directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on AVX-512 VBMI / AVX2 /
   NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
   each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm` (the custom-op dispatch
@@ -36,6 +36,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +73,12 @@ def timed_cycles(fn, items: list, reps: int) -> dict:
 
 
 def llc_bytes() -> int:
-    """The largest CPU cache (sysfs; 0 where unknown). Hosts with a last-level cache of hundreds of MB exist (a
-    480 MB L3 seen on one): weights cycled through must exceed it, or the "bandwidth" is partly the cache's."""
+    """The largest CPU cache (sysfs; 0 where unknown), reported beside the bandwidth. Hosts with a last-level cache
+    of hundreds of MB exist (a 480 MB L3 on one VM; there, cycling 128, 256 or 1024 MB of codes timed the same: the
+    VM's share of it is small), so pass `--mb` above it where it could hold the weights."""
     sizes = []
     for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        t = open(f).read().strip()
+        t = Path(f).read_text().strip()
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
         try:
             sizes.append(int(t.rstrip("KMG")) * mult)
@@ -85,24 +87,19 @@ def llc_bytes() -> int:
     return max(sizes, default=0)
 
 
-def cycle_mb(requested: int | None) -> int:
-    """MB each peer cycles through: `--mb` if given, else 256 MB or twice the last-level cache, the larger."""
-    return requested if requested else max(256, math.ceil(2 * llc_bytes() / MB))
-
-
 def bandwidth(threads: int, reps: int, mb: int = 512) -> dict:
     torch.set_num_threads(threads)
-    ws = [torch.randn(4096, 4096) for _ in range(max(8, math.ceil(mb / 64)))]  # >= 512 MB
-    ws_shapes = [w.shape for w in ws]
+    ws = [torch.randn(4096, 4096) for _ in range(max(8, math.ceil(mb / 64)))]  # 64 MB each, >= 512 MB
     x = torch.randn(1, 4096)
     lin = timed_cycles(lambda w: F.linear(x, w), ws, reps)
     sm = timed_cycles(lambda w: w.sum(), ws, reps)
     nbytes = ws[0].numel() * 4
     gbs = max(nbytes / lin["median_us"] / 1e3, nbytes / sm["median_us"] / 1e3)
+    n = len(ws)
     del ws
     return {"case": "bandwidth", "threads": threads, "read_GBps": gbs,
             "linear_GBps": nbytes / lin["median_us"] / 1e3, "sum_GBps": nbytes / sm["median_us"] / 1e3,
-            "cycled_MB": len(ws_shapes) * 64, "llc_MB": llc_bytes() / MB}
+            "cycled_MB": n * nbytes / MB, "llc_MB": llc_bytes() / MB}
 
 
 FORMATS = {"k256": (256, 8, 1), "r16": (16, 4, 2)}  # (codebook size, code bits, stages); vec_len 4: 2 bits/weight
@@ -280,15 +277,13 @@ def row(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=int, default=None, help="MB of distinct weights each GEMV peer cycles through "
-                    "(default: 256 or twice the last-level cache, the larger)")
+    ap.add_argument("--mb", type=int, default=256, help="MB of distinct weights each GEMV peer cycles through")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and one smollm2 shape only")
     ap.add_argument("--formats", default="k256,r16", help=f"gemv formats, among {sorted(FORMATS)}")
     ap.add_argument("--only", default="gemv,prefill,kv", help="case groups to run (gemv, prefill, kv)")
     args = ap.parse_args(argv)
     results = []
-    args.mb = cycle_mb(args.mb)
     bw = {t: bandwidth(t, args.reps, args.mb) for t in (1, 2)}
     results += list(bw.values())
     shapes = SHAPES[:2] if args.quick else SHAPES
