@@ -604,5 +604,3 @@ _preset("vq3-kd", "vq3 + the distillation stage of vq2-kd", vec_len=2, codebook_
         kmeans_iters=10, **_KD)
 _preset("vq2-mix", "vq2 with the attention k/v/o projections at vq3's format (v=2, K=64: 3 bits), the MLP at 2 bits "
         "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX)
-_preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd", vec_len=4, codebook_size=256, refine_rounds=1,
-        kmeans_iters=10, overrides=_MIX, **_KD)
