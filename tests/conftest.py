@@ -1,10 +1,22 @@
 """Shared fixtures. Real zoo models are session-scoped (loaded once) and their tests marked `slow`."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from edgetk.models import bert, llama
+
+# `python -m pytest` puts the working directory (the repository root) first on sys.path. There the source folder
+# `kernels/` (installed as `edgetk.kernels`) would shadow the `kernels` distribution that transformers >= 5.25
+# requires and imports ("cannot import name 'CUDAProperties' from 'kernels'"). The tests import edgetk as installed.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+if getattr(sys.modules.get("kernels"), "__path__", None) and any(
+        Path(p).resolve() == _ROOT / "kernels" for p in sys.modules["kernels"].__path__):
+    del sys.modules["kernels"]
 
 
 @pytest.fixture(scope="session", autouse=True)
