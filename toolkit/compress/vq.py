@@ -29,6 +29,7 @@ it refuses blocks streamed from disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -125,11 +126,7 @@ class VQConfig(Config):
     def for_layer(self, name: str) -> "VQConfig":
         """The config of layer `name` (e.g. "mlp.down_proj"): this one with its override applied."""
         o = self._overrides().get(name)
-        if not o:
-            return self
-        import dataclasses
-
-        return dataclasses.replace(self, overrides=(), **o)
+        return dataclasses.replace(self, overrides=(), **o) if o else self
 
     @property
     def code_bits(self) -> int:
