@@ -1,6 +1,8 @@
 """Shared fixtures. Real zoo models are session-scoped (loaded once) and their tests marked `slow`."""
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -11,12 +13,27 @@ from edgetk.models import bert, llama
 
 # `python -m pytest` puts the working directory (the repository root) first on sys.path. There the source folder
 # `kernels/` (installed as `edgetk.kernels`) would shadow the `kernels` distribution that transformers >= 5.25
-# requires and imports ("cannot import name 'CUDAProperties' from 'kernels'"). The tests import edgetk as installed.
+# requires and imports ("cannot import name 'CUDAProperties' from 'kernels'"): import the installed one first,
+# with the root off the path, so that `import kernels` finds it in sys.modules from then on.
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-if getattr(sys.modules.get("kernels"), "__path__", None) and any(
-        Path(p).resolve() == _ROOT / "kernels" for p in sys.modules["kernels"].__path__):
-    del sys.modules["kernels"]
+
+
+def _prefer_installed_kernels() -> None:
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+    try:
+        importlib.import_module("kernels")
+    except Exception:  # noqa: BLE001 - a broken install fails later where transformers imports it, as before
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_prefer_installed_kernels()
 
 
 @pytest.fixture(scope="session", autouse=True)
