@@ -44,7 +44,7 @@ from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
 from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, chol_inv_upper, kmeans,
                     param_count, set_module, weight_totals)
-from .vq_finetune import finetune_vq_model, teacher_copy
+from .vq_finetune import PRECISIONS, finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear
 
 
@@ -94,13 +94,13 @@ class VQConfig(Config):
               "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
         check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
-        check(self.ft_precision in ("auto", "float32", "bfloat16"), "ft_precision", self.ft_precision,
-              "one of 'auto', 'float32', 'bfloat16'")
+        check(self.ft_precision in ("auto", *PRECISIONS), "ft_precision", self.ft_precision,
+              f"one of {('auto', *PRECISIONS)}")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
         check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
-        for name, item in zip(self._overrides(), self.overrides):
+        for item, fields in zip(self.overrides, self._overrides().values()):  # one parsed entry per item
             try:
-                self.for_layer(name)
+                dataclasses.replace(self, overrides=(), **fields)  # validates the layer's config
             except ConfigError as exc:
                 raise ConfigError(f"config field 'overrides' entry {item!r}: {exc.args[0]}",
                                   hint="fix that entry of 'overrides'") from None
