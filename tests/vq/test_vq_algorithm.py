@@ -158,7 +158,7 @@ def _short_text(body: str = "too short."):
 def test_presets_are_registered_with_honest_targets():
     ps = presets()
     for name in ("vq2", "vq2-res", "vq2-r16", "vq2-r16-ft", "vq3", "vq2-ft", "vq3-ft", "vq2-kd", "vq3-kd",
-                 "vq2-mix", "rtn2-g32", "rtn2-g64"):
+                 "vq2-mix", "vq2-mix-kd", "rtn2-g32", "rtn2-g64"):
         assert name in ps and ps[name]
     # bits per weight on the smollm2 shapes (codebooks, scales, outliers included; per-layer overrides applied)
     shapes = {"self_attn.q_proj": (576, 576), "self_attn.o_proj": (576, 576), "self_attn.k_proj": (192, 576),
@@ -166,7 +166,7 @@ def test_presets_are_registered_with_honest_targets():
               "mlp.down_proj": (576, 1536)}
     for name, lo, hi in (("vq2", 1.9, 2.3), ("vq2-res", 2.1, 2.3), ("vq2-r16", 2.0, 2.1), ("vq2-r16-ft", 2.0, 2.1),
                          ("vq3", 2.8, 3.1), ("vq2-ft", 1.9, 2.3), ("vq3-ft", 2.8, 3.1), ("vq2-kd", 2.0, 2.1),
-                         ("vq3-kd", 3.0, 3.1), ("vq2-mix", 2.15, 2.25)):
+                         ("vq3-kd", 3.0, 3.1), ("vq2-mix", 2.15, 2.25), ("vq2-mix-kd", 2.15, 2.25)):
         cfg = resolve_recipe(name)[0]
         bits = sum(cfg.for_layer(n).format_for(*s).storage_bits() for n, s in shapes.items())
         bpw = bits / sum(a * b for a, b in shapes.values())
@@ -380,3 +380,49 @@ def test_a_row_with_only_outlier_weights_stays_finite():
     assert torch.isfinite(wq).all() and torch.isfinite(mod.outlier_w.float()).all()
     torch.testing.assert_close(wq[3, :4], w[3, :4], rtol=1e-2, atol=1e-3)
     assert wq[3, 4:].abs().max() < 1e-2
+
+
+def test_learning_rate_schedules_and_the_cosine_stage(tiny_llama):
+    """Warm-up over the first tenth, then constant or a cosine towards 0; compress passes e2e_schedule on and a
+    schedule that does not exist is refused (config and function)."""
+    from edgetk.compress.vq_finetune import finetune_vq_model, lr_factor, teacher_copy
+
+    steps = 100
+    assert lr_factor(0, steps, "cosine") == pytest.approx(0.1) and lr_factor(9, steps, "cosine") == 1.0
+    assert lr_factor(10, steps, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, steps, "cosine") == pytest.approx(0.5)
+    cos = [lr_factor(s, steps, "cosine") for s in range(10, steps)]
+    assert all(a > b for a, b in zip(cos, cos[1:])) and 0 < cos[-1] < 0.01
+    assert [lr_factor(s, steps, "constant") for s in (10, 55, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 3, "cosine") == 1.0  # fewer than 10 steps: one warm-up step
+    with pytest.raises(ConfigError, match="e2e_schedule"):
+        VQConfig(e2e_schedule="linear")
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    with pytest.raises(ValueError, match="schedule"):
+        finetune_vq_model(lm.model, teacher_copy(lm.model), calib, steps=1, lr=1e-3, batch=2, seed=0,
+                          schedule="step")
+    rep = compress(lm, VQConfig(vec_len=4, codebook_size=16, e2e_steps=12, e2e_lr=3e-3, e2e_schedule="cosine",
+                                **FAST), calib=calib)[0]
+    e2e = next(s for s in rep.stages if s["stage"] == "model.e2e")
+    assert e2e["kept"] and e2e["after"] < e2e["before"]
+
+
+def test_end_to_end_rounding_keeps_a_tiny_scale_nonzero(tiny_llama):
+    """A scale below fp16's smallest normal would round to 0 at the end of the end-to-end stage and silence its
+    row: it is kept at the smallest normal, like the block stages' scales."""
+    from edgetk.compress.vq_finetune import _TrainableVQ
+    from edgetk.compress.vq_linear import VQLinear
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    lm = _tiny(tiny_llama)
+    compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+    t = _TrainableVQ(next(m for m in lm.model.modules() if isinstance(m, VQLinear)))
+    with torch.no_grad():
+        t.scale_rel[0] = 1e-12 / float(t.scale0[0])  # this row's scale: 1e-12 (fp16 would store 0)
+        t.scale_rel[1] = -1e-12 / float(t.scale0[1])
+    t.round_fp16()
+    s = t.scale().detach()
+    tiny = torch.finfo(torch.float16).tiny
+    assert float(s[0]) == pytest.approx(tiny) and float(s[1]) == pytest.approx(-tiny)
+    assert float(t.to_vq().scale.float()[0]) > 0 and (t.to_vq().dequantize()[0] != 0).any()

@@ -44,8 +44,8 @@ from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
 from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, chol_inv_upper, kmeans,
                     param_count, set_module, weight_totals)
-from .vq_finetune import PRECISIONS, finetune_vq_model, teacher_copy
-from .vq_linear import VQLinear
+from .vq_finetune import PRECISIONS, SCHEDULES, finetune_vq_model, teacher_copy
+from .vq_linear import VQLinear, fp16_scale
 
 
 @config("vq", version=1)
@@ -69,6 +69,7 @@ class VQConfig(Config):
     e2e_batch: int = 2
     e2e_norms: bool = True  # also tune the RMSNorm weights (fp, not counted in the quantized layers' bits)
     e2e_code_every: int = 0  # every N end-to-end steps, move codes along the accumulated gradient (0 = off)
+    e2e_schedule: str = "constant"  # learning rate after the 10 % warm-up: "constant" or "cosine" (decays to 0)
     # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
     # (x86 with AVX-512 / AMX: 2-3x faster), else float32
     ft_precision: str = "auto"
@@ -94,6 +95,7 @@ class VQConfig(Config):
               "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
         check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
+        check(self.e2e_schedule in SCHEDULES, "e2e_schedule", self.e2e_schedule, f"one of {SCHEDULES}")
         check(self.ft_precision in ("auto", *PRECISIONS), "ft_precision", self.ft_precision,
               f"one of {('auto', *PRECISIONS)}")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
@@ -390,17 +392,6 @@ def to_module(p: LayerProblem, st: LayerState) -> VQLinear:
                                st.s if f.has_scale else None, None)
 
 
-def fp16_scale(s: torch.Tensor, outl: torch.Tensor) -> torch.Tensor:
-    """Per-channel scales as fp16 stores them. The outlier columns are stored divided by the scale, so a row's
-    scale is kept large enough in magnitude for that quotient to fit fp16 (and never rounds to 0, which would
-    store NaN): a row whose quantized columns are all zero, e.g. only dead inputs, gets a scale of 0 from the
-    closed-form fit."""
-    floor = torch.full_like(s, torch.finfo(torch.float16).tiny)
-    if outl.numel():
-        floor = torch.maximum(floor, outl.abs().amax(1) / 32768)
-    return torch.where(s.abs() < floor, torch.where(s < 0, -floor, floor), s).half().float()
-
-
 def quantize_layer(w: torch.Tensor, h: torch.Tensor, cfg: VQConfig, gen: torch.Generator):
     """-> (VQLinear, LayerState, LayerProblem, stage records)."""
     fmt = cfg.format_for(*w.shape)
@@ -562,6 +553,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     if teacher is not None:
         report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
+                                               schedule=cfg.e2e_schedule,
                                                precision=ft_precision(cfg.ft_precision)))
         del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
@@ -601,3 +593,6 @@ _preset("vq3-kd", "vq3 + the distillation stage of vq2-kd", vec_len=2, codebook_
         kmeans_iters=10, **_KD)
 _preset("vq2-mix", "vq2 with the attention k/v/o projections at vq3's format (v=2, K=64: 3 bits), the MLP at 2 bits "
         "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX)
+_preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay (~2.20 bpw)",
+        vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX,
+        **{**_KD, "e2e_schedule": "cosine"})

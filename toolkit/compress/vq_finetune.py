@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 
 from ..progress import track
 from .calib import set_module
-from .vq_linear import VQLinear
+from .vq_linear import VQLinear, fp16_scale
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,13 @@ class _TrainableVQ(nn.Module):
             if p is not None:
                 p.copy_(p.half().float())
         if self.fmt.has_scale:
-            self.scale0.copy_(self.scale().half().float())
+            # outlier_w is trained as stored (already divided by the scale): only keep the scale from rounding to 0
+            self.scale0.copy_(fp16_scale(self.scale(), torch.empty(0)))
             self.scale_rel.fill_(1.0)
 
 
 PRECISIONS = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine")  # learning rate after the warm-up
 
 
 def _compute(precision: str):
@@ -175,9 +178,19 @@ def _eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch:
     return tot / windows.shape[0]
 
 
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The learning-rate multiplier at `step` of `steps`: linear warm-up over the first tenth, then 1
+    ("constant") or a cosine from 1 towards 0 at the end ("cosine")."""
+    warm = max(1, steps // 10)
+    if step < warm or schedule == "constant":
+        return min(1.0, (step + 1) / warm)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
                       batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
-                      code_eta: float = 0.2, code_frac: float = 0.01, precision: str = "float32") -> dict:
+                      code_eta: float = 0.2, code_frac: float = 0.01, precision: str = "float32",
+                      schedule: str = "constant") -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
     With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
@@ -187,9 +200,13 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     switches the code steps made during training (reported also when the result is not kept and they are undone),
     "precision": the training passes' matmul precision}. `precision` "bfloat16" runs the training forward and
     backward passes (student and teacher) under bf16 autocast, ~2-3x faster on CPUs with AMX / AVX-512 BF16; the
-    held-out KL that decides whether the result is kept is always measured in float32."""
+    held-out KL that decides whether the result is kept is always measured in float32. The learning rate warms up
+    linearly over the first tenth of the steps, then stays (`schedule` "constant") or follows a cosine to 0
+    ("cosine")."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n = calib.shape[0]
     hold = n_eval if n > n_eval else 0
     train, held = (calib[:n - hold], calib[n - hold:]) if hold else (calib, calib)
@@ -211,7 +228,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     try:
         before = _eval_kl(model, teacher, held, batch)
         opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, schedule))
         model.train(False)
         codes_changed = 0
         for step in track(range(steps), "vq fine-tune (end to end)", steps):

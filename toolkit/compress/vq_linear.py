@@ -112,3 +112,15 @@ def _from_spec(spec: dict) -> VQLinear:
 
 if "VQLinear" not in MODULE_TYPES:
     MODULE_TYPES.register("VQLinear", ModuleType(VQLinear, _to_spec, _from_spec))
+
+
+def fp16_scale(s: torch.Tensor, outl: torch.Tensor) -> torch.Tensor:
+    """Per-channel scales `s` as fp16 stores them (every stage that rounds scales to storage calls this). The
+    outlier columns `outl` (undivided, [out, n_outliers]; empty when there are none or they are already divided)
+    are stored divided by the scale, so a row's scale is kept large enough in magnitude for that quotient to fit
+    fp16, and never rounds to 0 (which would store NaN or silence the row): a row whose quantized columns are all
+    zero, e.g. only dead inputs, gets a scale of 0 from the closed-form fit."""
+    floor = torch.full_like(s, torch.finfo(torch.float16).tiny)
+    if outl.numel():
+        floor = torch.maximum(floor, outl.abs().amax(1) / 32768)
+    return torch.where(s.abs() < floor, torch.where(s < 0, -floor, floor), s).half().float()
