@@ -15,7 +15,8 @@ Cases (one JSON line each, then a table):
   NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
   each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm` (the custom-op dispatch
   included; the op's default batch-1 kernel: q16 where the host has it, else the float32 one, unless
-  EDGETK_LUT=q8), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
+  EDGETK_LUT=q8) and through `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the
+  dispatcher skipped, same kernel as the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
 * `prefill`: 64 tokens through the prefill kernel (the default float32 LUT GEMM, and where oneDNN has bf16 the
@@ -170,6 +171,7 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, f
     kernel = next(iter(luts), "f32")
     ours = luts.get(kernel, f32)
     op = timed_cycles(lambda w: torch.ops.edgetk.codebook_gemm(x2, *w, inf, 4, bits), ws, reps)
+    module = timed_cycles(lambda w: cg.call(x2, *w, inf, 4, bits), ws, reps)
     for cache in (lk._CACHE, *lk._CACHE_LUT.values()):
         cache._d.clear()
     n_lin = max(2, math.ceil(mb * MB / (out * inf * 4)))
@@ -190,10 +192,11 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, f
             "cycled_MB": n * code_bytes / MB, "bits_per_weight": cf.bits_per_weight(),
             "kernel": kernel, "threads_used": used,
             "edgetk_us": ours, "edgetk_f32_us": f32, **{f"edgetk_{k}_us": v for k, v in luts.items()},
-            "edgetk_op_us": op, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
+            "edgetk_op_us": op, "edgetk_module_us": module, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
             "ort_cycled_MB": n_ort * ort_bytes / MB, "linear_fp32_us": lin,
             "x_vs_ort": ort_t["median_us"] / med, "x_vs_linear": lin["median_us"] / med,
-            "op_x_vs_linear": lin["median_us"] / op["median_us"], "GBps": gbs, "bw_frac": gbs / bw,
+            "op_x_vs_linear": lin["median_us"] / op["median_us"],
+            "module_x_vs_linear": lin["median_us"] / module["median_us"], "GBps": gbs, "bw_frac": gbs / bw,
             "limit_us": stored / bw / 1e3}
 
 
@@ -260,7 +263,7 @@ def row(r: dict) -> str:
                 f"[{r['kernel']}] (p90 {r['edgetk_us']['p90_us']:.1f}, "
                 + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32")
                           if f"edgetk_{k}_us" in r and k != r["kernel"])
-                + f"op {r['edgetk_op_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
+                + f"op {r['edgetk_op_us']['median_us']:.1f}, module {r['edgetk_module_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
     if c == "prefill":
