@@ -516,7 +516,6 @@ def dequant_bf16():
 
 
 @functools.cache
-@functools.cache
 def lut_kernel(name: str):
     """The module of batch-1 LUT kernel `name` (pack_weight, gemv, host_ok), imported on first use."""
     import importlib
