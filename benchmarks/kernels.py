@@ -14,8 +14,8 @@ Cases (one JSON line each, then a table):
   directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on AVX-512 VBMI / AVX2 /
   NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
   each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm` (the custom-op dispatch
-  included; the op's default batch-1 kernel: q16 where the host has it, else the float32 one, unless
-  EDGETK_LUT=q8) and through `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the
+  included; the op's default batch-1 kernel: the float32 one, unless EDGETK_LUT
+  names a LUT kernel) and through `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the
   dispatcher skipped, same kernel as the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
   node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.

@@ -26,11 +26,12 @@ are dropped). A thread therefore streams its rows' codes sequentially within eve
 repacked to float32 ``cbT[s][g][t][k]`` (codeword k, component t) so the LUT is built with unit-stride vectors.
 Formats it does not take (non-float32 activations, more than 65536 codewords, malformed tensors) go to
 `codebook_gemm_reference`. Kernel table entries: "llvm" (priority 10: batch 1 uses the first LUT kernel of
-`default_lut()` that the host and format allow, else the float32 kernels; by default the int16 LUT of
-`llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the reference); EDGETK_LUT=q8 puts the
-int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI, AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations, about 2x
-faster than q16; on AVX2, which has no q16, 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster than the
-float32 kernel) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
+`default_lut()` that the host and format allow, else the float32 kernels; by default none: the float32 kernel,
+equal to the reference up to summation order, which on the session-10 Xeon (AVX-512 VBMI) was also 1.09-1.35x
+faster than the int16 LUT of `llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the
+reference; EDGETK_LUT=q16 opts into it); EDGETK_LUT=q8 puts the int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI,
+AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations; 3.6x faster than the float32 kernel on a 4096x4096
+layer there; on AVX2 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
 order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
 benchmarks).
 """
@@ -472,11 +473,12 @@ _CACHE_LUT = {name: _PackCache() for name in LUT_KERNELS}
 
 def default_lut() -> tuple[str, ...]:
     """The LUT kernels the "llvm" entry tries at batch 1, in order: EDGETK_LUT (comma-separated names, e.g. "q8" or
-    "q8,q16"; "none" for the float32 kernels only), else ("q16",), which stays within ~1e-5 of the reference so
-    that eager runs match exported graphs token for token. The int8 LUT (q8) is an accuracy trade-off like
-    onnxruntime's accuracy_level=4 and is chosen explicitly."""
+    "q8,q16"; "none" for the float32 kernels only), else none: the float32 kernel, equal to the reference up to
+    summation order, so that eager runs match exported graphs token for token (the int16 LUT, ~1e-5, measured
+    1.09-1.35x slower than it on every smollm2 / 4096^2 shape, 1 and 2 threads, session 10). The int8 LUT (q8) is
+    an accuracy trade-off like onnxruntime's accuracy_level=4 and is chosen explicitly."""
     env = os.environ.get("EDGETK_LUT")
-    return ("q16",) if env is None else _parse_lut_env(env)
+    return () if env is None else _parse_lut_env(env)
 
 
 @functools.lru_cache(maxsize=16)

@@ -67,7 +67,8 @@ Q16_SHAPES = ["square", "tall", "wide", "outliers_perm", "residual", "large"]
 @pytest.mark.parametrize("shape", Q16_SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_q16_gemv_within_the_lut_rounding_bound(shape, threads):
-    """Default batch-1 path: int16 LUT, one scale per block of 32 columns -> |error| <= sum of half-steps."""
+    """Opt-in (EDGETK_LUT=q16) batch-1 path: int16 LUT, one scale per block of 32 columns -> |error| <= sum of
+    half-steps."""
     _lut_case(q16, "q16", SHAPES.get(shape, (320, 2048, 4, 256, 8, 1, 5, 0, True, False)), threads)
 
 
@@ -108,9 +109,14 @@ def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
                                    atol=1e-5 * ref.abs().max().item())
 
 
-def test_default_lut_is_the_int16_one_unless_asked(monkeypatch):
-    """Eager runs stay within ~1e-5 of the reference by default; EDGETK_LUT=q8 opts into the int8 LUT."""
+def test_default_batch1_kernel_is_the_float32_one_unless_asked(monkeypatch):
+    """Eager runs equal the reference up to summation order by default (no LUT kernel); EDGETK_LUT=q8 opts into
+    the int8 LUT, EDGETK_LUT=q16 into the int16 one."""
     monkeypatch.delenv("EDGETK_LUT", raising=False)
+    assert lk.default_lut() == ()
+    w0, x0 = make_weight(*SHAPES["square"]), torch.randn(1, 64)
+    check(lk.codebook_gemm_llvm(x0, *w0, 64, 4, 8), cg.codebook_gemm_reference(x0, *w0, 64, 4, 8))
+    monkeypatch.setenv("EDGETK_LUT", "q16")
     assert lk.default_lut() == ("q16",)
     monkeypatch.setenv("EDGETK_LUT", "q8,q16")
     assert lk.default_lut() == ("q8", "q16")

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .common import console, emit_json, kv_table, lut_kernels, progress
 
 LUT_HELP = ("batch-1 codebook LUT kernels for VQ layers, as EDGETK_LUT: q8 (int8 table, fastest, ~40 dB SNR), q16, "
-            "none (float32); default: q16 where the host has it, else float32")
+            "none (float32); default: none (float32, equal to the reference up to summation order)")
 
 CHAT_TURN = "<|im_start|>{role}\n{text}<|im_end|>\n"
 CHAT_REPLY = "<|im_start|>assistant\n"
