@@ -624,15 +624,19 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         return codebook_gemm_reference(*args)
     tensors = (codes, codebooks, perm, outlier_w, scale, bias)
     rows = x.numel() // in_features
-    if rows == 1 and not exact:
-        xv = x if x.is_contiguous() else x.contiguous()  # the kernels read x through its data pointer
-        for name in default_lut() if lut is None else lut:
+    if rows == 1:  # decode: every layer once per token, so the path stays short (the kernels read x's pointer)
+        xv = x if x.is_contiguous() else x.contiguous()
+        for name in () if exact else default_lut() if lut is None else lut:
             mod = lut_kernel(name)
             if not mod.host_ok():
                 continue
             pq = _CACHE_LUT[name].get(tensors, lambda: mod.pack_weight(*tensors, in_features, vec_len, code_bits))
             if pq is not None:
                 return mod.gemv(pq, xv, n_threads).view(*x.shape[:-1], -1)
+        p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
+        if p is None:
+            return codebook_gemm_reference(*args)
+        return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
     p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
     if p is None:
         return codebook_gemm_reference(*args)
@@ -642,9 +646,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         pd = _CACHE_DQ.get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))
         if pd is not None:
             return dq.gemm(pd, x2, n_threads).reshape(*x.shape[:-1], pd.base.out_f)
-    if rows == 1:
-        y = gemv(p, x2[0], n_threads)
-    elif rows == 0:
+    if rows == 0:
         y = x2.new_zeros(0, p.out_f)
     else:
         y = gemm(p, x2, n_threads)
