@@ -566,9 +566,18 @@ def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None) -> tor
     return y if p.n_rb * p.spec.R == p.out_f else y[:p.out_f].clone()
 
 
+def gemv_fn(p: Packed, make):
+    """The batch-1 kernel of `p`, `make(p.spec)` on first use, then kept on the weight (looking it up by spec
+    hashes the spec dataclass: ~1 us a call)."""
+    fn = p.__dict__.get("_gemv_fn")
+    if fn is None:
+        fn = p.__dict__["_gemv_fn"] = make(p.spec)
+    return fn
+
+
 def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """One input vector x [in] (float32, contiguous) -> y [out]."""
-    return launch(p, compiled(p.spec)["gemv"], x, gemv_stride, n_threads)
+    return launch(p, gemv_fn(p, lambda s: compiled(s)["gemv"]), x, gemv_stride, n_threads)
 
 
 def gemm_inputs(p: Packed, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -437,4 +437,4 @@ def stride(p: lk.Packed, n_threads: int) -> int:
 
 
 def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    return lk.launch(p, compiled(p.spec), x, stride, n_threads)
+    return lk.launch(p, lk.gemv_fn(p, compiled), x, stride, n_threads)
