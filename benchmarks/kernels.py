@@ -14,10 +14,10 @@ Cases (one JSON line each, then a table):
   directly (`edgetk` = the fastest this host runs: the int8 LUT of `llvm_codebook_q8` on AVX-512 VBMI / AVX2 /
   NEON hosts, else the int16 LUT of `llvm_codebook_q16` on AVX-512BW, else the float32 `llvm_codebook.gemv`;
   each one this host runs is reported too) and through `torch.ops.edgetk.codebook_gemm` (the custom-op dispatch
-  included; the op's default batch-1 kernel: the float32 one, unless EDGETK_LUT
-  names a LUT kernel) and through `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the
-  dispatcher skipped, same kernel as the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one graph, time per
-  node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
+  included; the op's default batch-1 kernel: the float32 one, unless EDGETK_LUT names a LUT kernel) and through
+  `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the dispatcher skipped, same kernel as
+  the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one
+  graph, time per node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
 * `prefill`: 64 tokens through the prefill kernel (the default float32 LUT GEMM, and where oneDNN has bf16 the
   opt-in EDGETK_PREFILL=bf16 path: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight,
@@ -263,7 +263,8 @@ def row(r: dict) -> str:
                 f"[{r['kernel']}] (p90 {r['edgetk_us']['p90_us']:.1f}, "
                 + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32")
                           if f"edgetk_{k}_us" in r and k != r["kernel"])
-                + f"op {r['edgetk_op_us']['median_us']:.1f}, module {r['edgetk_module_us']['median_us']:.1f})  ort {r['ort_mnb2_us']['median_us']:8.1f}  "
+                + f"op {r['edgetk_op_us']['median_us']:.1f}, module {r['edgetk_module_us']['median_us']:.1f})  "
+                f"ort {r['ort_mnb2_us']['median_us']:8.1f}  "
                 f"linear {r['linear_fp32_us']['median_us']:8.1f}  x_ort {r['x_vs_ort']:.2f}  "
                 f"x_lin {r['x_vs_linear']:.2f}  {r['GBps']:.2f} GB/s = {100 * r['bw_frac']:.0f}% of limit")
     if c == "prefill":

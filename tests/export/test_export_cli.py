@@ -68,7 +68,8 @@ def test_cli_bad_format_is_config_error(tmp_path):
 
 @pytest.mark.backend
 def test_cli_exports_a_mixed_format_vq_artifact(tmp_path, tiny_llama, capsys):
-    """Per-layer formats (VQConfig.overrides) export like uniform ones: each node carries its own format."""
+    """Per-layer formats (VQConfig.overrides) export like uniform ones: each node carries its own format (here also
+    9-bit codes, vq3-k512's format, with the input padded to the vector length)."""
     from edgetk.compress import compress
     from edgetk.compress.vq import VQConfig
     from edgetk.compressed import save
@@ -76,7 +77,8 @@ def test_cli_exports_a_mixed_format_vq_artifact(tmp_path, tiny_llama, capsys):
     lm = LoadedModel("tiny-mix", "decoder", tiny_llama, config=tiny_llama.cfg, source="test")
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     cfg = VQConfig(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2, calib_samples=4,
-                   overrides=("self_attn.v_proj:vec_len=2,codebook_size=64", "mlp.down_proj:stages=2"))
+                   overrides=("self_attn.v_proj:vec_len=2,codebook_size=64", "mlp.down_proj:stages=2",
+                              "self_attn.q_proj:vec_len=3,codebook_size=512"))
     reports = compress(lm, cfg, calib=calib)
     save(lm, tmp_path / "mix", reports)
     out = tmp_path / "onnx"

@@ -158,7 +158,7 @@ def _short_text(body: str = "too short."):
 def test_presets_are_registered_with_honest_targets():
     ps = presets()
     for name in ("vq2", "vq2-res", "vq2-r16", "vq2-r16-ft", "vq3", "vq2-ft", "vq3-ft", "vq2-kd", "vq3-kd",
-                 "vq2-mix", "vq2-mix-kd", "rtn2-g32", "rtn2-g64"):
+                 "vq2-mix", "vq2-mix-kd", "vq3-k512", "vq3-k512-kd", "rtn2-g32", "rtn2-g64"):
         assert name in ps and ps[name]
     # bits per weight on the smollm2 shapes (codebooks, scales, outliers included; per-layer overrides applied)
     shapes = {"self_attn.q_proj": (576, 576), "self_attn.o_proj": (576, 576), "self_attn.k_proj": (192, 576),
@@ -166,7 +166,8 @@ def test_presets_are_registered_with_honest_targets():
               "mlp.down_proj": (576, 1536)}
     for name, lo, hi in (("vq2", 1.9, 2.3), ("vq2-res", 2.1, 2.3), ("vq2-r16", 2.0, 2.1), ("vq2-r16-ft", 2.0, 2.1),
                          ("vq3", 2.8, 3.1), ("vq2-ft", 1.9, 2.3), ("vq3-ft", 2.8, 3.1), ("vq2-kd", 2.0, 2.1),
-                         ("vq3-kd", 3.0, 3.1), ("vq2-mix", 2.15, 2.25), ("vq2-mix-kd", 2.15, 2.25)):
+                         ("vq3-kd", 3.0, 3.1), ("vq2-mix", 2.15, 2.25), ("vq2-mix-kd", 2.15, 2.25),
+                         ("vq3-k512", 3.0, 3.1), ("vq3-k512-kd", 3.0, 3.1)):
         cfg = resolve_recipe(name)[0]
         bits = sum(cfg.for_layer(n).format_for(*s).storage_bits() for n, s in shapes.items())
         bpw = bits / sum(a * b for a, b in shapes.values())
