@@ -31,8 +31,8 @@ equal to the reference up to summation order, which on the session-10 Xeon (AVX-
 faster than the int16 LUT of `llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the
 reference; EDGETK_LUT=q16 opts into it); EDGETK_LUT=q8 puts the int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI,
 AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations; 3.6x faster than the float32 kernel on a 4096x4096
-layer there; on AVX2 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster) first), "llvm-f32" (priority 5: the float32 kernels only, equal to the reference up to summation
-order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
+layer there; on AVX2 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster) first), "llvm-f32"
+(priority 5: the float32 kernels only, equal to the reference up to summation order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
 benchmarks).
 """
 from __future__ import annotations
@@ -642,13 +642,11 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
             pq = _CACHE_LUT[name].get(tensors, lambda: mod.pack_weight(*tensors, in_features, vec_len, code_bits))
             if pq is not None:
                 return mod.gemv(pq, xv, n_threads).view(*x.shape[:-1], -1)
-        p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
-        if p is None:
-            return codebook_gemm_reference(*args)
-        return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
     p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
     if p is None:
         return codebook_gemm_reference(*args)
+    if rows == 1:
+        return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
     x2 = x.reshape(rows, in_features).contiguous()
     if rows > 1 and not exact and (prefill or prefill_mode()) == "bf16" and dequant_bf16().host_ok():
         dq = dequant_bf16()

@@ -585,6 +585,7 @@ _preset("vq3-ft", "vq3 + the fine-tuning stages of vq2-ft (block output, then en
         "the model in memory)", vec_len=2, codebook_size=64, refine_rounds=1, kmeans_iters=10, block_steps=20,
         block_batch=2, e2e_steps=100, e2e_lr=1e-3, e2e_batch=2)
 _KD = dict(calib_samples=128, e2e_steps=400, e2e_lr=1e-3, e2e_batch=2)  # the -kd recipes' distillation stage
+_KD_COS = {**_KD, "e2e_schedule": "cosine"}  # the same on a cosine learning rate (vq2-mix-kd, vq3-k512-kd)
 _MIX = tuple(f"self_attn.{n}:vec_len=2,codebook_size=64" for n in ("k_proj", "v_proj", "o_proj"))
 _preset("vq2-kd", "vq2 + 400 steps of end-to-end KL distillation of codebooks, scales and norms to the fp model on "
         "128 calibration windows (no block stage; slower, needs the model in memory; bf16 autocast where the CPU "
@@ -593,11 +594,10 @@ _preset("vq3-kd", "vq3 + the distillation stage of vq2-kd", vec_len=2, codebook_
         kmeans_iters=10, **_KD)
 _preset("vq2-mix", "vq2 with the attention k/v/o projections at vq3's format (v=2, K=64: 3 bits), the MLP at 2 bits "
         "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX)
+_preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay (~2.20 bpw)",
+        vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX, **_KD_COS)
 _preset("vq3-k512", "VQ v=3 K=512 (9-bit codes) + fp16 per-channel scale (~3.07 bpw): lower error than vq3 at about "
         "the same bits; batch 1 runs the float32 kernel (the int8 / int16 LUT kernels take K <= 256)", vec_len=3,
         codebook_size=512, refine_rounds=1, kmeans_iters=10)
 _preset("vq3-k512-kd", "vq3-k512 + the distillation stage of vq2-mix-kd (cosine learning rate)", vec_len=3,
-        codebook_size=512, refine_rounds=1, kmeans_iters=10, **{**_KD, "e2e_schedule": "cosine"})
-_preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay (~2.20 bpw)",
-        vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX,
-        **{**_KD, "e2e_schedule": "cosine"})
+        codebook_size=512, refine_rounds=1, kmeans_iters=10, **_KD_COS)
