@@ -19,9 +19,11 @@ Cases (one JSON line each, then a table):
   the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one
   graph, time per node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
-* `prefill`: 64 tokens through the prefill kernel (the default float32 LUT GEMM, and where oneDNN has bf16 the
-  opt-in EDGETK_PREFILL=bf16 path: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight,
-  compute bound).
+* `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), through the
+  op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice` picks for the shape,
+  named in brackets) and each float32 path (`lut`: the LUT GEMM; `dense`: dequantize a float32 tile + oneDNN fp32
+  matmul), and where oneDNN has bf16 the opt-in bf16 path (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul,
+  with its SNR) vs `F.linear` (one weight, compute bound).
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
   query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache;
   cache bytes vs an fp16 cache.
@@ -206,17 +208,25 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
     p = lk.pack_weight(*w, inf, 4, 8)
     x = torch.randn(tokens, inf)
     wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
-    ours = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
+    ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+    snr = lambda y: 10 * math.log10(ref.pow(2).mean().item() / (y - ref).pow(2).mean().item())  # noqa: E731
+    dq = lk.dequant_module()
+    pf = dq.pack_weight(*w, inf, 4, 8, dtype=torch.float32)
+    choice = lk.prefill_choice(p, tokens)  # what the default ("auto") runs for this layer at this batch
+    ours = timed_cycles(lambda _: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), [0] * 3, reps)
+    lut = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
+    dense = timed_cycles(lambda _: dq.gemm(pf, x), [0] * 3, reps)
     lin = timed_cycles(lambda _: F.linear(x, wd), [0] * 3, reps)
-    r = {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "edgetk_us": ours,
-         "linear_fp32_us": lin, "x_vs_linear": lin["median_us"] / ours["median_us"]}
-    dq = lk.dequant_bf16()
-    if dq.host_ok():  # the opt-in EDGETK_PREFILL=bf16 path: dequantize to bf16, oneDNN bf16 matmul
+    r = {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "auto_choice": choice,
+         "edgetk_us": ours, "edgetk_lut_us": lut, "edgetk_dense_us": dense, "linear_fp32_us": lin,
+         "x_vs_linear": lin["median_us"] / ours["median_us"], "lut_x_vs_linear": lin["median_us"] / lut["median_us"],
+         "dense_x_vs_linear": lin["median_us"] / dense["median_us"],
+         "max_rel_err": ((lk.codebook_gemm_llvm(x, *w, inf, 4, 8) - ref).abs().max() / ref.abs().max()).item()}
+    if dq.host_ok():  # EDGETK_PREFILL=bf16 (or "auto" under torch.set_float32_matmul_precision("medium"))
         pd = dq.pack_weight(*w, inf, 4, 8)
         bf = timed_cycles(lambda _: dq.gemm(pd, x), [0] * 3, reps)
-        ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
-        snr = 10 * math.log10(ref.pow(2).mean().item() / (dq.gemm(pd, x) - ref).pow(2).mean().item())
-        r.update(edgetk_bf16_us=bf, bf16_x_vs_linear=lin["median_us"] / bf["median_us"], bf16_snr_db=snr)
+        r.update(edgetk_bf16_us=bf, bf16_x_vs_linear=lin["median_us"] / bf["median_us"],
+                 bf16_snr_db=snr(dq.gemm(pd, x)))
     return r
 
 
@@ -270,8 +280,10 @@ def row(r: dict) -> str:
     if c == "prefill":
         bf = (f"  bf16 {r['edgetk_bf16_us']['median_us']:9.1f} us x_lin {r['bf16_x_vs_linear']:.2f} "
               f"({r['bf16_snr_db']:.0f} dB)" if "edgetk_bf16_us" in r else "")
-        return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us  linear "
-                f"{r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f}" + bf)
+        return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us [{r['auto_choice']}] "
+                f"(lut {r['edgetk_lut_us']['median_us']:.1f}, dense {r['edgetk_dense_us']['median_us']:.1f})  "
+                f"linear {r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f} "
+                f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f})" + bf)
     return (f"kv_attention K{r['key_bits']}V{r['value_bits']} ctx={r['context']} t={r['threads']}  "
             f"edgetk {med:.1f} us  "
             f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in (1, 2):
                 results.append(gemv_case(out, inf, t, args.mb, args.reps, bw[t]["read_GBps"], fmt))
                 print(json.dumps(results[-1]), flush=True)
-    for out, inf in [(4096, 4096), (576, 1536)] if "prefill" in only else ():
+    for out, inf in ([(4096, 4096), (576, 1536)] if args.quick else SHAPES) if "prefill" in only else ():
         for t in (1, 2):
             results.append(prefill_case(out, inf, t, args.reps))
             print(json.dumps(results[-1]), flush=True)

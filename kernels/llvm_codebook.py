@@ -16,7 +16,9 @@ aarch64) and cached; the same generator emits aarch64 objects (kernels/aarch64_c
 Both split output-row tiles over the threads (`llvm_common.add_parallel_for`: libgomp's team on the host,
 pthreads on cross targets). The batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K,
 `emit_split_k_top`), so that each thread builds only its own LUTs and streams one contiguous range of codes.
-Batch > 1 with EDGETK_PREFILL=bf16 goes to `llvm_dequant_bf16` (dequantize + oneDNN bf16 matmul) instead.
+Batch > 1 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where `prefill_choice` finds it
+cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
+`torch.set_float32_matmul_precision("medium")` under the default "auto").
 
 Repacked code layout (one-time per weight tensor, cached; the stored layout is never changed):
 ``codes_r[s][jblk][rb][jj][i]`` (uint8 when K <= 256, else uint16) is the code of output row rb*R + i for code
@@ -495,26 +497,58 @@ def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
     return names
 
 
-PREFILL_MODES = ("lut", "bf16")
-_CACHE_DQ = _PackCache()
+PREFILL_MODES = ("auto", "lut", "dense", "bf16")
+_CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache()}
+# Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon, 16-256 tokens, the
+# smollm2 shapes and 4096^2; only their ratios matter): the LUT GEMM pays LUT_BUILD per token and input x codeword
+# and LUT_GATHER per token and weight; the dense path pays DQ_COPY per weight (dequantizing, once a call) and
+# DENSE_MAC per token and weight (oneDNN's fp32 GEMM).
+LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC = 0.0196, 0.0086, 0.15, 0.0105
 
 
 def prefill_mode() -> str:
-    """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "lut" (the float32 LUT GEMM, ~1e-6 from the
-    reference). "bf16" dequantizes to a bf16 weight and runs oneDNN's bf16 matmul (llvm_dequant_bf16; ~50 dB SNR,
-    x86 hosts with AVX-512 BF16 / AMX; elsewhere the LUT GEMM runs)."""
-    mode = os.environ.get("EDGETK_PREFILL", "lut").strip() or "lut"
+    """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "auto" (see `prefill_choice`).
+
+    "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
+    (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
+    matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs)."""
+    mode = os.environ.get("EDGETK_PREFILL", "auto").strip() or "auto"
     if mode not in PREFILL_MODES:
         raise ConfigError(f"EDGETK_PREFILL={mode!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
     return mode
 
 
-@functools.cache
-def dequant_bf16():
-    """The llvm_dequant_bf16 module, imported on first use."""
-    from . import llvm_dequant_bf16
+def dense_ok(p: Packed) -> bool:
+    """The dequantizing paths take this format: one stage, K <= 256 (see llvm_dequant)."""
+    return p.spec.stages == 1 and p.spec.K <= 256
 
-    return llvm_dequant_bf16
+
+def prefill_choice(p: Packed, rows: int, mode: str = "auto") -> str:
+    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "lut", "dense" or "bf16".
+
+    "auto": bf16 where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
+    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
+    float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
+    token however few rows the layer has, so layers with few rows (out < ~4.6 K at 64 tokens) go dense. Modes
+    the format or host cannot run fall back to the LUT GEMM."""
+    if mode == "auto":
+        if torch.get_float32_matmul_precision() == "medium" and dequant_module().host_ok():
+            mode = "bf16"
+        else:
+            w = p.out_f * p.n_vec * p.spec.vec_len
+            lut = rows * (LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K + LUT_GATHER * w) * p.spec.stages
+            mode = "dense" if DQ_COPY * w + DENSE_MAC * rows * w < lut else "lut"
+    if mode == "bf16" and not dequant_module().host_ok():
+        mode = "dense"
+    return mode if mode == "lut" or dense_ok(p) else "lut"
+
+
+@functools.cache
+def dequant_module():
+    """The llvm_dequant module (dense and bf16 prefill), imported on first use."""
+    from . import llvm_dequant
+
+    return llvm_dequant
 
 
 @functools.cache
@@ -626,7 +660,8 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     format: "q8" (int8 LUT, llvm_codebook_q8: SNR ~38 dB against the reference, like int8 activations) or "q16"
     (int16 LUT, llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the
     float32 LUT everywhere (equal to the reference up to summation order). Batch > 1 follows `prefill` (default:
-    `prefill_mode()`): "lut" (float32 LUT GEMM) or "bf16" (dequantize + bf16 matmul where the host has it).
+    `prefill_mode()`) through `prefill_choice`: "lut" (float32 LUT GEMM), "dense" (dequantize to a float32 tile +
+    fp32 matmul) or "bf16" (dequantize to bf16 + bf16 matmul where the host has it); exact=True keeps the LUT GEMM.
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
@@ -648,9 +683,12 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     if rows == 1:
         return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
     x2 = x.reshape(rows, in_features).contiguous()
-    if rows > 1 and not exact and (prefill or prefill_mode()) == "bf16" and dequant_bf16().host_ok():
-        dq = dequant_bf16()
-        pd = _CACHE_DQ.get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))
+    mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode())
+    if mode != "lut":
+        dq = dequant_module()
+        dtype = torch.float32 if mode == "dense" else torch.bfloat16
+        pd = _CACHE_DQ[mode].get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits, base=p,
+                                                                 dtype=dtype))
         if pd is not None:
             return dq.gemm(pd, x2, n_threads).reshape(*x.shape[:-1], pd.base.out_f)
     if rows == 0:

@@ -331,7 +331,7 @@ def test_ranges_run_on_the_openmp_team_even_a_smaller_one():
 BF16_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "groups", "bits5", "large"]
 
 
-@pytest.mark.skipif(not lk.dequant_bf16().host_ok(), reason="the bf16 prefill needs oneDNN bf16 (AVX-512 BF16/AMX)")
+@pytest.mark.skipif(not lk.dequant_module().host_ok(), reason="the bf16 prefill needs oneDNN bf16 (AVX-512 BF16/AMX)")
 @pytest.mark.parametrize("shape", BF16_SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_bf16_prefill_close_to_the_reference(shape, threads):
@@ -345,7 +345,7 @@ def test_bf16_prefill_close_to_the_reference(shape, threads):
     y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, prefill="bf16")
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert snr_db(y, ref) >= 40
-    dq = lk.dequant_bf16()
+    dq = lk.dequant_module()
     p = dq.pack_weight(*w, inf, v, bits)
     assert p is not None  # the format went through the dequantizing kernel, not the LUT fallback
     wd = dq.dequantize(p, threads).float()  # the kernel's weight is the codewords rounded to bf16, row by row
@@ -354,22 +354,90 @@ def test_bf16_prefill_close_to_the_reference(shape, threads):
     assert torch.equal(wd.view(out, p.base.n_vec, v), w[1][0].bfloat16().float()[group, codes])
 
 
-def test_prefill_mode_defaults_to_the_lut_gemm(monkeypatch):
-    """EDGETK_PREFILL: unset -> the float32 LUT GEMM (exact); "bf16" -> the dequantizing path (where the host has
-    it); residual codebooks stay on the LUT GEMM; unknown names raise ConfigError."""
+@pytest.mark.parametrize("shape", BF16_SHAPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dense_prefill_matches_the_reference(shape, threads):
+    """EDGETK_PREFILL=dense (and what "auto" picks for layers with few rows): codes -> float32 weight tile -> fp32
+    matmul; the tile holds the codewords exactly, so the result is the reference's up to summation order."""
+    cfg = SHAPES.get(shape) or EXTRA[shape]
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
+    x = torch.randn(2, 7, inf)
+    ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
+    check(lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, prefill="dense"), ref)
+    dq = lk.dequant_module()
+    p = dq.pack_weight(*w, inf, v, bits, dtype=torch.float32)
+    assert p is not None  # the format went through the dequantizing kernel, not the LUT fallback
+    codes = cg.unpack_codes(w[0][0], bits, p.base.n_vec)
+    group = torch.arange(out)[:, None] // (out // w[1].shape[1])
+    wd = dq.dequantize(p, threads)
+    assert wd.dtype == torch.float32 and torch.equal(wd.view(out, p.base.n_vec, v), w[1][0].float()[group, codes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_prefill_in_row_tiles(monkeypatch, dtype):
+    """A weight larger than TILE_BYTES is dequantized and multiplied one tile of rows at a time (the last tile
+    partial, output groups crossing tiles): the same result as one tile, and never more than a tile dense."""
+    if dtype == torch.bfloat16 and not lk.dequant_module().host_ok():
+        pytest.skip("the bf16 path needs oneDNN bf16 (AVX-512 BF16/AMX)")
+    dq = lk.dequant_module()
+    cfg = (200, 96, 4, 256, 8, 1, 5, 3, True, True)  # 200 rows, 5 groups of 40, outliers, perm, scale, bias
+    w = make_weight(*cfg)
+    x = torch.randn(9, 96)
+    p = dq.pack_weight(*w, 96, 4, 8, dtype=dtype)
+    whole = dq.gemm(p, x, 2)
+    assert dq.tile_rows(p) == 200
+    row_bytes = p.base.n_vec * 4 * p.cb.element_size()
+    monkeypatch.setattr(dq, "TILE_BYTES", 70 * row_bytes)  # -> tiles of 64 rows: 64, 64, 64, 8
+    assert dq.tile_rows(p) == 64
+    tiled = dq.gemm(p, x, 2)
+    ref = cg.codebook_gemm_reference(x, *w, 96, 4, 8)
+    if dtype == torch.float32:
+        check(tiled, ref)
+        check(whole, ref)
+    else:
+        assert snr_db(tiled, ref) >= 40
+        torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-2 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="dtype"):
+        dq.pack_weight(*w, 96, 4, 8, dtype=torch.float16)
+
+
+def test_prefill_mode_auto_picks_by_shape_and_matmul_precision(monkeypatch):
+    """EDGETK_PREFILL unset -> "auto": the dense float32 path for layers with few rows, the LUT GEMM for tall ones
+    (both ~1e-6 from the reference); bf16 only where the caller allowed it with
+    torch.set_float32_matmul_precision("medium") (and the host has bf16); explicit modes win; residual codebooks
+    stay on the LUT GEMM; unknown names raise ConfigError."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
-    assert lk.prefill_mode() == "lut"
-    w, x = make_weight(*SHAPES["square"]), torch.randn(5, 64)
-    ref = cg.codebook_gemm_reference(x, *w, 64, 4, 8)
-    check(lk.codebook_gemm_llvm(x, *w, 64, 4, 8), ref)
+    assert lk.prefill_mode() == "auto"
+    small, tall = (64, 64, 4, 256, 8, 1, 1, 0, False, False), (2048, 32, 4, 256, 8, 1, 1, 0, False, False)
+    for cfg, want in ((small, "dense"), (tall, "lut")):
+        w, x = make_weight(*cfg), torch.randn(64, cfg[1])
+        p = lk.pack_weight(*w, cfg[1], 4, 8)
+        assert lk.prefill_choice(p, 64) == want
+        assert lk.prefill_choice(p, 64, "lut") == "lut" and lk.prefill_choice(p, 64, "dense") == "dense"
+        ref = cg.codebook_gemm_reference(x, *w, cfg[1], 4, 8)
+        y = lk.codebook_gemm_llvm(x, *w, cfg[1], 4, 8)
+        check(y, ref)
+        assert torch.equal(y, lk.codebook_gemm_llvm(x, *w, cfg[1], 4, 8, prefill=want))
+    w, x = make_weight(*small), torch.randn(5, 64)
+    p = lk.pack_weight(*w, 64, 4, 8)
+    native = lk.dequant_module().host_ok()
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert lk.prefill_choice(p, 5) == ("bf16" if native else "dense")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert lk.prefill_choice(p, 5, "bf16") == ("bf16" if native else "dense")
     monkeypatch.setenv("EDGETK_PREFILL", "bf16")
-    if lk.dequant_bf16().host_ok():
+    if native:
         y = lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
         assert torch.equal(y, lk.codebook_gemm_llvm(x, *w, 64, 4, 8, prefill="bf16"))
         assert not torch.equal(y, lk.codebook_gemm_llvm(x, *w, 64, 4, 8, prefill="lut"))
     res = SHAPES["residual"]
     wr, xr = make_weight(*res), torch.randn(3, res[1])
-    assert lk.dequant_bf16().pack_weight(*wr, res[1], res[2], res[4]) is None
+    assert lk.dequant_module().pack_weight(*wr, res[1], res[2], res[4]) is None
+    assert lk.prefill_choice(lk.pack_weight(*wr, res[1], res[2], res[4]), 64, "dense") == "lut"
     check(lk.codebook_gemm_llvm(xr, *wr, res[1], res[2], res[4]),
           cg.codebook_gemm_reference(xr, *wr, res[1], res[2], res[4]))
     monkeypatch.setenv("EDGETK_PREFILL", "int4")

@@ -87,3 +87,39 @@ def test_run_lut_option_picks_the_codebook_kernel(tmp_path, tiny_lm, capsys, mon
     with pytest.raises(SystemExit) as e:
         main(args + ["--lut", "q4"])
     assert e.value.code == 2
+
+
+def test_run_prefill_option_picks_the_prefill_path(tmp_path, tiny_lm, capsys, monkeypatch):
+    """--prefill lut / dense run the prompt's VQ layers through that float32 path (same tokens: both ~1e-6 from the
+    reference), scoped to the command; a bad mode is a usage error."""
+    import os
+
+    import torch
+
+    from edgetk.compress import compress
+    from edgetk.compress.vq import VQConfig
+    from edgetk.compressed import save
+    from edgetk.kernels import llvm_codebook as lk
+
+    monkeypatch.delenv("EDGETK_PREFILL", raising=False)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    reports = compress(tiny_lm, VQConfig(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2,
+                                         calib_samples=4), calib=calib)
+    art = save(tiny_lm, tmp_path / "vq", reports, recipe="tiny-vq")
+    args = ["run", str(art.root), "--prompt", "hello there, how are you", "-n", "6", "--max-seq-len", "64", "--json"]
+    dq = lk.dequant_module()
+    dense_calls, lut_calls, real_dense, real_lut = [], [], dq.gemm, lk.gemm
+    monkeypatch.setattr(dq, "gemm", lambda p, x, n=None: dense_calls.append(x.shape) or real_dense(p, x, n))
+    monkeypatch.setattr(lk, "gemm", lambda p, x, n=None: lut_calls.append(x.shape) or real_lut(p, x, n))
+    main(args + ["--prefill", "lut"])
+    via_lut = _json_lines(capsys.readouterr().out)[0]
+    assert lut_calls and not dense_calls
+    lut_calls.clear()
+    main(args + ["--prefill", "dense"])
+    via_dense = _json_lines(capsys.readouterr().out)[0]
+    assert dense_calls and not lut_calls and all(s[0] > 1 for s in dense_calls)
+    assert via_dense["token_ids"] == via_lut["token_ids"]
+    assert "EDGETK_PREFILL" not in os.environ  # scoped to the command
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--prefill", "int4"])
+    assert e.value.code == 2

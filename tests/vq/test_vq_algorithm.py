@@ -343,7 +343,7 @@ def test_end_to_end_stage_in_bfloat16_and_the_precision_setting(tiny_llama, monk
     """bf16 autocast training still lowers the float32 held-out KL; 'auto' resolves by the host; bad values raise."""
     from edgetk.compress import vq as vqmod
     from edgetk.compress.vq_finetune import finetune_vq_model, teacher_copy
-    from edgetk.kernels import llvm_dequant_bf16
+    from edgetk.kernels import llvm_dequant
 
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
     lm = _tiny(tiny_llama)
@@ -358,7 +358,7 @@ def test_end_to_end_stage_in_bfloat16_and_the_precision_setting(tiny_llama, monk
         VQConfig(ft_precision="half")
     assert vqmod.ft_precision("float32") == "float32" and vqmod.ft_precision("bfloat16") == "bfloat16"
     for native, want in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(llvm_dequant_bf16, "host_ok", lambda native=native: native)
+        monkeypatch.setattr(llvm_dequant, "host_ok", lambda native=native: native)
         assert vqmod.ft_precision("auto") == want
     # through compress: the stage record says which precision ran
     lm = _tiny(tiny_llama)

@@ -115,3 +115,33 @@ def lut_kernels(lut: str | None):
                 os.environ["EDGETK_LUT"] = old
 
     return _cm()
+
+
+def prefill_path(prefill: str | None):
+    """Context manager: EDGETK_PREFILL=`prefill` (how VQ layers run batch > 1: auto, lut, dense, bf16) for the
+    command's duration, validated first; None leaves the environment as it is."""
+    import contextlib
+    import os
+
+    from ..errors import ConfigError
+
+    @contextlib.contextmanager
+    def _cm():
+        if prefill is None:
+            yield
+            return
+        from edgetk.kernels.llvm_codebook import PREFILL_MODES
+
+        if prefill not in PREFILL_MODES:
+            raise ConfigError(f"--prefill {prefill!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
+        old = os.environ.get("EDGETK_PREFILL")
+        os.environ["EDGETK_PREFILL"] = prefill
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("EDGETK_PREFILL", None)
+            else:
+                os.environ["EDGETK_PREFILL"] = old
+
+    return _cm()

@@ -3,6 +3,7 @@
     edgetk run smollm2-135m --prompt "The capital of France is" --max-new-tokens 32 --kv-bits 4 \
         --speculative recycling --json
     edgetk run ARTIFACT --prompt "..." --lut q8      # VQ layers through the int8-LUT GEMV (EDGETK_LUT)
+    edgetk run ARTIFACT --prompt "..." --prefill bf16  # VQ prefill as a bf16 matmul (EDGETK_PREFILL)
     printf 'Hello\\nWhat is 2+2?\\n' | edgetk chat smollm2-135m --json
 
 Text streams to stdout as it is generated (with --json: one JSON object per generation instead);
@@ -16,10 +17,15 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
-from .common import console, emit_json, kv_table, lut_kernels, progress
+from .common import console, emit_json, kv_table, lut_kernels, prefill_path, progress
 
 LUT_HELP = ("batch-1 codebook LUT kernels for VQ layers, as EDGETK_LUT: q8 (int8 table, fastest, ~40 dB SNR), q16, "
             "none (float32); default: none (float32, equal to the reference up to summation order)")
+
+PREFILL_HELP = ("how VQ layers run the prompt (batch > 1), as EDGETK_PREFILL: auto (default: per layer the faster "
+                "float32 path, dense or lut; bf16 under torch's 'medium' float32 matmul precision), lut (float32 "
+                "LUT GEMM), dense (dequantize to float32 + fp32 matmul), bf16 (dequantize to bf16 + bf16 matmul, "
+                "~50 dB SNR: fastest where the CPU has AMX / AVX-512 BF16)")
 
 CHAT_TURN = "<|im_start|>{role}\n{text}<|im_end|>\n"
 CHAT_REPLY = "<|im_start|>assistant\n"
@@ -68,9 +74,10 @@ def register(app: typer.Typer) -> None:
             max_seq_len: int = typer.Option(2048, "--max-seq-len", min=8),
             backend: str = typer.Option("eager", "--backend"),
             lut: Optional[str] = typer.Option(None, "--lut", help=LUT_HELP),
+            prefill: Optional[str] = typer.Option(None, "--prefill", help=PREFILL_HELP),
             json_: bool = typer.Option(False, "--json", help="print one JSON line")) -> None:
         """Generate a continuation of a prompt, with metrics."""
-        with lut_kernels(lut):
+        with lut_kernels(lut), prefill_path(prefill):
             with progress(json_):
                 llm = _load(model, kv_bits, kv_preset, max_seq_len, backend)
             result = llm.generate(prompt, max_new_tokens, greedy=temperature <= 0,
@@ -91,9 +98,10 @@ def register(app: typer.Typer) -> None:
              system: str = typer.Option("", "--system", help="system message"),
              max_seq_len: int = typer.Option(2048, "--max-seq-len", min=64),
              lut: Optional[str] = typer.Option(None, "--lut", help=LUT_HELP),
+             prefill: Optional[str] = typer.Option(None, "--prefill", help=PREFILL_HELP),
              json_: bool = typer.Option(False, "--json", help="one JSON line per reply")) -> None:
         """Chat: each line read from stdin is a user turn; replies stream to stdout. Ends at EOF or '/exit'."""
-        with lut_kernels(lut):
+        with lut_kernels(lut), prefill_path(prefill):
             _chat(model, max_new_tokens, kv_bits, kv_preset, speculative, system, max_seq_len, json_)
 
 

@@ -521,7 +521,7 @@ def ft_precision(setting: str) -> str:
     """Resolve `VQConfig.ft_precision`: "auto" is bfloat16 where oneDNN runs bf16 matmuls natively."""
     if setting != "auto":
         return setting
-    from edgetk.kernels.llvm_dequant_bf16 import host_ok
+    from edgetk.kernels.llvm_dequant import host_ok
 
     return "bfloat16" if host_ok() else "float32"
 
