@@ -212,7 +212,7 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
     snr = lambda y: 10 * math.log10(ref.pow(2).mean().item() / (y - ref).pow(2).mean().item())  # noqa: E731
     dq = lk.dequant_module()
     pf = dq.pack_weight(*w, inf, 4, 8, dtype=torch.float32)
-    choice = lk.prefill_choice(p, tokens)  # what the default ("auto") runs for this layer at this batch
+    choice = lk.prefill_choice(p, tokens, n_threads=threads)  # what the default ("auto") runs here
     ours = timed_cycles(lambda _: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), [0] * 3, reps)
     lut = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
     dense = timed_cycles(lambda _: dq.gemm(pf, x), [0] * 3, reps)

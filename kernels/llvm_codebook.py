@@ -14,8 +14,10 @@ aarch64) and cached; the same generator emits aarch64 objects (kernels/aarch64_c
   (no gathers), 4 output rows at a time.
 
 Both split output-row tiles over the threads (`llvm_common.add_parallel_for`: libgomp's team on the host,
-pthreads on cross targets). The batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K,
-`emit_split_k_top`), so that each thread builds only its own LUTs and streams one contiguous range of codes.
+pthreads on cross targets); the prefill GEMM splits its batch tiles instead when there are at least as many as
+threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
+batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
+builds only its own LUTs and streams one contiguous range of codes.
 Batch > 1 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where `prefill_choice` finds it
 cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
 `torch.set_float32_matmul_precision("medium")` under the default "auto").
@@ -285,13 +287,21 @@ def _emit_epilogue(g: lc.Gen, a: _Args, spec: KernelSpec, xo, r0, r1):
         g.store(lc.F32, b.load(acc, typ=lc.F32), y, r)
 
 
-def _gen_gemm(mod, spec: KernelSpec):
-    """Prefill: xt[bt][n_vec*v][BT] -> yt[bt][n_rb*R][BT] (VQ part only; epilogue in torch)."""
-    fn = ir.Function(mod, lc.WORK_TYPE, "gemm_work")
+def _gen_gemm(mod, spec: KernelSpec, split: str = "rows"):
+    """Prefill: xt[bt][n_vec*v][BT] -> yt[bt][n_rb*R][BT] (VQ part only; epilogue in torch).
+
+    split="rows" (`gemm_work`): a thread's items are row tiles, for every batch tile (each thread builds every LUT:
+    few batch tiles); split="batch" (`gemmb_work`): a thread's items are batch tiles, every row (each LUT is built
+    once, by the one thread that uses it: what layers with few rows need, where the LUT build dominates)."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "gemm_work" if split == "rows" else "gemmb_work")
     g = lc.Gen(fn)
     b = g.b
-    args, tid, rb0, rb1 = fn.args
+    args, tid, i0, i1 = fn.args
     a = _Args(g, args)
+    if split == "rows":
+        rb0, rb1, bt0, bt1 = i0, i1, g.i64(0), a.n(A_NBT)
+    else:
+        rb0, rb1, bt0, bt1 = g.i64(0), a.n(A_NRB), i0, i1
     R, K, BT, JS = spec.R, spec.K, spec.BT, spec.JS
     U = min(4, R)
     vt = ir.VectorType(lc.F32, BT)
@@ -302,7 +312,7 @@ def _gen_gemm(mod, spec: KernelSpec):
     g0 = b.sdiv(b.mul(rb0, g.i64(R)), rpg)
     g1 = g.min(b.add(b.sdiv(b.sub(b.mul(rb1, g.i64(R)), g.i64(1)), rpg), g.i64(1)), a.n(A_GROUPS))
     accs = [g.var(vt, name=f"a{u}") for u in range(U)]
-    with g.loop(0, a.n(A_NBT), name="bt") as bt:
+    with g.loop(bt0, bt1, name="bt") as bt:
         xb = b.gep(a.p(A_X), [b.mul(bt, b.mul(n_vec, g.i64(spec.vec_len * BT)))], source_etype=lc.F32)
         yb = b.gep(a.p(A_Y), [b.mul(bt, b.mul(out_pad, g.i64(BT)))], source_etype=lc.F32)
         with g.loop(b.mul(rb0, g.i64(R * BT)), b.mul(rb1, g.i64(R * BT)), name="z") as i:
@@ -342,6 +352,7 @@ def build_module(spec: KernelSpec, triple: str | None = None):
     mod = lc.new_module(f"codebook_{spec.vec_len}_{spec.K}_{spec.R}", triple)
     lc.add_parallel_for(mod, _gen_gemv(mod, spec))
     lc.add_parallel_for(mod, _gen_gemm(mod, spec))
+    lc.add_parallel_for(mod, _gen_gemm(mod, spec, "batch"))
     return mod
 
 
@@ -351,7 +362,7 @@ _PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 @functools.cache
 def compiled(spec: KernelSpec) -> dict[str, object]:
     """JIT the kernels for `spec` on this host (once per process)."""
-    addrs = lc.jit(build_module(spec), ["gemv_work_par", "gemm_work_par"])
+    addrs = lc.jit(build_module(spec), ["gemv_work_par", "gemm_work_par", "gemmb_work_par"])
     return {k.removesuffix("_work_par"): _PAR_T(v) for k, v in addrs.items()}
 
 
@@ -499,11 +510,13 @@ def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
 
 PREFILL_MODES = ("auto", "lut", "dense", "bf16")
 _CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache()}
-# Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon, 16-256 tokens, the
-# smollm2 shapes and 4096^2; only their ratios matter): the LUT GEMM pays LUT_BUILD per token and input x codeword
-# and LUT_GATHER per token and weight; the dense path pays DQ_COPY per weight (dequantizing, once a call) and
-# DENSE_MAC per token and weight (oneDNN's fp32 GEMM).
-LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC = 0.0196, 0.0086, 0.15, 0.0105
+# Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon at 64 tokens over the
+# smollm2 shapes and 4096^2, checked at 16 and 256; only their ratios matter): the LUT GEMM pays LUT_BUILD per token
+# and input x codeword and LUT_GATHER per token and weight; the dense path pays DQ_COPY per weight (dequantizing,
+# once a call) and DENSE_MAC per token and weight (oneDNN's fp32 GEMM). Threads: the LUT GEMM splits batch tiles
+# (all of its work) when there are enough, else rows (the gather only); the dense path gains DENSE_SCALING of a
+# thread per extra thread (measured 1.2-1.7x on 2).
+LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC, DENSE_SCALING = 0.0209, 0.0085, 0.15, 0.0133, 0.6
 
 
 def prefill_mode() -> str:
@@ -523,21 +536,24 @@ def dense_ok(p: Packed) -> bool:
     return p.spec.stages == 1 and p.spec.K <= 256
 
 
-def prefill_choice(p: Packed, rows: int, mode: str = "auto") -> str:
+def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | None = None) -> str:
     """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "lut", "dense" or "bf16".
 
     "auto": bf16 where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
     (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
     float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
-    token however few rows the layer has, so layers with few rows (out < ~4.6 K at 64 tokens) go dense. Modes
-    the format or host cannot run fall back to the LUT GEMM."""
+    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go
+    dense. Modes the format or host cannot run fall back to the LUT GEMM."""
     if mode == "auto":
         if torch.get_float32_matmul_precision() == "medium" and dequant_module().host_ok():
             mode = "bf16"
         else:
+            nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
             w = p.out_f * p.n_vec * p.spec.vec_len
-            lut = rows * (LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K + LUT_GATHER * w) * p.spec.stages
-            mode = "dense" if DQ_COPY * w + DENSE_MAC * rows * w < lut else "lut"
+            build, gather = rows * LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K, rows * LUT_GATHER * w
+            lut = p.spec.stages * ((build + gather) / nt if math.ceil(rows / p.spec.BT) >= nt else build + gather / nt)
+            dense = (DQ_COPY * w + DENSE_MAC * rows * w) / (1 + DENSE_SCALING * (nt - 1))
+            mode = "dense" if dense < lut else "lut"
     if mode == "bf16" and not dequant_module().host_ok():
         mode = "dense"
     return mode if mode == "lut" or dense_ok(p) else "lut"
@@ -641,13 +657,17 @@ def finish(p: Packed, y: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
 
 def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """Inputs x2 [B, in] (float32) -> y [B, out]."""
-    spec, nt, stride = p.spec, _threads(p, n_threads), gemm_stride(p)
+    spec, stride = p.spec, gemm_stride(p)
     xp, xt = gemm_inputs(p, x2)
-    yt = torch.empty(xt.shape[0], p.n_rb * spec.R, spec.BT, dtype=torch.float32)
+    n_bt = xt.shape[0]
+    n = torch.get_num_threads() if n_threads is None else n_threads
+    by_batch = n > 1 and n_bt >= n  # enough batch tiles: split them, so that no LUT is built twice
+    nt = max(1, min(n, n_bt if by_batch else p.n_rb))
+    yt = torch.empty(n_bt, p.n_rb * spec.R, spec.BT, dtype=torch.float32)
     scr = lc.scratch(stride * nt)
     a = p.static_args()
-    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE], a[A_NBT] = xt.data_ptr(), yt.data_ptr(), scr.data_ptr(), stride, xt.shape[0]
-    compiled(spec)["gemm"]((ctypes.c_int64 * N_ARGS)(*a), p.n_rb, nt)
+    a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE], a[A_NBT] = xt.data_ptr(), yt.data_ptr(), scr.data_ptr(), stride, n_bt
+    compiled(spec)["gemmb" if by_batch else "gemm"]((ctypes.c_int64 * N_ARGS)(*a), n_bt if by_batch else p.n_rb, nt)
     return gemm_finish(p, yt, xp)
 
 
@@ -683,7 +703,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     if rows == 1:
         return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
     x2 = x.reshape(rows, in_features).contiguous()
-    mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode())
+    mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
     if mode != "lut":
         dq = dequant_module()
         dtype = torch.float32 if mode == "dense" else torch.bfloat16

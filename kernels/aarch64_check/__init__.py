@@ -68,12 +68,13 @@ class _Blob:
 
 def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
                kernel: str = "f32") -> tuple[int, torch.Tensor | None]:
-    """Serialise one call (gemv when x2 has one row, else gemm; kernel "q8": the int8-LUT gemv); returns (output
-    floats, permuted x for gemm)."""
+    """Serialise one call (gemv when x2 has one row, else gemm, split by batch tiles or rows as
+    `llvm_codebook.gemm` chooses; kernel "q8": the int8-LUT gemv); returns (output floats, permuted x for gemm)."""
     blob, a = _Blob([]), p.static_args()
     gemv = x2.shape[0] == 1
     xp = None
     fn = 2 if kernel == "q8" else 0 if gemv else 1
+    n_items = p.n_rb
     if gemv:
         stride = q8.stride(p, n_threads) if kernel == "q8" else lk.gemv_stride(p)
         a[lk.A_X], out_n = blob.add(x2[0]), p.n_rb * p.spec.R
@@ -81,11 +82,13 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
         xp, xt = lk.gemm_inputs(p, x2)
         a[lk.A_X], stride, a[lk.A_NBT] = blob.add(xt), lk.gemm_stride(p), xt.shape[0]
         out_n = xt.shape[0] * p.n_rb * p.spec.R * p.spec.BT
+        if n_threads > 1 and xt.shape[0] >= n_threads:  # as `llvm_codebook.gemm`: split the batch tiles
+            fn, n_items = 3, xt.shape[0]
     a[lk.A_PERM], a[lk.A_CODES], a[lk.A_CBT] = blob.add(p.perm), blob.add(p.codes_r), blob.add(p.cbt)
     a[lk.A_OW], a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.ow), blob.add(p.scale), blob.add(p.bias)
     a[lk.A_Y], a[lk.A_SCR], a[lk.A_SSTRIDE] = blob.add(None, 4 * out_n), blob.add(None, stride * n_threads), stride
     mask = sum(1 << i for i in PTR_ARGS)
-    head = [MAGIC, fn, p.n_rb, n_threads, a[lk.A_Y], 4 * out_n, mask, lk.N_ARGS, *a, blob.size]
+    head = [MAGIC, fn, n_items, n_threads, a[lk.A_Y], 4 * out_n, mask, lk.N_ARGS, *a, blob.size]
     path.write_bytes(struct.pack(f"<{len(head)}q", *head) + b"".join(blob.parts))
     return out_n, xp
 

@@ -25,13 +25,14 @@ def test_object_is_aarch64_with_neon():
 
 
 @pytest.mark.parametrize("shape,rows,threads", [("outliers_perm", 1, 2), ("groups_odd_rows", 1, 1),
-                                                ("residual", 7, 2), ("bits12", 1, 1)])
+                                                ("residual", 7, 2), ("bits12", 1, 1), ("groups", 3, 2),
+                                                ("outliers_perm", 21, 3)])
 def test_aarch64_kernel_under_qemu(tmp_path, shape, rows, threads):
     out, inf, v, K, bits, stages, groups, *_ = SHAPES[shape]
     w = make_weight(*SHAPES[shape])
     p = lk.pack_weight(*w, inf, v, bits, vector_bits=ac.NEON_BITS)
     exe = ac.build(p.spec, tmp_path)
-    x = torch.randn(rows, inf)
+    x = torch.randn(rows, inf)  # prefill: 3 rows = one batch tile (split by rows), 7 / 21 rows (by batch tiles)
     check(ac.run(exe, p, x, threads, tmp_path), cg.codebook_gemm_reference(x, *w, inf, v, bits))
 
 
