@@ -551,7 +551,8 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
             nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
             w = p.out_f * p.n_vec * p.spec.vec_len
             build, gather = rows * LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K, rows * LUT_GATHER * w
-            lut = p.spec.stages * ((build + gather) / nt if math.ceil(rows / p.spec.BT) >= nt else build + gather / nt)
+            split = split_batch(math.ceil(rows / p.spec.BT), nt)
+            lut = p.spec.stages * ((build + gather) / nt if split else build + gather / nt)
             dense = (DQ_COPY * w + DENSE_MAC * rows * w) / (1 + DENSE_SCALING * (nt - 1))
             mode = "dense" if dense < lut else "lut"
     if mode == "bf16" and not dequant_module().host_ok():
@@ -655,13 +656,19 @@ def finish(p: Packed, y: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
     return y.contiguous()
 
 
+def split_batch(n_bt: int, n_threads: int) -> bool:
+    """Whether the prefill GEMM splits its n_bt batch tiles over the threads (`gemmb`: enough of them, so that no
+    LUT is built twice) rather than the row tiles (`gemm`)."""
+    return n_threads > 1 and n_bt >= n_threads
+
+
 def gemm(p: Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """Inputs x2 [B, in] (float32) -> y [B, out]."""
     spec, stride = p.spec, gemm_stride(p)
     xp, xt = gemm_inputs(p, x2)
     n_bt = xt.shape[0]
     n = torch.get_num_threads() if n_threads is None else n_threads
-    by_batch = n > 1 and n_bt >= n  # enough batch tiles: split them, so that no LUT is built twice
+    by_batch = split_batch(n_bt, n)
     nt = max(1, min(n, n_bt if by_batch else p.n_rb))
     yt = torch.empty(n_bt, p.n_rb * spec.R, spec.BT, dtype=torch.float32)
     scr = lc.scratch(stride * nt)

@@ -82,7 +82,7 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
         xp, xt = lk.gemm_inputs(p, x2)
         a[lk.A_X], stride, a[lk.A_NBT] = blob.add(xt), lk.gemm_stride(p), xt.shape[0]
         out_n = xt.shape[0] * p.n_rb * p.spec.R * p.spec.BT
-        if n_threads > 1 and xt.shape[0] >= n_threads:  # as `llvm_codebook.gemm`: split the batch tiles
+        if lk.split_batch(xt.shape[0], n_threads):  # as `llvm_codebook.gemm`
             fn, n_items = 3, xt.shape[0]
     a[lk.A_PERM], a[lk.A_CODES], a[lk.A_CBT] = blob.add(p.perm), blob.add(p.codes_r), blob.add(p.cbt)
     a[lk.A_OW], a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.ow), blob.add(p.scale), blob.add(p.bias)

@@ -1,13 +1,17 @@
 """Shared CLI plumbing: rich console, --json output, progress renderer, error rendering."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from ..errors import ConfigError
 
 console = Console(stderr=True)  # human output and progress go to stderr; stdout is for --json
 out = Console()
@@ -85,63 +89,47 @@ def kv_table(title: str, data: dict[str, Any]) -> Table:
     return table(title, ["field", "value"], [[k, v] for k, v in data.items()])
 
 
+@contextlib.contextmanager
+def _env_scope(name: str, value: str | None):
+    """os.environ[name] = value for the block, restored after; None leaves the environment as it is."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def lut_kernels(lut: str | None):
     """Context manager: EDGETK_LUT=`lut` (the batch-1 codebook LUT kernels, e.g. "q8") for the command's duration,
     validated first; None leaves the environment as it is."""
-    import contextlib
-    import os
-
-    from ..errors import ConfigError
-
-    @contextlib.contextmanager
-    def _cm():
-        if lut is None:
-            yield
-            return
+    value = None
+    if lut is not None:
         from edgetk.kernels.llvm_codebook import LUT_KERNELS, parse_lut
 
         if not lut.strip(", "):
             raise ConfigError(f"--lut {lut!r} names no LUT kernel",
                               hint=f"use a comma-separated list among {LUT_KERNELS}, or none (float32 only)")
-        names = parse_lut(lut, "--lut") or ("none",)
-        old = os.environ.get("EDGETK_LUT")
-        os.environ["EDGETK_LUT"] = ",".join(names)
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("EDGETK_LUT", None)
-            else:
-                os.environ["EDGETK_LUT"] = old
-
-    return _cm()
+        value = ",".join(parse_lut(lut, "--lut") or ("none",))
+    with _env_scope("EDGETK_LUT", value):
+        yield
 
 
+@contextlib.contextmanager
 def prefill_path(prefill: str | None):
     """Context manager: EDGETK_PREFILL=`prefill` (how VQ layers run batch > 1: auto, lut, dense, bf16) for the
     command's duration, validated first; None leaves the environment as it is."""
-    import contextlib
-    import os
-
-    from ..errors import ConfigError
-
-    @contextlib.contextmanager
-    def _cm():
-        if prefill is None:
-            yield
-            return
+    if prefill is not None:
         from edgetk.kernels.llvm_codebook import PREFILL_MODES
 
         if prefill not in PREFILL_MODES:
             raise ConfigError(f"--prefill {prefill!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
-        old = os.environ.get("EDGETK_PREFILL")
-        os.environ["EDGETK_PREFILL"] = prefill
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("EDGETK_PREFILL", None)
-            else:
-                os.environ["EDGETK_PREFILL"] = old
-
-    return _cm()
+    with _env_scope("EDGETK_PREFILL", prefill):
+        yield
