@@ -77,8 +77,20 @@ class VQConfig(Config):
     seed: int = 0
     layers: tuple = QUANT_LINEARS
     # per-layer formats, e.g. ("self_attn.v_proj:vec_len=2,codebook_size=64",): that layer (in every block) takes
-    # these fields instead (vec_len, codebook_size, stages, groups, outliers) - bits where they matter most
+    # these fields instead (vec_len, codebook_size, stages, groups, outliers) - bits where they matter most; a
+    # block index in front ("3.mlp.down_proj:...") makes the entry for that block only (it wins over the plain one)
     overrides: tuple = ()
+    # per-(block, layer) format search (EvoPress, vq_search.py): with search_bpw > 0, before quantizing, every
+    # layer of every block may take `search_alt` instead of its own format, chosen by an evolutionary search
+    # that minimises the KL to the fp model on calibration windows with the quantized layers' bits per weight
+    # at most search_bpw (the start: the config's own formats, which must fit)
+    search_bpw: float = 0.0
+    search_alt: str = "vec_len=2,codebook_size=64"
+    search_generations: int = 120
+    search_offspring: int = 8
+    search_survivors: int = 2
+    search_samples: int = 4  # calibration windows (the last ones) scoring the fitness
+    search_tokens: int = 256
     needs_calibration = True
 
     def validate(self) -> None:
@@ -100,6 +112,18 @@ class VQConfig(Config):
               f"one of {('auto', *PRECISIONS)}")
         unknown = [n for n in self.layers if n not in QUANT_LINEARS]
         check(not unknown, "layers", self.layers, f"names among {QUANT_LINEARS}")
+        check(self.search_bpw >= 0, "search_bpw", self.search_bpw, ">= 0 (0 = no format search)")
+        for name in ("search_generations", "search_offspring", "search_survivors", "search_samples",
+                     "search_tokens"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        check(self.search_survivors <= self.search_offspring, "search_survivors", self.search_survivors,
+              f"<= search_offspring={self.search_offspring}")
+        if self.search_bpw:
+            try:
+                dataclasses.replace(self, overrides=(), search_bpw=0.0, **self.alt_fields())
+            except ConfigError as exc:
+                raise ConfigError(f"config field 'search_alt' {self.search_alt!r}: {exc.args[0]}",
+                                  hint="give 'field=value,...' with fields among " + ", ".join(OVERRIDABLE)) from None
         for item, fields in zip(self.overrides, self._overrides().values()):  # one parsed entry per item
             try:
                 dataclasses.replace(self, overrides=(), **fields)  # validates the layer's config
@@ -108,27 +132,29 @@ class VQConfig(Config):
                                   hint="fix that entry of 'overrides'") from None
 
     def _overrides(self) -> dict[str, dict[str, int]]:
-        """{layer name: {field: value}} from `overrides` ("name:field=value,..."), checked."""
+        """{layer name or "block.layer": {field: value}} from `overrides` ("name:field=value,..."), checked."""
         out = {}
         for item in self.overrides:
             name, sep, body = str(item).partition(":")
-            fields = dict(kv.split("=", 1) for kv in body.split(",") if "=" in kv) if sep else {}
-            bad = [kv for kv in body.split(",") if "=" not in kv] if sep else [item]
-            check(name in QUANT_LINEARS and not bad and fields, "overrides", item,
-                  f"'layer:field=value,...' with a layer among {QUANT_LINEARS}")
-            check(name not in out, "overrides", item, "one entry per layer")
-            unknown = sorted(set(fields) - set(OVERRIDABLE))
-            check(not unknown, "overrides", item, f"fields among {OVERRIDABLE}")
-            try:
-                out[name] = {k: int(v) for k, v in fields.items()}
-            except ValueError:
-                check(False, "overrides", item, "integer values")
+            head, dot, rest = name.partition(".")
+            layer = rest if head.isdigit() and dot else name
+            check(layer in QUANT_LINEARS and sep, "overrides", item,
+                  f"'layer:field=value,...' or 'block.layer:...' with a layer among {QUANT_LINEARS}")
+            check(name not in out, "overrides", item, "one entry per layer (and block)")
+            out[name] = _fields(body, "overrides", item)
         return out
 
-    def for_layer(self, name: str) -> "VQConfig":
-        """The config of layer `name` (e.g. "mlp.down_proj"): this one with its override applied."""
-        o = self._overrides().get(name)
-        return dataclasses.replace(self, overrides=(), **o) if o else self
+    def alt_fields(self) -> dict[str, int]:
+        """The fields of `search_alt`, checked."""
+        return _fields(self.search_alt, "search_alt", self.search_alt)
+
+    def for_layer(self, name: str, block: int | None = None) -> "VQConfig":
+        """The config of layer `name` (e.g. "mlp.down_proj") in block `block`: this one with its override
+        applied (an entry for that block wins over the plain one)."""
+        ov = self._overrides()
+        o = ov.get(f"{block}.{name}") if block is not None else None
+        o = o if o is not None else ov.get(name)
+        return dataclasses.replace(self, overrides=(), search_bpw=0.0, **o) if o else self
 
     @property
     def code_bits(self) -> int:
@@ -143,6 +169,19 @@ class VQConfig(Config):
 
 
 OVERRIDABLE = ("vec_len", "codebook_size", "stages", "groups", "outliers")
+
+
+def _fields(body: str, field: str, item) -> dict[str, int]:
+    """"vec_len=2,codebook_size=64" -> {"vec_len": 2, "codebook_size": 64}, checked (config field `field`)."""
+    parts = [kv for kv in str(body).split(",") if kv]
+    fields = dict(kv.split("=", 1) for kv in parts if "=" in kv)
+    check(parts and len(fields) == len(parts), field, item, "'field=value,...' entries")
+    unknown = sorted(set(fields) - set(OVERRIDABLE))
+    check(not unknown, field, item, f"fields among {OVERRIDABLE}")
+    try:
+        return {k: int(v) for k, v in fields.items()}
+    except ValueError:
+        check(False, field, item, "integer values")
 
 
 # -- one layer ---------------------------------------------------------------------------------------
@@ -488,8 +527,8 @@ def quantize_block(i: int, block: nn.Module, x: torch.Tensor, cfg: VQConfig, run
     layers = []
     for name in track(cfg.layers, f"vq block {i}"):
         t0 = time.perf_counter()
-        _, st, p, stages = quantize_layer(block.get_submodule(name).weight.detach(), hs[name], cfg.for_layer(name),
-                                          gen)
+        _, st, p, stages = quantize_layer(block.get_submodule(name).weight.detach(), hs[name],
+                                          cfg.for_layer(name, i), gen)
         layers.append(_Layer(name, p, st, time.perf_counter() - t0, stages))
     _set_dense(block, layers)
     t0 = time.perf_counter()
@@ -537,6 +576,17 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
             for name in cfg.layers:
                 check_finite(f"model.layers.{i}.{name}", layer.get_submodule(name).weight)
     teacher = None
+    search = None
+    if cfg.search_bpw:
+        if runner.load_block is not None:
+            raise ConfigError("the format search (search_bpw > 0) needs the whole model in memory, but the blocks "
+                              "are streamed from disk", hint="set search_bpw=0 for models larger than RAM")
+        from .vq_search import search_overrides
+
+        overrides, search = search_overrides(model, cfg, calib)
+        cfg_run = dataclasses.replace(cfg, overrides=overrides, search_bpw=0.0)
+    else:
+        cfg_run = cfg
     if cfg.e2e_steps:
         if runner.load_block is not None:
             raise ConfigError("end-to-end fine-tuning (e2e_steps > 0) needs the whole model in memory, but the "
@@ -546,8 +596,11 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     report = CompressionReport("vq", cfg.to_dict())
     acc = {"bits": 0, "weights": 0}
 
+    if search is not None:
+        report.stages.append(search)
+
     def process(i: int, block: nn.Module, x: torch.Tensor):
-        return quantize_block(i, block, x, cfg, runner, report, acc)
+        return quantize_block(i, block, x, cfg_run, runner, report, acc)
 
     runner.run(process, track_fn=lambda it, d, n: track(it, "vq blocks", n))
     if teacher is not None:
@@ -558,6 +611,8 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
         del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
     report.totals["calibration"] = {"windows": int(calib.shape[0]), "tokens_per_window": int(calib.shape[1])}
+    if search is not None:
+        report.totals["format_search"] = {**search, "overrides": list(cfg_run.overrides)}
     return report
 
 
@@ -596,6 +651,12 @@ _preset("vq2-mix", "vq2 with the attention k/v/o projections at vq3's format (v=
         "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX)
 _preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay (~2.20 bpw)",
         vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX, **_KD_COS)
+_preset("vq2-evo", "vq2-mix with the layers at 3 bits chosen per block by an evolutionary search (EvoPress) on the "
+        "KL to the fp model, at most 2.3 bits per weight; the search quantizes every layer in both formats first "
+        "(~3x vq2-mix's time; needs the model in memory)", vec_len=4, codebook_size=256, refine_rounds=1,
+        kmeans_iters=10, overrides=_MIX, search_bpw=2.3, calib_samples=128)
+_preset("vq2-evo-kd", "vq2-evo + the distillation stage of vq2-mix-kd (cosine learning rate; <= 2.3 bpw)", vec_len=4,
+        codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX, search_bpw=2.3, **_KD_COS)
 _preset("vq3-k512", "VQ v=3 K=512 (9-bit codes) + fp16 per-channel scale (~3.07 bpw): lower error than vq3 at about "
         "the same bits; batch 1 runs the float32 kernel (the int8 / int16 LUT kernels take K <= 256)", vec_len=3,
         codebook_size=512, refine_rounds=1, kmeans_iters=10)
