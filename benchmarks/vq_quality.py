@@ -75,9 +75,15 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     stages = {}
     for r in reports:
         for s in r.stages:
+            if "before" not in s or "after" not in s:
+                continue
             a = stages.setdefault(s["stage"], [0.0, 0.0])
             a[0] += s["before"]
             a[1] += s["after"]
+    if "format_search" in totals:
+        fs = totals["format_search"]
+        case["format_search"] = {k: fs[k] for k in ("kl_start", "kl_searched", "bits_per_weight_start",
+                                                     "bits_per_weight_searched", "alt_per_layer", "alt_units")}
     case["stage_loss_after_over_before"] = {k: round(b / a, 4) if a else None for k, (a, b) in stages.items()}
     return case
 

@@ -158,7 +158,7 @@ def _short_text(body: str = "too short."):
 def test_presets_are_registered_with_honest_targets():
     ps = presets()
     for name in ("vq2", "vq2-res", "vq2-r16", "vq2-r16-ft", "vq3", "vq2-ft", "vq3-ft", "vq2-kd", "vq3-kd",
-                 "vq2-mix", "vq2-mix-kd", "vq3-k512", "vq3-k512-kd", "rtn2-g32", "rtn2-g64"):
+                 "vq2-mix", "vq2-mix-kd", "vq2-evo", "vq2-evo-kd", "vq3-k512", "vq3-k512-kd", "rtn2-g32", "rtn2-g64"):
         assert name in ps and ps[name]
     # bits per weight on the smollm2 shapes (codebooks, scales, outliers included; per-layer overrides applied)
     shapes = {"self_attn.q_proj": (576, 576), "self_attn.o_proj": (576, 576), "self_attn.k_proj": (192, 576),
@@ -172,6 +172,9 @@ def test_presets_are_registered_with_honest_targets():
         bits = sum(cfg.for_layer(n).format_for(*s).storage_bits() for n, s in shapes.items())
         bpw = bits / sum(a * b for a, b in shapes.values())
         assert lo < bpw < hi, (name, bpw)
+    for name in ("vq2-evo", "vq2-evo-kd"):  # the search starts from vq2-mix's formats, with budget left to spend
+        cfg = resolve_recipe(name)[0]
+        assert cfg.search_bpw == 2.3 and cfg.overrides == resolve_recipe("vq2-mix")[0].overrides
 
 
 @pytest.mark.slow

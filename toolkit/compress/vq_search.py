@@ -178,7 +178,8 @@ def search_overrides(model: nn.Module, cfg, calib: torch.Tensor) -> tuple[tuple,
     per_layer = {}
     for (i, name), c in zip(bank.units, choice):
         per_layer[name] = per_layer.get(name, 0) + int(c)
-    record = {"stage": "model.format_search", "kl_start": stages[0]["kl"], "kl_searched": stages[-1]["kl"],
+    record = {"stage": "model.format_search", "before": stages[0]["kl"], "after": stages[-1]["kl"],
+              "kl_start": stages[0]["kl"], "kl_searched": stages[-1]["kl"],
               "bits_per_weight_start": bank.bpw(start), "bits_per_weight_searched": bank.bpw(choice),
               "generations": len(stages) - 1, "alt_per_layer": per_layer, "alt_units": int(sum(choice)),
               "units": len(choice)}
