@@ -23,7 +23,8 @@ from ..registry import Registry
 METHODS: Registry[Callable] = Registry("compression method")
 PRESETS: Registry[tuple] = Registry("recipe")
 # modules that register methods/presets when imported (one line per method file)
-METHOD_MODULES = ["edgetk.compress.vq", "edgetk.compress.rtn", "edgetk.compress.prune", "edgetk.compress.token_merge"]
+METHOD_MODULES = ["edgetk.compress.vq", "edgetk.compress.rtn", "edgetk.compress.prune", "edgetk.compress.token_merge",
+                  "edgetk.compress.rotate"]
 
 
 def register_method(cfg_type: type) -> Callable:

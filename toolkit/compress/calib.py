@@ -105,7 +105,7 @@ class BlockRunner:
 
     @torch.no_grad()
     def embed(self) -> torch.Tensor:
-        return torch.cat([self.model.model.embed_tokens(self.calib[i:i + self.batch])
+        return torch.cat([self.model.embed(self.calib[i:i + self.batch])
                           for i in range(0, self.calib.shape[0], self.batch)])
 
     @torch.no_grad()

@@ -40,6 +40,9 @@ class LlamaConfig(Config):
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # the residual stream runs in a rotated basis (edgetk.compress.rotate): embeddings are multiplied by the
+    # orthogonal `rotation` buffer on the way in and by its transpose before the final norm
+    residual_rotation: bool = False
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -218,6 +221,8 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("causal_mask", torch.ones(1, 1, dtype=torch.bool), persistent=False)
+        if cfg.residual_rotation:
+            self.register_buffer("rotation", torch.eye(cfg.hidden_size))
         self.cache_len = 0
 
     # -- cache -----------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
         """`attn_mask` [T, max_seq_len] bool (True = attend) replaces the causal mask over cache slots and
         `rope_pos` [T] gives RoPE positions differing from the slots `input_pos` (tree attention for
         speculative decoding: draft tokens sit in consecutive slots, at their depth's position)."""
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         mask = None
         cos, sin = self.rope_cos, self.rope_sin
         if self.cache_len:
@@ -261,7 +266,14 @@ class LlamaForCausalLM(nn.Module):
                 sin = sin.index_copy(0, input_pos, sin[rope_pos])
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos, mask)
+        if self.cfg.residual_rotation:  # back to the embedding basis (RMSNorm commutes with a rotation)
+            x = x @ self.rotation.T
         return self.model.norm(x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream's input: token embeddings (rotated when the stream runs rotated)."""
+        x = self.model.embed_tokens(tokens)
+        return x @ self.rotation if self.cfg.residual_rotation else x
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, rope_pos: torch.Tensor | None = None) -> torch.Tensor:
