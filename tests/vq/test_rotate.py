@@ -57,7 +57,7 @@ def test_rotation_keeps_the_function(variant):
         got = m(TOKENS)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(_decode(m, TOKENS), ref, atol=1e-4, rtol=1e-4)
-    assert rep.totals["rotation"]["max_abs_logit_change"] < 1e-4
+    assert rep.totals["rotation_max_abs_logit_change"] < 1e-4 and rep.totals["rotation_dim"] == cfg.hidden_size
     if cfg.tie_embeddings:
         assert m.lm_head.weight is m.model.embed_tokens.weight
 

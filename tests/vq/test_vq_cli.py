@@ -69,3 +69,22 @@ def test_cli_errors_are_named(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 8 and "evaluation text" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_rotate_then_vq_through_cli(small_art, capsys):
+    """`rotate+vq2`: the chain runs, the artifact records the rotated base config and loads back to the same
+    logits, and the summary shows the rotation's exactness check."""
+    base, calib, out = str(small_art / "base"), str(small_art / "calib.txt"), small_art / "out-rot"
+    assert main(["compress", base, "--recipe", "rotate+vq2", "--calib", calib, "--samples", "2", "--seq-len", "64",
+                 "-o", str(out), "--json"]) == 0
+    res = _json_lines(capsys.readouterr().out)[-1]
+    assert [r["method"] for r in res["reports"]] == ["rotate", "vq"]
+    assert res["totals"]["rotation_max_abs_logit_change"] < 1e-3 and res["totals"]["rotation_dim"] == 64
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["base_config"]["residual_rotation"] is True and man["recipe"] == "rotate+vq2"
+    back = load(out)
+    assert back.model.cfg.residual_rotation and back.model.rotation.shape == (64, 64)
+    assert main(["compress", base, "--recipe", "rotate+vq2", "--calib", calib, "--samples", "2", "--seq-len", "64",
+                 "-o", str(small_art / "out-rot2")]) == 0
+    assert "rotation_max_abs_logit_change" in capsys.readouterr().err
