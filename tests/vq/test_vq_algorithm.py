@@ -275,6 +275,33 @@ def test_end_to_end_stage_lowers_kl_and_keeps_the_codes(tiny_llama):
         assert torch.equal(v, state[k]), k
 
 
+def test_end_to_end_stage_tunes_the_embedding_when_asked_and_restores_it_on_undo(tiny_llama):
+    """e2e_embed: the tied embedding (= head) moves, at a step relative to its size; an undone stage puts it back."""
+    from edgetk.compress.vq_finetune import finetune_vq_model, teacher_copy
+
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for embed in (False, True):
+        lm = _tiny(tiny_llama)
+        teacher = teacher_copy(lm.model)
+        compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+        e0 = lm.model.model.embed_tokens.weight.detach().clone()
+        rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2,
+                                tune_embed=embed)
+        assert rec["kept"]
+        moved = float((lm.model.model.embed_tokens.weight - e0).abs().max())
+        assert (moved > 0) == embed
+        assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+        runs[embed] = rec["after"]
+    assert runs[True] < runs[False]  # more trainable parameters, same steps: a lower held-out KL here
+    lm = _tiny(tiny_llama)
+    teacher = teacher_copy(lm.model)
+    compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
+    e0 = lm.model.model.embed_tokens.weight.detach().clone()
+    rec = finetune_vq_model(lm.model, teacher, calib, steps=3, lr=5.0, batch=2, seed=0, n_eval=2, tune_embed=True)
+    assert not rec["kept"] and torch.equal(lm.model.model.embed_tokens.weight, e0)
+
+
 def test_end_to_end_stage_through_compress_and_refused_from_disk(tiny_llama):
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
     cfg = VQConfig(vec_len=4, codebook_size=16, e2e_steps=4, e2e_lr=3e-3, **FAST)

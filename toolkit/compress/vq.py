@@ -68,6 +68,7 @@ class VQConfig(Config):
     e2e_lr: float = 1e-4
     e2e_batch: int = 2
     e2e_norms: bool = True  # also tune the RMSNorm weights (fp, not counted in the quantized layers' bits)
+    e2e_embed: bool = False  # also tune the fp token embedding / head (stored as they are: no bits change)
     e2e_code_every: int = 0  # every N end-to-end steps, move codes along the accumulated gradient (0 = off)
     e2e_schedule: str = "constant"  # learning rate after the 10 % warm-up: "constant" or "cosine" (decays to 0)
     # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
@@ -606,7 +607,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     if teacher is not None:
         report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
-                                               schedule=cfg.e2e_schedule,
+                                               schedule=cfg.e2e_schedule, tune_embed=cfg.e2e_embed,
                                                precision=ft_precision(cfg.ft_precision)))
         del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])

@@ -142,6 +142,7 @@ class _TrainableVQ(nn.Module):
 
 
 PRECISIONS = ("float32", "bfloat16")
+_EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")  # (a tied head is the embedding's parameter)
 SCHEDULES = ("constant", "cosine")  # learning rate after the warm-up
 
 
@@ -190,7 +191,7 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
                       batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
                       code_eta: float = 0.2, code_frac: float = 0.01, precision: str = "float32",
-                      schedule: str = "constant") -> dict:
+                      schedule: str = "constant", tune_embed: bool = False) -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
     With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
@@ -202,7 +203,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     backward passes (student and teacher) under bf16 autocast, ~2-3x faster on CPUs with AMX / AVX-512 BF16; the
     held-out KL that decides whether the result is kept is always measured in float32. The learning rate warms up
     linearly over the first tenth of the steps, then stays (`schedule` "constant") or follows a cosine to 0
-    ("cosine")."""
+    ("cosine"). `tune_embed` also trains the fp token embedding (and an untied head), at a learning rate scaled by
+    its RMS, so that its steps are as large relative to it as the codebooks' are."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if schedule not in SCHEDULES:
@@ -214,7 +216,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     originals = {name: model.get_submodule(name) for name in names}
     stand_ins = {name: _TrainableVQ(m) for name, m in originals.items()}
     norms = [p for name, p in model.named_parameters() if tune_norms and "norm" in name]
-    saved_norms = [p.detach().clone() for p in norms]
+    embeds = [p for name, p in model.named_parameters() if tune_embed and name in _EMBEDDINGS]
+    saved_fp = [p.detach().clone() for p in norms + embeds]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -222,12 +225,14 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         m.track_codes = code_every > 0
         set_module(model, name, m)
     params = [p for m in stand_ins.values() for p in m.parameters()] + norms
-    for p in norms:
+    groups = [{"params": params}] + [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt())}
+                                     for p in embeds]
+    for p in norms + embeds:
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     try:
         before = _eval_kl(model, teacher, held, batch)
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, schedule))
         model.train(False)
         codes_changed = 0
@@ -254,13 +259,13 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             for name, m in originals.items():
                 set_module(model, name, m)
             with torch.no_grad():
-                for p, old in zip(norms, saved_norms):
+                for p, old in zip(norms + embeds, saved_fp):
                     p.copy_(old)
     except BaseException:
         for name, m in originals.items():  # never leave stand-ins in the model
             set_module(model, name, m)
         with torch.no_grad():
-            for p, old in zip(norms, saved_norms):
+            for p, old in zip(norms + embeds, saved_fp):
                 p.copy_(old)
         raise
     finally:
