@@ -319,7 +319,8 @@ def test_end_to_end_stage_through_compress_and_refused_from_disk(tiny_llama):
 
 
 def test_end_to_end_code_step_moves_a_bounded_fraction_of_codes(tiny_llama):
-    """The linearized discrete step (PV-Tuning) switches codes along the gradient, at most `code_frac` per call."""
+    """PV-Tuning's V step: latent weights follow the gradient; a code step switches at most `code_frac` of the codes,
+    each to the codeword nearest its latent weight, and leaves the latent weights where they were."""
     from edgetk.compress.vq_finetune import _TrainableVQ, finetune_vq_model, teacher_copy
     from edgetk.compress.vq_linear import VQLinear
 
@@ -328,19 +329,32 @@ def test_end_to_end_code_step_moves_a_bounded_fraction_of_codes(tiny_llama):
     teacher = teacher_copy(lm.model)
     compress(lm, VQConfig(vec_len=4, codebook_size=16, **FAST), calib=calib)
     name, vq = next((n, m) for n, m in lm.model.named_modules() if isinstance(m, VQLinear))
-    # one layer by hand: a gradient pointing from each weight towards another codeword flips codes
+    # one layer by hand: a large step of the latent weights against a random gradient flips codes
     t = _TrainableVQ(vq)
     n_vec = t.codes.shape[1] * t.codes.shape[2]
-    assert t.code_step(0.5, 0.1) == 0  # no gradients seen: nothing moves
-    t._accumulate(torch.randn(vq.out_features, vq.in_features, generator=torch.Generator().manual_seed(0)))
+    assert t.code_step(0.1) == 0  # no gradients seen: nothing moves
+    g = torch.randn(vq.out_features, vq.in_features, generator=torch.Generator().manual_seed(0))
+    t._accumulate(g)
+    t.latent_step(0.0)
+    assert t.code_step(0.1) == 0  # latent weights still on their codewords
+    t._accumulate(g)
+    t.latent_step(2.0)
+    cb = t.codebooks.detach()[0]
+    latent = cb[t.g_of_row[:, None], t.codes[0]] + t.resid
     before = t.codes.clone()
-    changed = t.code_step(2.0, 0.1)
+    dist_before = ((latent - cb[t.g_of_row[:, None], before[0]]) ** 2).sum(-1)
+    changed = t.code_step(0.1)
     assert 0 < changed <= max(1, int(0.1 * n_vec)) and int((t.codes != before).sum()) == changed
-    assert t.code_step(2.0, 0.1) == 0  # statistics were cleared
+    now = cb[t.g_of_row[:, None], t.codes[0]]
+    torch.testing.assert_close(now + t.resid, latent)  # the latent weights did not move
+    moved = t.codes[0] != before[0]
+    assert bool((((latent - now) ** 2).sum(-1)[moved] < dist_before[moved]).all())  # each switch is nearer
+    # the latent weights moved against the gradient (in codebook units: the gradient times the row scale)
+    assert float((t.resid * t._latent_grad(g)).sum()) < 0
     codes = {n: m.codes.clone() for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
     rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2, code_every=3,
-                            code_eta=0.5, code_frac=0.05)
-    assert rec["after"] <= rec["before"]
+                            code_lr_scale=50.0, code_frac=0.05)
+    assert rec["after"] <= rec["before"] and rec["codes_changed"] > 0
     # kept: the codes that differ were moved by the code steps; not kept: every code is back where it was
     moved = sum(int((m.codes != codes[n]).sum()) for n, m in lm.model.named_modules() if isinstance(m, VQLinear))
     assert moved <= rec["codes_changed"] and (rec["kept"] or moved == 0)
@@ -363,7 +377,8 @@ def test_stand_in_weight_matches_dequantize_across_formats_and_follows_code_step
     t = _TrainableVQ(vqs[0])
     w0 = t.weight().detach().clone()
     t._accumulate(torch.randn(t.out_features, t.in_features, generator=torch.Generator().manual_seed(1)))
-    assert t.code_step(2.0, 0.2) > 0
+    t.latent_step(2.0)
+    assert t.code_step(0.2) > 0
     moved = t.weight().detach()
     assert not torch.equal(moved, w0)
     torch.testing.assert_close(moved, t.to_vq().dequantize(), rtol=0, atol=1e-3)  # fp16 storage of the parts

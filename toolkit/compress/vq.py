@@ -18,8 +18,9 @@ Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
 7. end-to-end stage (`e2e_steps`, vq_finetune.py): after all blocks, codebooks, scales, outliers and RMSNorm
    weights of the whole model tuned by Adam on the KL divergence from the fp model's next-token distribution
    (AQLM's global fine-tuning, PV-Tuning's continuous step); kept only if the held-out KL drops. With
-   `e2e_code_every` > 0 the codes move too, every that many steps, along the accumulated gradient (PV-Tuning's
-   linearized discrete step). The training passes run in bf16 autocast where oneDNN has bf16 matmuls
+   `e2e_code_every` > 0 the codes move too (PV-Tuning's discrete step): latent weights take the same Adam
+   steps and every that many steps at most `e2e_code_frac` of each layer's codes switch to the codeword
+   nearest their latent weight. The training passes run in bf16 autocast where oneDNN has bf16 matmuls
    (`ft_precision="auto"`: AMX / AVX-512 hosts, 2-3x faster; float32 elsewhere; the keep/undo decision is always
    measured in float32), so the result of the -ft presets depends on the host's ISA.
 
@@ -69,7 +70,8 @@ class VQConfig(Config):
     e2e_batch: int = 2
     e2e_norms: bool = True  # also tune the RMSNorm weights (fp, not counted in the quantized layers' bits)
     e2e_embed: bool = False  # also tune the fp token embedding / head (stored as they are: no bits change)
-    e2e_code_every: int = 0  # every N end-to-end steps, move codes along the accumulated gradient (0 = off)
+    e2e_code_every: int = 0  # every N end-to-end steps, re-encode codes from their latent weights (0 = off)
+    e2e_code_frac: float = 0.01  # at most this fraction of a layer's codes switch per re-encoding
     e2e_schedule: str = "constant"  # learning rate after the 10 % warm-up: "constant" or "cosine" (decays to 0)
     # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
     # (x86 with AVX-512 / AMX: 2-3x faster), else float32
@@ -108,6 +110,7 @@ class VQConfig(Config):
               "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
         check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
+        check(0 < self.e2e_code_frac <= 1, "e2e_code_frac", self.e2e_code_frac, "in (0, 1]")
         check(self.e2e_schedule in SCHEDULES, "e2e_schedule", self.e2e_schedule, f"one of {SCHEDULES}")
         check(self.ft_precision in ("auto", *PRECISIONS), "ft_precision", self.ft_precision,
               f"one of {('auto', *PRECISIONS)}")
@@ -607,6 +610,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     if teacher is not None:
         report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
+                                               code_frac=cfg.e2e_code_frac,
                                                schedule=cfg.e2e_schedule, tune_embed=cfg.e2e_embed,
                                                precision=ft_precision(cfg.ft_precision)))
         del teacher

@@ -3,7 +3,9 @@
 After every block was quantized on its own (vq.py), the errors of the blocks compound. This stage trains what
 is continuous — codebooks, per-channel scales, outlier columns and the RMSNorm weights — on the KL divergence
 of the quantized model's next-token distribution from the fp model's, over the calibration windows. The codes
-(the discrete mapping) stay fixed, so the bits per weight do not change.
+(the discrete mapping) stay fixed unless `code_every` > 0: then latent weights follow the same gradients and,
+every `code_every` steps, a bounded fraction of the codes switch to the codeword nearest their latent weight
+(PV-Tuning's V step). The code width, hence the bits per weight, never changes.
 
 Each `VQLinear` is swapped for a `_TrainableVQ` stand-in holding float32 copies of its parameters and the
 unpacked codes; its forward builds the dense weight (training only; the inference path never does) and the
@@ -71,58 +73,87 @@ class _TrainableVQ(nn.Module):
             w.register_hook(self._accumulate)
         return F.linear(x, w, self.bias)
 
-    # -- discrete step (PV-Tuning's linearized V step) -------------------------------------------------
+    # -- discrete step (PV-Tuning's V step over latent weights) -----------------------------------------
     track_codes = False
+    BETAS = (0.9, 0.999)
 
     def _accumulate(self, g: torch.Tensor) -> None:
-        if getattr(self, "g_sum", None) is None:
-            self.g_sum, self.g2_sum, self.n_grads = torch.zeros_like(g), torch.zeros_like(g), 0
-        self.g_sum += g
-        self.g2_sum += g * g
-        self.n_grads += 1
+        self._grad = g if getattr(self, "_grad", None) is None else self._grad + g
+
+    def _latent_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """A gradient w.r.t. the dense weight [out, in] as one w.r.t. the quantized part, in codebook units
+        [out, n_vec, v]."""
+        f = self.fmt
+        g = g * self.scale().detach()[:, None] if f.has_scale else g
+        if f.n_outliers:
+            g = g[:, self.perm]  # stored order: outliers first
+        g = F.pad(g[:, f.n_outliers:], (0, f.n_vec * f.vec_len - f.in_q))
+        return g.reshape(f.out_features, f.n_vec, f.vec_len)
 
     @torch.no_grad()
-    def code_step(self, eta: float, frac: float) -> int:
-        """Move codes towards q - eta * (RMS-normalized mean gradient), in the normalized (codebook) units.
+    def latent_step(self, lr: float) -> None:
+        """One Adam step of the latent weights (codebook units) on the last backward's gradient.
 
-        For every code vector, the nearest codeword to that target; of the vectors whose nearest codeword
-        changes, only the `frac` of all vectors that gain the most distance are switched (a trust region).
-        Returns the number of codes changed; clears the gradient statistics."""
-        if getattr(self, "g_sum", None) is None or not self.n_grads:
+        The latent weight of a code vector is its codeword plus a residual `resid` (so it follows codebook
+        updates); the forward never reads it: it only accumulates where the loss wants each weight to go."""
+        if getattr(self, "_grad", None) is None:
+            return
+        g, self._grad = self._latent_grad(self._grad), None
+        if getattr(self, "resid", None) is None:
+            self.resid, self._m, self._v, self._t = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g), 0
+        b1, b2 = self.BETAS
+        self._t += 1
+        self._m.mul_(b1).add_(g, alpha=1 - b1)
+        self._v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        m_hat, v_hat = self._m / (1 - b1 ** self._t), self._v / (1 - b2 ** self._t)
+        self.resid.sub_(lr * m_hat / (v_hat.sqrt() + 1e-12))
+
+    @torch.no_grad()
+    def code_step(self, frac: float) -> int:
+        """Re-encode the latent weights: each code vector may take the codeword nearest to its latent weight
+        (stage by stage, the other stages held), weighted by the row scale²; of the vectors that would change,
+        only the `frac` of all vectors that gain the most switch (PV-Tuning's trust region). The latent weights
+        stay where they are (their residual is re-expressed from the new codeword). Returns the codes changed."""
+        if getattr(self, "resid", None) is None:
             return 0
         f = self.fmt
-        g = self.g_sum / self.n_grads
-        gn = g / ((self.g2_sum / self.n_grads).sqrt() + 1e-20)  # in [-1, 1] per weight
-        self.g_sum = self.g2_sum = None
-        self.n_grads = 0
-        if f.n_outliers:
-            gn = gn[:, self.perm]  # stored order: outliers first
-        gq = gn[:, f.n_outliers:]
-        gq = F.pad(gq, (0, f.n_vec * f.vec_len - f.in_q)).reshape(f.out_features, f.n_vec, f.vec_len)
-        changed = 0
+        cb = self.codebooks.detach()  # [S, G, K, v]
+        cur = [cb[s][self.g_of_row[:, None], self.codes[s]] for s in range(f.stages)]  # each [out, n_vec, v]
+        latent = sum(cur) + self.resid
+        w2 = (self.scale().detach() ** 2 if f.has_scale else torch.ones(f.out_features))[:, None]
         budget = max(1, int(frac * f.out_features * f.n_vec))
+        changed = 0
         for s in range(f.stages):
-            cb = self.codebooks[s].detach()  # [G, K, v]
-            cur = cb[self.g_of_row[:, None], self.codes[s]]  # [out, n_vec, v]
-            target = cur - eta * gq
-            best = torch.empty_like(self.codes[s])
-            gain = torch.empty(cur.shape[:2])
-            for g0 in range(cb.shape[0]):
-                rows = (self.g_of_row == g0).nonzero().flatten()
-                t = target[rows].reshape(-1, f.vec_len)
-                d = (t * t).sum(1, keepdim=True) - 2 * t @ cb[g0].T + (cb[g0] * cb[g0]).sum(1)[None]
-                dk, k = d.min(1)
-                d_cur = ((t - cur[rows].reshape(-1, f.vec_len)) ** 2).sum(1)
-                best[rows] = k.view(len(rows), -1)
-                gain[rows] = (d_cur - dk).view(len(rows), -1)
-            move = (best != self.codes[s]) & (gain > 0)
-            if int(move.sum()) > budget:
-                thr = gain[move].topk(budget).values[-1]
-                move &= gain >= thr
+            target = latent - (sum(cur) - cur[s])
+            best, gain = self._nearest(cb[s], target, cur[s])
+            move = (best != self.codes[s]) & (gain * w2 > 0)
+            left = budget - changed
+            if int(move.sum()) > left:
+                if left <= 0:
+                    break
+                thr = (gain * w2)[move].topk(left).values[-1]
+                move &= gain * w2 >= thr
             self.codes[s] = torch.where(move, best, self.codes[s])
+            cur[s] = cb[s][self.g_of_row[:, None], self.codes[s]]
             changed += int(move.sum())
+        self.resid = latent - sum(cur)
         self._flat = None
         return changed
+
+    def _nearest(self, cb: torch.Tensor, target: torch.Tensor, cur: torch.Tensor):
+        """Nearest codeword of each target vector in its row group's codebook, and the squared distance gained."""
+        f = self.fmt
+        best = torch.empty(target.shape[:2], dtype=torch.long)
+        gain = torch.empty(target.shape[:2])
+        for g0 in range(cb.shape[0]):
+            rows = (self.g_of_row == g0).nonzero().flatten()
+            t = target[rows].reshape(-1, f.vec_len)
+            d = (t * t).sum(1, keepdim=True) - 2 * t @ cb[g0].T + (cb[g0] * cb[g0]).sum(1)[None]
+            dk, k = d.min(1)
+            d_cur = ((t - cur[rows].reshape(-1, f.vec_len)) ** 2).sum(1)
+            best[rows] = k.view(len(rows), -1)
+            gain[rows] = (d_cur - dk).view(len(rows), -1)
+        return best, gain
 
     def to_vq(self) -> VQLinear:
         return VQLinear.from_parts(self.fmt, self.codes, self.codebooks.detach(), self.perm,
@@ -190,12 +221,14 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
 
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
                       batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
-                      code_eta: float = 0.2, code_frac: float = 0.01, precision: str = "float32",
+                      code_lr_scale: float = 1.0, code_frac: float = 0.01, precision: str = "float32",
                       schedule: str = "constant", tune_embed: bool = False) -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
-    With `code_every` > 0, every `code_every` steps the codes move too (`_TrainableVQ.code_step`, from the
-    gradients of those steps). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
+    With `code_every` > 0 the codes move too (PV-Tuning's V step): every step, latent weights (codeword + residual,
+    in codebook units) take an Adam step on the same gradient at `code_lr_scale` times the learning rate, and
+    every `code_every` steps at most `code_frac` of each layer's code vectors switch to the codeword nearest
+    their latent weight (`_TrainableVQ.latent_step` / `code_step`). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
     {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
     switches the code steps made during training (reported also when the result is not kept and they are undone),
@@ -243,9 +276,12 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if code_every:
+                for m in stand_ins.values():
+                    m.latent_step(sched.get_last_lr()[0] * code_lr_scale)
+                if (step + 1) % code_every == 0 and step + 1 < steps:
+                    codes_changed += sum(m.code_step(code_frac) for m in stand_ins.values())
             sched.step()
-            if code_every and (step + 1) % code_every == 0 and step + 1 < steps:
-                codes_changed += sum(m.code_step(code_eta, code_frac) for m in stand_ins.values())
         for m in stand_ins.values():
             m.round_fp16()
         after = _eval_kl(model, teacher, held, batch)
