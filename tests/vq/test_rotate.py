@@ -99,6 +99,10 @@ def test_rotate_refuses_what_it_cannot_rotate(tiny_llama, tiny_bert):
     compress(lm, VQ, calib=calib)
     with pytest.raises(ConfigError, match="rotate first"):
         compress(lm, "rotate")
+    pruned = _loaded(tiny_llama)  # pruned linears are still nn.Linear: refused by the recipe record
+    compress(pruned, "prune-wanda-50", calib=calib)
+    with pytest.raises(ConfigError, match=r"before the other compression steps.*prune"):
+        compress(pruned, "rotate")
     enc = load(copy.deepcopy(tiny_bert))
     enc.config = tiny_bert.cfg
     with pytest.raises(ConfigError, match="Llama-family"):

@@ -92,6 +92,10 @@ def rotate_residual(model: nn.Module, q: torch.Tensor) -> None:
 def apply_rotate(loaded, cfg: RotateConfig, calib: torch.Tensor | None) -> CompressionReport:
     model = loaded.model
     _check(model)
+    earlier = [c.get("kind") for c in loaded.compression if c.get("kind") != "rotate"]
+    if earlier:  # e.g. pruned weights are still nn.Linear, but W·Q would fill in their zeros
+        raise ConfigError(f"rotate must come before the other compression steps, but this model already went "
+                          f"through {earlier}", hint="put rotate first in the recipe, e.g. 'rotate+prune-2of4'")
     hidden, n_check = model.cfg.hidden_size, min(cfg.check_tokens, model.cfg.max_seq_len)
     tokens = torch.randint(0, model.cfg.vocab_size, (1, n_check), generator=torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
