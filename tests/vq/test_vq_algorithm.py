@@ -302,6 +302,27 @@ def test_end_to_end_stage_tunes_the_embedding_when_asked_and_restores_it_on_undo
     assert not rec["kept"] and torch.equal(lm.model.model.embed_tokens.weight, e0)
 
 
+def test_end_to_end_stage_may_train_on_more_windows_than_the_layer_stage(tiny_llama, monkeypatch):
+    from edgetk.compress import vq as vqmod
+
+    seen = {}
+    real = vqmod.finetune_vq_model
+
+    def spy(model, teacher, calib, *a, **kw):
+        seen["e2e"] = calib.shape[0]
+        return real(model, teacher, calib, *a, **kw)
+
+    monkeypatch.setattr(vqmod, "finetune_vq_model", spy)
+    calib = torch.randint(0, 256, (10, 24), generator=torch.Generator().manual_seed(3))
+    cfg = VQConfig(vec_len=4, codebook_size=16, e2e_steps=2, e2e_lr=3e-3, **{**FAST, "calib_samples": 6},
+                   e2e_samples=10)
+    rep = compress(_tiny(tiny_llama), cfg, calib=calib)[0]
+    assert seen["e2e"] == 10 and rep.totals["calibration"]["windows"] == 6
+    assert rep.totals["calibration"]["e2e_windows"] == 10
+    with pytest.raises(ConfigError, match="e2e_samples"):
+        VQConfig(e2e_samples=-1)
+
+
 def test_end_to_end_stage_through_compress_and_refused_from_disk(tiny_llama):
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
     cfg = VQConfig(vec_len=4, codebook_size=16, e2e_steps=4, e2e_lr=3e-3, **FAST)

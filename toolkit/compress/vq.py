@@ -77,6 +77,9 @@ class VQConfig(Config):
     # (x86 with AVX-512 / AMX: 2-3x faster), else float32
     ft_precision: str = "auto"
     calib_samples: int = 64  # calibration windows used (of those drawn)
+    # windows the end-to-end stage trains on (of those drawn: `--samples` must draw as many; 0 = calib_samples):
+    # the layer stage's Hessians need few, the distillation overfits few
+    e2e_samples: int = 0
     seed: int = 0
     layers: tuple = QUANT_LINEARS
     # per-layer formats, e.g. ("self_attn.v_proj:vec_len=2,codebook_size=64",): that layer (in every block) takes
@@ -109,6 +112,7 @@ class VQConfig(Config):
         check(self.e2e_steps >= 0 and self.e2e_batch >= 1 and self.e2e_lr > 0, "e2e_steps", self.e2e_steps,
               "non-negative, with e2e_batch >= 1 and e2e_lr > 0")
         check(self.calib_samples >= 1, "calib_samples", self.calib_samples, ">= 1")
+        check(self.e2e_samples >= 0, "e2e_samples", self.e2e_samples, ">= 0 (0 = calib_samples)")
         check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
         check(0 < self.e2e_code_frac <= 1, "e2e_code_frac", self.e2e_code_frac, "in (0, 1]")
         check(self.e2e_schedule in SCHEDULES, "e2e_schedule", self.e2e_schedule, f"one of {SCHEDULES}")
@@ -573,6 +577,7 @@ def ft_precision(setting: str) -> str:
 def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict | None = None) -> CompressionReport:
     model = loaded.model
     n_params = param_count(model)
+    e2e_calib = calib[: cfg.e2e_samples or cfg.calib_samples] if calib is not None else None
     calib = calib[: cfg.calib_samples] if calib is not None else None
     runner = BlockRunner(model, calib, **(runner_kw or {}))
     if runner.load_block is None:  # in memory: refuse before touching any block (blocks from disk: per block)
@@ -608,7 +613,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
 
     runner.run(process, track_fn=lambda it, d, n: track(it, "vq blocks", n))
     if teacher is not None:
-        report.stages.append(finetune_vq_model(model, teacher, calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
+        report.stages.append(finetune_vq_model(model, teacher, e2e_calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
                                                code_frac=cfg.e2e_code_frac,
                                                schedule=cfg.e2e_schedule, tune_embed=cfg.e2e_embed,
@@ -616,6 +621,8 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
         del teacher
     report.totals = weight_totals(model, n_params, acc["bits"], acc["weights"])
     report.totals["calibration"] = {"windows": int(calib.shape[0]), "tokens_per_window": int(calib.shape[1])}
+    if cfg.e2e_steps:
+        report.totals["calibration"]["e2e_windows"] = int(e2e_calib.shape[0])
     if search is not None:
         report.totals["format_search"] = {**search, "overrides": list(cfg_run.overrides)}
     return report
