@@ -72,6 +72,7 @@ class VQConfig(Config):
     e2e_embed: bool = False  # also tune the fp token embedding / head (stored as they are: no bits change)
     e2e_code_every: int = 0  # every N end-to-end steps, re-encode codes from their latent weights (0 = off)
     e2e_code_frac: float = 0.01  # at most this fraction of a layer's codes switch per re-encoding
+    e2e_code_lr: float = 1.0  # the latent weights' learning rate, relative to e2e_lr (codebook units)
     e2e_schedule: str = "constant"  # learning rate after the 10 % warm-up: "constant" or "cosine" (decays to 0)
     # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
     # (x86 with AVX-512 / AMX: 2-3x faster), else float32
@@ -115,6 +116,7 @@ class VQConfig(Config):
         check(self.e2e_samples >= 0, "e2e_samples", self.e2e_samples, ">= 0 (0 = calib_samples)")
         check(self.e2e_code_every >= 0, "e2e_code_every", self.e2e_code_every, ">= 0")
         check(0 < self.e2e_code_frac <= 1, "e2e_code_frac", self.e2e_code_frac, "in (0, 1]")
+        check(self.e2e_code_lr > 0, "e2e_code_lr", self.e2e_code_lr, "> 0")
         check(self.e2e_schedule in SCHEDULES, "e2e_schedule", self.e2e_schedule, f"one of {SCHEDULES}")
         check(self.ft_precision in ("auto", *PRECISIONS), "ft_precision", self.ft_precision,
               f"one of {('auto', *PRECISIONS)}")
@@ -615,7 +617,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     if teacher is not None:
         report.stages.append(finetune_vq_model(model, teacher, e2e_calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
-                                               code_frac=cfg.e2e_code_frac,
+                                               code_frac=cfg.e2e_code_frac, code_lr_scale=cfg.e2e_code_lr,
                                                schedule=cfg.e2e_schedule, tune_embed=cfg.e2e_embed,
                                                precision=ft_precision(cfg.ft_precision)))
         del teacher
