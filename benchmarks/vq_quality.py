@@ -89,7 +89,7 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     e2e = [s for r in reports for s in r.stages if s.get("stage") == "model.e2e"]
     if e2e:  # the distillation's held-out KL, and what it moved
         case["e2e"] = {k: e2e[-1].get(k) for k in ("before", "after", "kept", "codes_changed", "precision",
-                                                    "held_out_windows")}
+                                                    "held_out_windows", "train_kl")}
         case["e2e"]["windows"] = totals.get("calibration", {}).get("e2e_windows")
     return case
 

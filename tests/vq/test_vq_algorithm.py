@@ -255,6 +255,9 @@ def test_end_to_end_stage_lowers_kl_and_keeps_the_codes(tiny_llama):
     before_all = _eval_kl(lm.model, teacher, calib, 2)
     rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2)
     assert rec["stage"] == "model.e2e" and rec["kept"] and rec["after"] < rec["before"]
+    steps = [p[0] for p in rec["train_kl"]]
+    assert steps == sorted(steps) and steps[-1] == 12 and len(steps) >= 8
+    assert rec["train_kl"][-1][1] < rec["train_kl"][0][1]  # the training KL fell too
     assert _eval_kl(lm.model, teacher, calib, 2) < before_all
     mods = {n: m for n, m in lm.model.named_modules() if isinstance(m, (VQLinear, _TrainableVQ))}
     assert set(mods) == set(codes) and all(type(m) is VQLinear for m in mods.values())  # packed again

@@ -232,7 +232,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
     {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
     switches the code steps made during training (reported also when the result is not kept and they are undone),
-    "precision": the training passes' matmul precision}. `precision` "bfloat16" runs the training forward and
+    "precision": the training passes' matmul precision, "train_kl": [[step, mean training KL of the eighth of the
+    steps ending there], ...]}. `precision` "bfloat16" runs the training forward and
     backward passes (student and teacher) under bf16 autocast, ~2-3x faster on CPUs with AMX / AVX-512 BF16; the
     held-out KL that decides whether the result is kept is always measured in float32. The learning rate warms up
     linearly over the first tenth of the steps, then stays (`schedule` "constant") or follows a cosine to 0
@@ -269,12 +270,17 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, schedule))
         model.train(False)
         codes_changed = 0
+        curve, chunk = [], []  # mean training KL over each eighth of the steps (free: the loss is computed anyway)
         for step in track(range(steps), "vq fine-tune (end to end)", steps):
             idx = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
             w = train[idx]
             loss = _kl(model, _teacher_logp(teacher, w, precision), w, precision)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            chunk.append(float(loss.detach()))
+            if len(chunk) >= max(1, steps // 8) or step + 1 == steps:
+                curve.append([step + 1, sum(chunk) / len(chunk)])
+                chunk = []
             opt.step()
             if code_every:
                 for m in stand_ins.values():
@@ -309,7 +315,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
             p.requires_grad_(req)
     return {"stage": "model.e2e", "before": before, "after": after if kept else before, "steps": steps,
             "kept": kept, "held_out_windows": int(held.shape[0]) if hold else 0,
-            "codes_changed": codes_changed, "precision": precision}
+            "codes_changed": codes_changed, "precision": precision, "train_kl": curve}
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:
