@@ -23,7 +23,8 @@ import torch
 
 
 class _LogRenderer:
-    """Progress to stderr with timestamps (blocks, and every tenth of the end-to-end steps: the log stays short)."""
+    """Progress to stderr with timestamps (blocks, the format bank's blocks, and every tenth of the format search's
+    generations and of the end-to-end steps: the log stays short)."""
 
     def __init__(self):
         self.t0 = time.time()
@@ -34,8 +35,9 @@ class _LogRenderer:
     def advance(self, handle, n=1):
         handle[2] += n
         name, total, done = handle
-        if (name == "vq blocks" or (name.startswith("rtn") and done == total)
-                or (name.startswith("vq fine-tune") and done % max(1, total // 10) == 0)):
+        tenth = total and done % max(1, total // 10) == 0
+        if (name in ("vq blocks", "format bank") or (name.startswith("rtn") and done == total)
+                or (name.startswith(("vq fine-tune", "vq format search")) and tenth)):
             print(f"[{time.time() - self.t0:7.0f}s] {name} {done}/{total}", file=sys.stderr, flush=True)
 
     def stop(self, handle):
