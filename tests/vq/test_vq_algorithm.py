@@ -3,6 +3,8 @@ bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 
 import pytest
 import torch
@@ -305,7 +307,7 @@ def test_end_to_end_stage_tunes_the_embedding_when_asked_and_restores_it_on_undo
     assert not rec["kept"] and torch.equal(lm.model.model.embed_tokens.weight, e0)
 
 
-def test_end_to_end_stage_may_train_on_more_windows_than_the_layer_stage(tiny_llama, monkeypatch):
+def test_end_to_end_stage_may_train_on_more_windows_than_the_layer_stage(tiny_llama, monkeypatch, caplog):
     from edgetk.compress import vq as vqmod
 
     seen = {}
@@ -322,6 +324,10 @@ def test_end_to_end_stage_may_train_on_more_windows_than_the_layer_stage(tiny_ll
     rep = compress(_tiny(tiny_llama), cfg, calib=calib)[0]
     assert seen["e2e"] == 10 and rep.totals["calibration"]["windows"] == 6
     assert rep.totals["calibration"]["e2e_windows"] == 10
+    with caplog.at_level(logging.WARNING, logger="edgetk.compress.vq"):  # fewer drawn than asked: said, not silent
+        rep = compress(_tiny(tiny_llama), dataclasses.replace(cfg, e2e_samples=16), calib=calib)[0]
+    assert rep.totals["calibration"]["e2e_windows"] == 10
+    assert "e2e_samples=16 but only 10 calibration windows" in caplog.text and "--samples 16" in caplog.text
     with pytest.raises(ConfigError, match="e2e_samples"):
         VQConfig(e2e_samples=-1)
 

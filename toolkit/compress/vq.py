@@ -31,6 +31,7 @@ it refuses blocks streamed from disk.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, chec
                     param_count, set_module, weight_totals)
 from .vq_finetune import PRECISIONS, SCHEDULES, finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear, fp16_scale
+
+log = logging.getLogger(__name__)
 
 
 @config("vq", version=1)
@@ -579,6 +582,12 @@ def ft_precision(setting: str) -> str:
 def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict | None = None) -> CompressionReport:
     model = loaded.model
     n_params = param_count(model)
+    if calib is not None:
+        wants = [("calib_samples", cfg.calib_samples)] + ([("e2e_samples", cfg.e2e_samples)] if cfg.e2e_steps else [])
+        for field, want in wants:
+            if want > calib.shape[0]:
+                log.warning("%s=%d but only %d calibration windows were drawn: using %d (draw more: --samples %d)",
+                            field, want, calib.shape[0], calib.shape[0], want)
     e2e_calib = calib[: cfg.e2e_samples or cfg.calib_samples] if calib is not None else None
     calib = calib[: cfg.calib_samples] if calib is not None else None
     runner = BlockRunner(model, calib, **(runner_kw or {}))
