@@ -1,7 +1,7 @@
 """VQ quality benchmark: perplexity and bits per weight of VQ presets beside the RTN 2-bit baselines and fp.
 
     nice -n 10 python benchmarks/vq_quality.py --recipes rtn2-g64,rtn2-g32,vq2,vq3 [--max-windows 40]
-        [--samples 32] [--out-dir /tmp/vq_artifacts] [--results results.jsonl] [--set e2e_embed=true ...]
+        [--samples N] [--out-dir /tmp/vq_artifacts] [--results results.jsonl] [--set e2e_embed=true ...]
 
 One JSON line per case on stdout (also appended to --results as each case finishes), then a table.
 Perplexity: Lee news evaluation text, non-overlapping 512-token windows, every prediction scored ("all");
@@ -50,14 +50,16 @@ def _cpu() -> float:
 
 
 def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
-    from edgetk.compress import compress
+    from edgetk.compress import DEFAULT_CALIB_WINDOWS, calib_windows_needed, compress, with_settings
     from edgetk.compressed import save
     from edgetk.eval import perplexity
     from edgetk.models import load
 
     lm = load(args.model)
+    configs = with_settings(recipe, args.set)
+    n_samples = args.samples or max(DEFAULT_CALIB_WINDOWS, calib_windows_needed(configs))
     t0, c0 = time.perf_counter(), _cpu()
-    reports = compress(lm, _with_settings(recipe, args.set), n_samples=args.samples, seq_len=512, seed=args.seed)
+    reports = compress(lm, configs, n_samples=n_samples, seq_len=512, seed=args.seed)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     totals = {}
     for r in reports:
@@ -65,7 +67,7 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     name = recipe + "".join(f" {kv}" for kv in args.set)
     case = {"case": name, "model": args.model, "bpw": totals.get("bits_per_weight"),
             "bpw_model": totals.get("bits_per_weight_model"), "quant_wall_s": round(wall, 1),
-            "quant_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(), "calib_windows": args.samples}
+            "quant_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(), "calib_windows": n_samples}
     if args.out_dir:
         art = save(lm, Path(args.out_dir) / name.replace(" ", "_"), reports, recipe=name)
         disk = art.manifest["files"]["model.safetensors"]["bytes"]
@@ -96,29 +98,13 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     return case
 
 
-def _with_settings(recipe: str, settings: list[str]):
-    """The recipe's configs with `field=value` settings (JSON values) applied to every config that has the field."""
-    import dataclasses
-
-    from edgetk.compress import resolve_recipe
-    from edgetk.errors import ConfigError
-
-    kv = {k: json.loads(v) for k, _, v in (s.partition("=") for s in settings)}
-    configs = resolve_recipe(recipe)
-    fields = {f.name for c in configs for f in dataclasses.fields(c)}
-    if set(kv) - fields:
-        raise ConfigError(f"--set {sorted(set(kv) - fields)}: no config of recipe {recipe!r} has that field",
-                          hint="use field names of the recipe's configs (e.g. e2e_steps)")
-    return [dataclasses.replace(c, **{k: v for k, v in kv.items() if k in {f.name for f in dataclasses.fields(c)}})
-            for c in configs]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", default="rtn2-g64,rtn2-g32,vq2,vq2-res,vq3")
     ap.add_argument("--max-windows", type=int, default=None)
-    ap.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="calibration windows of 512 tokens drawn (default: 128, or more if the recipe reads more)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default=None, help="save each artifact here (and evaluate the reloaded one)")

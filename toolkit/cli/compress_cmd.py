@@ -1,4 +1,5 @@
-"""`edgetk compress MODEL --recipe R [--calib TEXT] [--samples N] [--eval] -o OUT [--json]` and `--list`.
+"""`edgetk compress MODEL --recipe R [--set FIELD=VALUE ...] [--calib TEXT] [--samples N] [--eval] -o OUT [--json]`
+and `--list`.
 
 Runs any registered recipe (VQ, RTN, pruning, token merging, ...), prints a per-layer table (reconstruction
 error, bits per weight or sparsity, time), the totals (bits over the quantized layers and the whole model),
@@ -66,7 +67,11 @@ def register(app: typer.Typer) -> None:
                                              "or a config as JSON"),
                   calib: str = typer.Option("calib", "--calib", help="calibration text: 'calib' (Wikipedia) or a "
                                             ".txt/.jsonl file (never the evaluation text)"),
-                  samples: int = typer.Option(128, "--samples", min=1, help="calibration windows drawn"),
+                  settings: list[str] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+                                                     help="change a field of every recipe config that has it "
+                                                     "(repeatable; JSON values), e.g. --set e2e_samples=512"),
+                  samples: int = typer.Option(None, "--samples", min=1, help="calibration windows drawn [default: "
+                                              "128, or more if the recipe reads more]"),
                   seq_len: int = typer.Option(512, "--seq-len", min=8, help="tokens per calibration window"),
                   seed: int = typer.Option(0, "--seed"),
                   do_eval: bool = typer.Option(False, "--eval", help="perplexity before and after"),
@@ -84,11 +89,11 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(table("recipes", ["name", "description"], [[k, v] for k, v in ps.items()]))
             return
-        _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out, json_)
+        _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out, json_, settings or [])
 
 
-def _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out, json_) -> None:
-    from ..compress import compress, resolve_recipe
+def _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out, json_, settings=()) -> None:
+    from ..compress import compress, with_settings
     from ..compressed import save
     from ..errors import ConfigError, DataError
     from ..models import load
@@ -99,15 +104,16 @@ def _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out
         raise ConfigError("no output directory given", hint="pass -o OUT")
     if str(calib) == "eval":
         raise DataError("refusing to calibrate on the evaluation text", hint="use --calib calib or your own file")
-    resolve_recipe(recipe)  # unknown names fail before the model loads
+    configs = with_settings(recipe, list(settings))  # unknown names and fields fail before the model loads
+    label = recipe + "".join(f" {kv}" for kv in settings)
     t0 = time.perf_counter()
     with progress(json_):
         lm = load(model)
         before = _evaluate(lm, max_windows) if do_eval else None
-        reports = compress(lm, recipe, calib_text=calib, n_samples=samples, seq_len=seq_len, seed=seed)
+        reports = compress(lm, configs, calib_text=calib, n_samples=samples, seq_len=seq_len, seed=seed)
         after = _evaluate(lm, max_windows) if do_eval else None
         extra = {"perplexity": {"before": before, "after": after}} if do_eval else {}
-        art = save(lm, out, reports, recipe=recipe, **extra)
+        art = save(lm, out, reports, recipe=label, **extra)
     seconds = time.perf_counter() - t0
     totals: dict = {}
     for r in reports:
@@ -116,7 +122,7 @@ def _run(model, recipe, calib, samples, seq_len, seed, do_eval, max_windows, out
     if weights_file:
         totals["safetensors_bytes"] = weights_file["bytes"]
     if json_:
-        emit_json({"model": lm.name, "recipe": recipe, "artifact": str(out), "totals": totals,
+        emit_json({"model": lm.name, "recipe": label, "artifact": str(out), "totals": totals,
                    "reports": [r.to_dict() for r in reports], "before": before, "after": after,
                    "seconds": seconds})
     else:

@@ -5,7 +5,8 @@
     PRESETS.register("vq2", [VQConfig(...)])            # a recipe = list of configs applied in order
 
 `compress(loaded, "vq2")` runs a recipe (methods modify `loaded.model` in place and append their config to
-`loaded.compression`). `save(loaded, out, reports)` writes a "model" artifact; `edgetk.models.load(out)` reads it back.
+`loaded.compression`); `with_settings("rotate+vq2-mix-kd", {"e2e_samples": 512})` is a recipe with fields changed.
+A config that reads calibration windows says how many (`calib_windows`); `compress` draws at least that many. `save(loaded, out, reports)` writes a "model" artifact; `edgetk.models.load(out)` reads it back.
 """
 from __future__ import annotations
 
@@ -103,11 +104,67 @@ def resolve_recipe(recipe: str | Config | list | tuple) -> tuple[Config, ...]:
     raise AssertionError("unreachable")
 
 
+def parse_settings(settings: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["e2e_samples=512", "ft_precision=float32"]` -> {"e2e_samples": 512, "ft_precision": "float32"}: values are
+    JSON where they parse as JSON (numbers, true/false, lists), else plain strings."""
+    import json
+
+    out: dict[str, Any] = {}
+    for s in settings:
+        key, eq, value = s.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"setting {s!r} is not FIELD=VALUE", hint="e.g. --set e2e_samples=512")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def with_settings(recipe: str | Config | list, settings: dict[str, Any] | list[str] | tuple[str, ...]
+                  ) -> list[Config]:
+    """The recipe's configs with `settings` applied to every config that has the field (each config validates
+    the new value). A field that no config of the recipe has is refused."""
+    import dataclasses
+
+    kv = parse_settings(settings) if isinstance(settings, (list, tuple)) else dict(settings)
+    configs = resolve_recipe(recipe)
+    names = [{f.name for f in dataclasses.fields(c)} for c in configs]
+    unknown = sorted(set(kv) - set().union(*names))
+    if unknown:
+        known = sorted(set().union(*names))
+        raise ConfigError(f"no config of recipe {_name(recipe)!r} has the field(s) {unknown}",
+                          hint=f"fields of this recipe: {', '.join(known)}")
+    out = []
+    for c, n in zip(configs, names):
+        changes = {k: v for k, v in kv.items() if k in n}
+        try:
+            out.append(c.replace(**changes) if changes else c)
+        except (TypeError, ValueError) as exc:  # a value of the wrong type (validate raises ConfigError itself)
+            raise ConfigError(f"settings {changes} do not fit config {getattr(c, 'KIND', type(c).__name__)!r}: "
+                              f"{exc}", hint="give each field a value of its type, e.g. e2e_samples=512") from exc
+    return out
+
+
+def _name(recipe) -> str:
+    return recipe if isinstance(recipe, str) else "+".join(getattr(c, "KIND", "?") for c in resolve_recipe(recipe))
+
+
+DEFAULT_CALIB_WINDOWS = 128  # drawn when the caller does not say (more if a config of the recipe reads more)
+
+
+def calib_windows_needed(recipe: str | Config | list) -> int:
+    """The most calibration windows any config of the recipe reads (0: the recipe needs no calibration)."""
+    return max([int(getattr(c, "calib_windows", 0)) for c in resolve_recipe(recipe)
+                if getattr(c, "needs_calibration", False)], default=0)
+
+
 def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = None,
-             calib_text: str = "calib", n_samples: int = 128, seq_len: int = 512, seed: int = 0
+             calib_text: str = "calib", n_samples: int | None = None, seq_len: int = 512, seed: int = 0
              ) -> list[CompressionReport]:
     """Apply a recipe in order. Calibration windows are drawn once (from the calibration text) if any
-    method needs them and `calib` is not given."""
+    method needs them and `calib` is not given: `n_samples` of them, by default max(128, the most any config of
+    the recipe reads). A config given fewer windows than it reads warns and uses those."""
     from ..data import calibration_windows, load_text
 
     configs = resolve_recipe(recipe)
@@ -115,6 +172,8 @@ def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = N
         if loaded.tokenizer is None:
             raise DataError("this recipe needs calibration text but the model has no tokenizer",
                             hint="pass calibration token windows explicitly")
+        if n_samples is None:
+            n_samples = max(DEFAULT_CALIB_WINDOWS, calib_windows_needed(configs))
         calib = calibration_windows(loaded.tokenizer, n_samples, seq_len, seed, text=load_text(calib_text))
     reports = []
     for cfg in configs:
@@ -128,4 +187,5 @@ def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = N
 
 
 __all__ = ["METHODS", "PRESETS", "register_method", "register_preset", "presets", "LayerReport",
-           "CompressionReport", "compress", "resolve_recipe", "ConfigError"]
+           "CompressionReport", "compress", "resolve_recipe", "with_settings", "parse_settings",
+           "calib_windows_needed", "DEFAULT_CALIB_WINDOWS", "ConfigError"]

@@ -3,6 +3,7 @@
 * `model_bits(model)`: every bit the model's state dict holds (tied tensors counted once).
 * `weight_totals(...)`: `bits_per_weight` over the quantized layers and `bits_per_weight_model` over the
   whole model (embeddings, norms and head included), against the original parameter count.
+* `take_windows(calib, n, field, what)`: the first n calibration windows, warning when fewer were drawn.
 * `kmeans` (weighted by the Hessian diagonal) and `chol_inv_upper` (GPTQ's factor of H⁻¹).
 * `BlockRunner`: walks a Llama decoder one transformer block at a time. Only the current block's
   calibration activations (inputs and fp targets) are held; a `load_block(i)` hook can materialise a block
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -19,8 +21,19 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 QUANT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def take_windows(calib: torch.Tensor, n: int, field: str, what: str) -> torch.Tensor:
+    """The first `n` calibration windows; fewer drawn than `n` is said (a warning naming `field` and the fix), not
+    silent, and the method uses those it has."""
+    if n > calib.shape[0]:
+        log.warning("%s: %s=%d but only %d calibration windows were drawn: using %d (draw more: --samples %d)",
+                    what, field, n, calib.shape[0], calib.shape[0], n)
+    return calib[:n]
 
 
 def unique_tensors(model: nn.Module) -> list[torch.Tensor]:

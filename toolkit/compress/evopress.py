@@ -60,6 +60,11 @@ class EvoPruneConfig(Config):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def calib_windows(self) -> int:
+        """Norms on the first n_samples windows, the fitness on the last search_samples of those read."""
+        return max(self.n_samples, self.search_samples)
+
 
 def unit_of(name: str) -> str:
     """`model.layers.3.mlp.up_proj` -> `model.layers.3`; a name with no index is its own unit."""
@@ -176,7 +181,7 @@ def search(bank: LevelBank, fit: KLFitness, cfg: EvoPruneConfig) -> tuple[list[f
 def apply_evo(loaded, cfg: EvoPruneConfig, calib: torch.Tensor | None) -> CompressionReport:
     model = loaded.model
     linears = prunable_linears(model, cfg.exclude)
-    calib = calib_batches(calib, max(cfg.n_samples, cfg.search_samples), "evopress search")
+    calib = calib_batches(calib, cfg.calib_windows, "evopress search")
     norms = input_norms(model, linears, calib[: cfg.n_samples]) if cfg.method == "wanda" else {}
     bank = LevelBank(linears, norms, per_row=cfg.method == "wanda")
     if len(set(bank.size)) == len(bank.size) and len(bank.size) > 1:

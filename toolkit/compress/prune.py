@@ -26,6 +26,7 @@ from ..config import Config, check, config
 from ..errors import ConfigError, DataError
 from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
+from .calib import take_windows
 
 METHODS_UNSTRUCTURED = ("magnitude", "wanda")
 
@@ -55,6 +56,10 @@ class PruneConfig(Config):
         return self.method == "wanda"
 
     @property
+    def calib_windows(self) -> int:
+        return self.n_samples if self.needs_calibration else 0
+
+    @property
     def label(self) -> str:
         return f"prune-{self.method}-{self.n}:{self.m}" if self.m else f"prune-{self.method}"
 
@@ -75,7 +80,7 @@ def calib_batches(calib: torch.Tensor | None, n_samples: int, what: str) -> torc
     if calib is None or calib.ndim != 2 or calib.shape[0] == 0:
         raise DataError(f"{what} needs calibration token windows [N, T]",
                         hint="pass calib= (edgetk.data.calibration_windows) or use a magnitude recipe")
-    return calib[:n_samples]
+    return take_windows(calib, n_samples, "n_samples", what)
 
 
 @torch.inference_mode()

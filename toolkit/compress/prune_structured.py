@@ -51,6 +51,10 @@ class StructuredPruneConfig(Config):
     def needs_calibration(self) -> bool:
         return self.method == "activation"
 
+    @property
+    def calib_windows(self) -> int:
+        return self.n_samples if self.needs_calibration else 0
+
 
 def mlp_blocks(model: nn.Module) -> list[tuple[str, tuple[str, ...], str]]:
     """[(block name, input projection names, output projection name)] for a known architecture."""

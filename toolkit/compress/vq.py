@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..progress import track
 from . import CompressionReport, LayerReport, register_method, register_preset
 from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, check_finite, chol_inv_upper, kmeans,
-                    param_count, set_module, weight_totals)
+                    param_count, set_module, take_windows, weight_totals)
 from .vq_finetune import PRECISIONS, SCHEDULES, finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear, fp16_scale
 
@@ -102,6 +102,11 @@ class VQConfig(Config):
     search_samples: int = 4  # calibration windows (the last ones) scoring the fitness
     search_tokens: int = 256
     needs_calibration = True
+
+    @property
+    def calib_windows(self) -> int:
+        """Calibration windows this config reads (the layer stage's, or the end-to-end stage's if more)."""
+        return max(self.calib_samples, self.e2e_samples if self.e2e_steps else 0)
 
     def validate(self) -> None:
         check(1 <= self.vec_len <= 32, "vec_len", self.vec_len, "in [1, 32]")
@@ -582,14 +587,12 @@ def ft_precision(setting: str) -> str:
 def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict | None = None) -> CompressionReport:
     model = loaded.model
     n_params = param_count(model)
+    e2e_calib = None
     if calib is not None:
-        wants = [("calib_samples", cfg.calib_samples)] + ([("e2e_samples", cfg.e2e_samples)] if cfg.e2e_steps else [])
-        for field, want in wants:
-            if want > calib.shape[0]:
-                log.warning("%s=%d but only %d calibration windows were drawn: using %d (draw more: --samples %d)",
-                            field, want, calib.shape[0], calib.shape[0], want)
-    e2e_calib = calib[: cfg.e2e_samples or cfg.calib_samples] if calib is not None else None
-    calib = calib[: cfg.calib_samples] if calib is not None else None
+        if cfg.e2e_steps:
+            e2e_calib = (take_windows(calib, cfg.e2e_samples, "e2e_samples", "vq") if cfg.e2e_samples
+                         else calib[: cfg.calib_samples])
+        calib = take_windows(calib, cfg.calib_samples, "calib_samples", "vq")
     runner = BlockRunner(model, calib, **(runner_kw or {}))
     if runner.load_block is None:  # in memory: refuse before touching any block (blocks from disk: per block)
         for i, layer in enumerate(model.model.layers):
