@@ -68,7 +68,8 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     name = recipe + "".join(f" {kv}" for kv in args.set)
     case = {"case": name, "model": args.model, "bpw": totals.get("bits_per_weight"),
             "bpw_model": totals.get("bits_per_weight_model"), "quant_wall_s": round(wall, 1),
-            "quant_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(), "calib_windows": n_samples if reads else 0}
+            "quant_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(),
+            "calib_windows": n_samples if reads else 0}
     if args.out_dir:
         art = save(lm, Path(args.out_dir) / name.replace(" ", "_"), reports, recipe=name)
         disk = art.manifest["files"]["model.safetensors"]["bytes"]

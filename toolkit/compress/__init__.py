@@ -6,7 +6,8 @@
 
 `compress(loaded, "vq2")` runs a recipe (methods modify `loaded.model` in place and append their config to
 `loaded.compression`); `with_settings("rotate+vq2-mix-kd", {"e2e_samples": 512})` is a recipe with fields changed.
-A config that reads calibration windows says how many (`calib_windows`); `compress` draws at least that many. `save(loaded, out, reports)` writes a "model" artifact; `edgetk.models.load(out)` reads it back.
+A config that reads calibration windows says how many (`calib_windows`); `compress` draws at least that many.
+`save(loaded, out, reports)` writes a "model" artifact; `edgetk.models.load(out)` reads it back.
 """
 from __future__ import annotations
 
