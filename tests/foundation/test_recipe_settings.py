@@ -28,11 +28,11 @@ def test_parse_settings_json_values_else_strings():
 
 def test_with_settings_changes_only_the_configs_that_have_the_field():
     base = resolve_recipe("rotate+vq2-mix-kd")
-    got = with_settings("rotate+vq2-mix-kd", ["e2e_samples=512", "seed=3"])
+    got = with_settings("rotate+vq2-mix-kd", ["e2e_samples=64", "seed=3"])
     assert [type(c) for c in got] == [type(c) for c in base]
-    assert got[1].e2e_samples == 512 and base[1].e2e_samples == 0  # the preset itself is untouched
+    assert got[1].e2e_samples == 64 and base[1].e2e_samples == 512  # the preset itself is untouched
     assert got[0].seed == 3 and got[1].seed == 3  # both configs have `seed`
-    assert got[1].replace(e2e_samples=0, seed=base[1].seed) == base[1]  # nothing else moved
+    assert got[1].replace(e2e_samples=512, seed=base[1].seed) == base[1]  # nothing else moved
     assert with_settings("vq2", {}) == list(resolve_recipe("vq2"))
 
 
@@ -49,8 +49,9 @@ def test_with_settings_refuses_unknown_fields_and_bad_values():
 def test_calib_windows_needed_per_recipe():
     assert calib_windows_needed("rtn2-g64") == 0 and calib_windows_needed("rotate") == 0
     assert calib_windows_needed("vq2") == VQConfig().calib_samples
-    assert calib_windows_needed("rotate+vq2-mix-kd") == 128
-    assert calib_windows_needed(with_settings("rotate+vq2-mix-kd", {"e2e_samples": 512})) == 512
+    assert calib_windows_needed("vq2-mix") == 64 and calib_windows_needed("vq2-evo") == 128
+    assert calib_windows_needed("rotate+vq2-mix-kd") == 512  # the -kd stage distills on 512 windows
+    assert calib_windows_needed(with_settings("rotate+vq2-mix-kd", {"e2e_samples": 0})) == 128
     # e2e_samples only counts when the end-to-end stage runs
     assert calib_windows_needed(VQConfig(calib_samples=8, e2e_samples=512)) == 8
     assert calib_windows_needed([PruneConfig("magnitude", 0.5, n_samples=300)]) == 0
