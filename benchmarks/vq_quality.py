@@ -50,15 +50,14 @@ def _cpu() -> float:
 
 
 def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
-    from edgetk.compress import DEFAULT_CALIB_WINDOWS, calib_windows_needed, compress, with_settings
+    from edgetk.compress import compress, windows_to_draw, with_settings
     from edgetk.compressed import save
     from edgetk.eval import perplexity
     from edgetk.models import load
 
     lm = load(args.model)
     configs = with_settings(recipe, args.set)
-    reads = calib_windows_needed(configs)  # 0: the recipe draws no calibration windows
-    n_samples = args.samples or max(DEFAULT_CALIB_WINDOWS, reads)
+    n_samples = windows_to_draw(configs, args.samples)  # 0: the recipe draws none
     t0, c0 = time.perf_counter(), _cpu()
     reports = compress(lm, configs, n_samples=n_samples, seq_len=512, seed=args.seed)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
@@ -69,7 +68,7 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     case = {"case": name, "model": args.model, "bpw": totals.get("bits_per_weight"),
             "bpw_model": totals.get("bits_per_weight_model"), "quant_wall_s": round(wall, 1),
             "quant_cpu_s": round(cpu, 1), "threads": torch.get_num_threads(),
-            "calib_windows": n_samples if reads else 0}
+            "calib_windows": n_samples}
     if args.out_dir:
         art = save(lm, Path(args.out_dir) / name.replace(" ", "_"), reports, recipe=name)
         disk = art.manifest["files"]["model.safetensors"]["bytes"]

@@ -10,7 +10,7 @@ import torch
 
 from edgetk.cli.app import main
 from edgetk.compress import (DEFAULT_CALIB_WINDOWS, calib_windows_needed, compress, parse_settings, resolve_recipe,
-                             with_settings)
+                             windows_to_draw, with_settings)
 from edgetk.compress.prune import PruneConfig
 from edgetk.compress.vq import VQConfig
 from edgetk.errors import ConfigError
@@ -56,6 +56,9 @@ def test_calib_windows_needed_per_recipe():
     assert calib_windows_needed(VQConfig(calib_samples=8, e2e_samples=512)) == 8
     assert calib_windows_needed([PruneConfig("magnitude", 0.5, n_samples=300)]) == 0
     assert calib_windows_needed([PruneConfig("wanda", 0.5, n_samples=300), VQConfig(calib_samples=8)]) == 300
+    # what compress draws: none for a recipe reading none, else what the caller says, else max(128, the most read)
+    assert windows_to_draw("rtn2-g64", 64) == 0 and windows_to_draw("vq2") == DEFAULT_CALIB_WINDOWS
+    assert windows_to_draw("vq2-kd") == 512 and windows_to_draw("vq2-kd", 100) == 100
 
 
 def test_calibration_windows_are_prefix_stable(smollm2):

@@ -134,7 +134,8 @@ def with_settings(recipe: str | Config | list, settings: dict[str, Any] | list[s
     unknown = sorted(set(kv) - set().union(*names))
     if unknown:
         known = sorted(set().union(*names))
-        raise ConfigError(f"no config of recipe {_name(recipe)!r} has the field(s) {unknown}",
+        name = recipe if isinstance(recipe, str) else "+".join(c.KIND for c in configs)
+        raise ConfigError(f"no config of recipe {name!r} has the field(s) {unknown}",
                           hint=f"fields of this recipe: {', '.join(known)}")
     out = []
     for c, n in zip(configs, names):
@@ -147,10 +148,6 @@ def with_settings(recipe: str | Config | list, settings: dict[str, Any] | list[s
     return out
 
 
-def _name(recipe) -> str:
-    return recipe if isinstance(recipe, str) else "+".join(getattr(c, "KIND", "?") for c in resolve_recipe(recipe))
-
-
 DEFAULT_CALIB_WINDOWS = 128  # drawn when the caller does not say (more if a config of the recipe reads more)
 
 
@@ -158,6 +155,15 @@ def calib_windows_needed(recipe: str | Config | list) -> int:
     """The most calibration windows any config of the recipe reads (0: the recipe needs no calibration)."""
     return max([int(getattr(c, "calib_windows", 0)) for c in resolve_recipe(recipe)
                 if getattr(c, "needs_calibration", False)], default=0)
+
+
+def windows_to_draw(recipe: str | Config | list, n_samples: int | None = None) -> int:
+    """How many calibration windows `compress` draws for the recipe: none if it reads none, else `n_samples`, by
+    default max(DEFAULT_CALIB_WINDOWS, the most any of its configs reads)."""
+    needed = calib_windows_needed(recipe)
+    if not needed:
+        return 0
+    return n_samples if n_samples is not None else max(DEFAULT_CALIB_WINDOWS, needed)
 
 
 def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = None,
@@ -173,9 +179,8 @@ def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = N
         if loaded.tokenizer is None:
             raise DataError("this recipe needs calibration text but the model has no tokenizer",
                             hint="pass calibration token windows explicitly")
-        if n_samples is None:
-            n_samples = max(DEFAULT_CALIB_WINDOWS, calib_windows_needed(configs))
-        calib = calibration_windows(loaded.tokenizer, n_samples, seq_len, seed, text=load_text(calib_text))
+        calib = calibration_windows(loaded.tokenizer, windows_to_draw(configs, n_samples), seq_len, seed,
+                                    text=load_text(calib_text))
     reports = []
     for cfg in configs:
         fn = METHODS.get(type(cfg))
@@ -189,4 +194,4 @@ def compress(loaded, recipe: str | Config | list, calib: torch.Tensor | None = N
 
 __all__ = ["METHODS", "PRESETS", "register_method", "register_preset", "presets", "LayerReport",
            "CompressionReport", "compress", "resolve_recipe", "with_settings", "parse_settings",
-           "calib_windows_needed", "DEFAULT_CALIB_WINDOWS", "ConfigError"]
+           "calib_windows_needed", "windows_to_draw", "DEFAULT_CALIB_WINDOWS", "ConfigError"]

@@ -31,7 +31,6 @@ it refuses blocks streamed from disk.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 
@@ -49,7 +48,6 @@ from .calib import (QUANT_LINEARS, BlockRunner, block_hessians, block_loss, chec
 from .vq_finetune import PRECISIONS, SCHEDULES, finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear, fp16_scale
 
-log = logging.getLogger(__name__)
 
 
 @config("vq", version=1)
