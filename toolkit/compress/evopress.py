@@ -20,12 +20,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config, check, config
 from ..errors import ConfigError
 from ..progress import task
 from . import CompressionReport, LayerReport, register_method, register_preset
+from .distill import kl_rows, soft_targets
 from .prune import calib_batches, input_norms, prunable_linears, rel_error, scores, totals_for
 
 
@@ -114,19 +114,18 @@ class KLFitness:
     def __init__(self, model, windows: torch.Tensor):
         self.model, self.windows = model, windows
         with torch.inference_mode():
-            self.ref = [F.log_softmax(self._logits(w), -1) for w in windows]
+            self.ref = [soft_targets(self._logits(w)) for w in windows]
 
     def _logits(self, w: torch.Tensor) -> torch.Tensor:
         out = self.model(w[None])
-        return (out if isinstance(out, torch.Tensor) else out[0])[0].float()
+        return (out if isinstance(out, torch.Tensor) else out[0])[0]
 
     @torch.inference_mode()
     def __call__(self, n: int | None = None) -> float:
         total = 0.0
         idx = range(len(self.windows) if n is None else n)
         for i in idx:
-            lp = F.log_softmax(self._logits(self.windows[i]), -1)
-            total += F.kl_div(lp, self.ref[i], log_target=True, reduction="batchmean").item()
+            total += kl_rows(self._logits(self.windows[i]), self.ref[i]).mean().item()
         return total / len(idx)
 
 

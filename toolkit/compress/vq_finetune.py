@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..progress import track
 from .calib import set_module
+from .distill import kl_rows, soft_targets
 from .vq_linear import VQLinear, fp16_scale
 
 log = logging.getLogger(__name__)
@@ -185,20 +186,19 @@ def _compute(precision: str):
     return contextlib.nullcontext()
 
 
-def _kl(student: nn.Module, teacher_logp: torch.Tensor, tokens: torch.Tensor,
+def _kl(student: nn.Module, targets: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
         precision: str = "float32") -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student)."""
+    """Mean per-token KL(teacher ‖ student), the teacher given as its `_teacher_targets` on the same tokens."""
     with _compute(precision):
         out = student(tokens)
-    logq = F.log_softmax(out.float(), -1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+    return kl_rows(out, targets).mean()
 
 
 @torch.no_grad()
-def _teacher_logp(teacher: nn.Module, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+def _teacher_targets(teacher: nn.Module, tokens: torch.Tensor, precision: str = "float32"):
     with _compute(precision):
         out = teacher(tokens)
-    return F.log_softmax(out.float(), -1)
+    return soft_targets(out)
 
 
 @torch.no_grad()
@@ -206,7 +206,7 @@ def _eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch:
     tot = 0.0
     for i in range(0, windows.shape[0], batch):
         w = windows[i:i + batch]
-        tot += float(_kl(model, _teacher_logp(teacher, w), w)) * w.shape[0]
+        tot += float(_kl(model, _teacher_targets(teacher, w), w)) * w.shape[0]
     return tot / windows.shape[0]
 
 
@@ -274,7 +274,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
         for step in track(range(steps), "vq fine-tune (end to end)", steps):
             idx = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
             w = train[idx]
-            loss = _kl(model, _teacher_logp(teacher, w, precision), w, precision)
+            loss = _kl(model, _teacher_targets(teacher, w, precision), w, precision)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             chunk.append(float(loss.detach()))
