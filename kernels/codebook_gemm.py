@@ -235,7 +235,7 @@ def _(x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, c
 
 def _plain_eager(x: torch.Tensor) -> bool:
     """True for a real CPU tensor outside every tracer (export, compile, jit, dispatch modes) and autograd."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+    return (type(x) is torch.Tensor and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 

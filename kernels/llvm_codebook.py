@@ -44,7 +44,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -490,7 +489,7 @@ def default_lut() -> tuple[str, ...]:
     summation order, so that eager runs match exported graphs token for token (the int16 LUT, ~1e-5, measured
     1.09-1.35x slower than it on every smollm2 / 4096^2 shape, 1 and 2 threads, session 10). The int8 LUT (q8) is
     an accuracy trade-off like onnxruntime's accuracy_level=4 and is chosen explicitly."""
-    env = os.environ.get("EDGETK_LUT")
+    env = table.env("EDGETK_LUT")
     return () if env is None else _parse_lut_env(env)
 
 
@@ -525,7 +524,7 @@ def prefill_mode() -> str:
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
     matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs)."""
-    mode = os.environ.get("EDGETK_PREFILL", "auto").strip() or "auto"
+    mode = (table.env("EDGETK_PREFILL") or "auto").strip() or "auto"
     if mode not in PREFILL_MODES:
         raise ConfigError(f"EDGETK_PREFILL={mode!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
     return mode
@@ -597,8 +596,9 @@ def gemm_stride(p: Packed) -> int:
     return n + (-n % 64)
 
 
-def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None) -> torch.Tensor:
-    """Run the batch-1 kernel `fn` (a compiled `*_work_par`) for one input vector x [in] -> y [out].
+def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None, lead: tuple = ()) -> torch.Tensor:
+    """Run the batch-1 kernel `fn` (a compiled `*_work_par`) for one input vector x [in] -> y [*lead, out] (`lead`:
+    the caller's leading dimensions, all 1: allocated so, no view afterwards).
 
     `stride(p, n_threads)`: scratch bytes per thread. Shared by the float32, int16- and int8-LUT gemv kernels.
     The thread count and stride are cached per weight (a few µs a call otherwise)."""
@@ -610,11 +610,12 @@ def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None) -> tor
         hit = cache[key] = (nt, stride(p, nt))
     nt, st = hit
     scr = lc.scratch(st * nt)
-    y = torch.empty(p.n_rb * p.spec.R, dtype=torch.float32)
+    n = p.n_rb * p.spec.R
+    y = torch.empty((*lead, n))
     a = p.argv()
     a[A_X], a[A_Y], a[A_SCR], a[A_SSTRIDE] = x.data_ptr(), y.data_ptr(), scr.data_ptr(), st
     fn(a, p.n_rb, nt)
-    return y if p.n_rb * p.spec.R == p.out_f else y[:p.out_f].clone()
+    return y if n == p.out_f else y[..., :p.out_f].clone()
 
 
 def gemv_fn(p: Packed, make):
@@ -626,9 +627,9 @@ def gemv_fn(p: Packed, make):
     return fn
 
 
-def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    """One input vector x [in] (float32, contiguous) -> y [out]."""
-    return launch(p, gemv_fn(p, lambda s: compiled(s)["gemv"]), x, gemv_stride, n_threads)
+def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None, lead: tuple = ()) -> torch.Tensor:
+    """One input vector x [in] (float32, contiguous) -> y [*lead, out]."""
+    return launch(p, gemv_fn(p, lambda s: compiled(s)["gemv"]), x, gemv_stride, n_threads, lead)
 
 
 def gemm_inputs(p: Packed, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -691,7 +692,7 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     fp32 matmul) or "bf16" (dequantize to bf16 + bf16 matmul where the host has it); exact=True keeps the LUT GEMM.
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
-    if x.dtype != torch.float32 or x.device.type != "cpu" or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
+    if x.dtype != torch.float32 or not x.is_cpu or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
         return codebook_gemm_reference(*args)
     tensors = (codes, codebooks, perm, outlier_w, scale, bias)
     rows = x.numel() // in_features
@@ -703,12 +704,12 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
                 continue
             pq = _CACHE_LUT[name].get(tensors, lambda: mod.pack_weight(*tensors, in_features, vec_len, code_bits))
             if pq is not None:
-                return mod.gemv(pq, xv, n_threads).view(*x.shape[:-1], -1)
+                return mod.gemv(pq, xv, n_threads, x.shape[:-1])
     p = _CACHE.get(tensors, lambda: pack_weight(*tensors, in_features, vec_len, code_bits))
     if p is None:
         return codebook_gemm_reference(*args)
     if rows == 1:
-        return gemv(p, xv, n_threads).view(*x.shape[:-1], p.out_f)
+        return gemv(p, xv, n_threads, x.shape[:-1])
     x2 = x.reshape(rows, in_features).contiguous()
     mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
     if mode != "lut":

@@ -436,5 +436,5 @@ def stride(p: lk.Packed, n_threads: int) -> int:
     return n + (-n % 64)
 
 
-def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    return lk.launch(p, lk.gemv_fn(p, compiled), x, stride, n_threads)
+def gemv(p: lk.Packed, x: torch.Tensor, n_threads: int | None = None, lead: tuple = ()) -> torch.Tensor:
+    return lk.launch(p, lk.gemv_fn(p, compiled), x, stride, n_threads, lead)

@@ -34,6 +34,18 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgetk_ker
 
 
 _SORTED: dict[tuple[str, str, str], tuple[KernelEntry, ...]] = {}  # entries by priority (select runs per call)
+_ENV = getattr(os, "environ", None)
+_ENV_DATA = getattr(_ENV, "_data", None)  # CPython's POSIX os.environ: a dict of bytes, kept in sync by os.environ
+
+
+def env(name: str) -> str | None:
+    """os.environ.get(name) for settings read on every kernel call: ~0.07 us instead of ~1 us (os.environ.get
+    encodes the key and goes through the Mapping machinery; an eager decode step calls the codebook op ~200 times).
+    Reads the same dict os.environ writes, so changes made through os.environ show at once."""
+    if isinstance(_ENV_DATA, dict) and os.name == "posix":
+        v = _ENV_DATA.get(name.encode())
+        return None if v is None else os.fsdecode(v)
+    return os.environ.get(name)
 
 
 def register(op: str, device: str, fmt: str, name: str, fn: Callable, priority: int = 0,
@@ -56,7 +68,7 @@ def select(op: str, device: str = "cpu", fmt: str = "eager") -> KernelEntry:
     table = _TABLE.get((op, device, fmt), {})
     if "reference" not in table:
         raise ConfigError(f"operator {op!r} has no reference kernel for ({device}, {fmt})")
-    forced = _forced.get() or os.environ.get("EDGETK_KERNEL")
+    forced = _forced.get() or env("EDGETK_KERNEL")
     if forced:
         if forced not in table:
             raise ConfigError(f"kernel {forced!r} is not registered for {op} on ({device}, {fmt})",

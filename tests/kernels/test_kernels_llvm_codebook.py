@@ -49,7 +49,8 @@ def check(y, ref):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("lead", [(1,), (2, 9), (5, 13)], ids=["batch1", "prefill", "prefill_tiles"])
+@pytest.mark.parametrize("lead", [(1,), (), (1, 1), (2, 9), (5, 13)],
+                         ids=["batch1", "batch1_1d", "batch1_3d", "prefill", "prefill_tiles"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_llvm_matches_reference(shape, lead, threads):
     """The float32-LUT kernels (exact=True): same result as the reference up to summation order (65 rows: more
@@ -130,6 +131,31 @@ def test_default_batch1_kernel_is_the_float32_one_unless_asked(monkeypatch):
     monkeypatch.setenv("EDGETK_LUT", "q4")
     with pytest.raises(ConfigError, match="EDGETK_LUT"):
         lk.codebook_gemm_llvm(x, *w, 64, 4, 8)
+
+
+def test_batch1_output_takes_the_input_leading_dims_for_every_kernel(monkeypatch):
+    """The batch-1 kernels allocate y with x's leading dimensions ([in] -> [out], [1, 1, in] -> [1, 1, out]),
+    including a row count the kernel pads (37 rows: the padded y is cut to a fresh tensor)."""
+    monkeypatch.delenv("EDGETK_LUT", raising=False)
+    cfg = (37, 64, 4, 256, 8, 1, 1, 0, True, False)
+    w = make_weight(*cfg)
+    for lut in ((), *((name,) for name in lk.LUT_KERNELS if lk.lut_available(name))):
+        for lead in ((), (1,), (1, 1)):
+            x = torch.randn(*lead, 64)
+            y = lk.codebook_gemm_llvm(x, *w, 64, 4, 8, lut=lut)
+            ref = cg.codebook_gemm_reference(x, *w, 64, 4, 8)
+            assert y.shape == (*lead, 37) and y.is_contiguous() and y.untyped_storage().nbytes() == 37 * 4
+            assert (y - ref).abs().max().item() <= (0.05 if lut else 2e-6) * ref.abs().max().item()
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    """table.env (the per-call settings read) sees changes made through os.environ at once."""
+    monkeypatch.delenv("EDGETK_TEST_SETTING", raising=False)
+    assert table.env("EDGETK_TEST_SETTING") is None
+    monkeypatch.setenv("EDGETK_TEST_SETTING", "q8 é")
+    assert table.env("EDGETK_TEST_SETTING") == "q8 é"
+    monkeypatch.delenv("EDGETK_TEST_SETTING")
+    assert table.env("EDGETK_TEST_SETTING") is None
 
 
 def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
