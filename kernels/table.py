@@ -34,15 +34,15 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgetk_ker
 
 
 _SORTED: dict[tuple[str, str, str], tuple[KernelEntry, ...]] = {}  # entries by priority (select runs per call)
-_ENV = getattr(os, "environ", None)
-_ENV_DATA = getattr(_ENV, "_data", None)  # CPython's POSIX os.environ: a dict of bytes, kept in sync by os.environ
+# CPython's os.environ on POSIX keeps its items in this dict (bytes keys and values) and writes through it
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def env(name: str) -> str | None:
     """os.environ.get(name) for settings read on every kernel call: ~0.07 us instead of ~1 us (os.environ.get
     encodes the key and goes through the Mapping machinery; an eager decode step calls the codebook op ~200 times).
     Reads the same dict os.environ writes, so changes made through os.environ show at once."""
-    if isinstance(_ENV_DATA, dict) and os.name == "posix":
+    if isinstance(_ENV_DATA, dict):
         v = _ENV_DATA.get(name.encode())
         return None if v is None else os.fsdecode(v)
     return os.environ.get(name)
