@@ -72,7 +72,8 @@ def test_run_lut_option_picks_the_codebook_kernel(tmp_path, tiny_lm, capsys, mon
     args = ["run", str(art.root), "--prompt", "hello there", "-n", "8", "--max-seq-len", "64", "--json"]
     q8 = lk.lut_kernel("q8")
     calls, real = [], q8.gemv
-    monkeypatch.setattr(q8, "gemv", lambda p, x, n=None: calls.append(p.spec) or real(p, x, n))  # counts, runs it
+    spy = lambda p, x, n=None, lead=(): calls.append(p.spec) or real(p, x, n, lead)  # noqa: E731 - counts, runs it
+    monkeypatch.setattr(q8, "gemv", spy)
     main(args + ["--lut", "none"])
     exact = _json_lines(capsys.readouterr().out)[0]
     assert not calls
