@@ -11,6 +11,8 @@ copy of the student logits is kept for the backward.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 # float32 elements per chunk (16 MB): below glibc's largest mmap threshold (32 MB), so after the first chunk the
@@ -19,8 +21,10 @@ import torch
 CHUNK_ELEMS = 1 << 22
 
 
-def _chunk(x: torch.Tensor) -> int:
-    return max(1, CHUNK_ELEMS // x.shape[-1])
+def _spans(x: torch.Tensor) -> Iterator[slice]:
+    """Row ranges of x [N, V] holding at most CHUNK_ELEMS elements (one row at least)."""
+    n = max(1, CHUNK_ELEMS // x.shape[-1])
+    return (slice(i, i + n) for i in range(0, x.shape[0], n))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -33,14 +37,13 @@ def soft_targets(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     t = _rows(teacher_logits)
     p = torch.empty(t.shape, dtype=torch.float32)
     h = torch.empty(t.shape[0], dtype=torch.float32)
-    n = _chunk(t)
-    for i in range(0, t.shape[0], n):
-        tf = t[i:i + n].float()
+    for r in _spans(t):
+        tf = t[r].float()
         lse = torch.logsumexp(tf, -1)
-        pc = p[i:i + n]
+        pc = p[r]
         torch.sub(tf, lse[:, None], out=pc)
         pc.exp_()
-        h[i:i + n] = torch.linalg.vecdot(pc, tf) - lse
+        h[r] = torch.linalg.vecdot(pc, tf) - lse
     return p, h
 
 
@@ -49,11 +52,10 @@ class _KLRows(torch.autograd.Function):
     def forward(ctx, s, p, h):  # noqa: D401 - autograd signature
         lse = torch.empty(s.shape[0], dtype=torch.float32)
         dot = torch.empty(s.shape[0], dtype=torch.float32)
-        n = _chunk(s)
-        for i in range(0, s.shape[0], n):
-            sf = s[i:i + n].float()
-            lse[i:i + n] = torch.logsumexp(sf, -1)
-            dot[i:i + n] = torch.linalg.vecdot(p[i:i + n], sf)
+        for r in _spans(s):
+            sf = s[r].float()
+            lse[r] = torch.logsumexp(sf, -1)
+            dot[r] = torch.linalg.vecdot(p[r], sf)
         ctx.save_for_backward(s, p, lse)
         return h + lse - dot
 
@@ -61,10 +63,8 @@ class _KLRows(torch.autograd.Function):
     def backward(ctx, g):
         s, p, lse = ctx.saved_tensors
         grad = torch.empty_like(s)
-        n = _chunk(s)
-        for i in range(0, s.shape[0], n):
-            d = s[i:i + n].float().sub_(lse[i:i + n, None]).exp_().sub_(p[i:i + n])
-            grad[i:i + n] = d.mul_(g[i:i + n, None])
+        for r in _spans(s):
+            grad[r] = s[r].float().sub_(lse[r, None]).exp_().sub_(p[r]).mul_(g[r, None])
         return grad, None, None
 
 

@@ -49,7 +49,6 @@ from .vq_finetune import PRECISIONS, SCHEDULES, finetune_vq_model, teacher_copy
 from .vq_linear import VQLinear, fp16_scale
 
 
-
 @config("vq", version=1)
 @dataclass(frozen=True)
 class VQConfig(Config):
