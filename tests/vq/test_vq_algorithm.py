@@ -381,6 +381,12 @@ def test_end_to_end_code_step_moves_a_bounded_fraction_of_codes(tiny_llama):
     assert bool((((latent - now) ** 2).sum(-1)[moved] < dist_before[moved]).all())  # each switch is nearer
     # the latent weights moved against the gradient (in codebook units: the gradient times the row scale)
     assert float((t.resid * t._latent_grad(g)).sum()) < 0
+    # reset: the next code step restarts the latent weights on the codewords it leaves, so a second one switches
+    # nothing until new gradients arrive
+    kept = t.codes.clone()
+    assert t.code_step(0.1, reset=True) > 0 and bool((t.resid == 0).all())
+    switched = t.codes.clone()
+    assert bool((switched != kept).any()) and t.code_step(0.1, reset=True) == 0 and torch.equal(t.codes, switched)
     codes = {n: m.codes.clone() for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
     rec = finetune_vq_model(lm.model, teacher, calib, steps=12, lr=3e-3, batch=2, seed=0, n_eval=2, code_every=3,
                             code_lr_scale=50.0, code_frac=0.05)
@@ -438,9 +444,9 @@ def test_end_to_end_stage_in_bfloat16_and_the_precision_setting(tiny_llama, monk
     # through compress: the stage record says which precision ran
     lm = _tiny(tiny_llama)
     rep = compress(lm, VQConfig(vec_len=4, codebook_size=16, e2e_steps=3, e2e_lr=3e-3, ft_precision="bfloat16",
-                                e2e_code_every=2, **FAST), calib=calib)[0]
+                                e2e_code_every=2, e2e_code_reset=True, **FAST), calib=calib)[0]
     e2e = next(s for s in rep.stages if s["stage"] == "model.e2e")
-    assert e2e["precision"] == "bfloat16" and e2e["after"] <= e2e["before"]
+    assert e2e["precision"] == "bfloat16" and e2e["after"] <= e2e["before"] and rep.config["e2e_code_reset"]
 
 
 def test_a_row_with_only_outlier_weights_stays_finite():

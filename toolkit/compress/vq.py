@@ -20,7 +20,7 @@ Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
    (AQLM's global fine-tuning, PV-Tuning's continuous step); kept only if the held-out KL drops. With
    `e2e_code_every` > 0 the codes move too (PV-Tuning's discrete step): latent weights take the same Adam
    steps and every that many steps at most `e2e_code_frac` of each layer's codes switch to the codeword
-   nearest their latent weight. The training passes run in bf16 autocast where oneDNN has bf16 matmuls
+   nearest their latent weight (`e2e_code_reset`: the latent weights then restart there). The training passes run in bf16 autocast where oneDNN has bf16 matmuls
    (`ft_precision="auto"`: AMX / AVX-512 hosts, 2-3x faster; float32 elsewhere; the keep/undo decision is always
    measured in float32), so the result of the -ft presets depends on the host's ISA.
 
@@ -73,6 +73,7 @@ class VQConfig(Config):
     e2e_code_every: int = 0  # every N end-to-end steps, re-encode codes from their latent weights (0 = off)
     e2e_code_frac: float = 0.01  # at most this fraction of a layer's codes switch per re-encoding
     e2e_code_lr: float = 1.0  # the latent weights' learning rate, relative to e2e_lr (codebook units)
+    e2e_code_reset: bool = False  # after each re-encoding the latent weights restart on the chosen codewords
     e2e_schedule: str = "constant"  # learning rate after the 10 % warm-up: "constant" or "cosine" (decays to 0)
     # matmul precision of the end-to-end training passes: "auto" = bfloat16 where oneDNN has bf16 kernels
     # (x86 with AVX-512 / AMX: 2-3x faster), else float32
@@ -627,6 +628,7 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
         report.stages.append(finetune_vq_model(model, teacher, e2e_calib, cfg.e2e_steps, cfg.e2e_lr, cfg.e2e_batch,
                                                cfg.seed, tune_norms=cfg.e2e_norms, code_every=cfg.e2e_code_every,
                                                code_frac=cfg.e2e_code_frac, code_lr_scale=cfg.e2e_code_lr,
+                                               code_reset=cfg.e2e_code_reset,
                                                schedule=cfg.e2e_schedule, tune_embed=cfg.e2e_embed,
                                                precision=ft_precision(cfg.ft_precision)))
         del teacher

@@ -110,11 +110,13 @@ class _TrainableVQ(nn.Module):
         self.resid.sub_(lr * m_hat / (v_hat.sqrt() + 1e-12))
 
     @torch.no_grad()
-    def code_step(self, frac: float) -> int:
+    def code_step(self, frac: float, reset: bool = False) -> int:
         """Re-encode the latent weights: each code vector may take the codeword nearest to its latent weight
         (stage by stage, the other stages held), weighted by the row scale²; of the vectors that would change,
         only the `frac` of all vectors that gain the most switch (PV-Tuning's trust region). The latent weights
-        stay where they are (their residual is re-expressed from the new codeword). Returns the codes changed."""
+        stay where they are (their residual is re-expressed from the new codeword), or with `reset` restart on
+        the codewords now chosen, so that the next step's latent weights move from the current point only (the
+        forward never reads them: nothing else stops them drifting). Returns the codes changed."""
         if getattr(self, "resid", None) is None:
             return 0
         f = self.fmt
@@ -137,7 +139,7 @@ class _TrainableVQ(nn.Module):
             self.codes[s] = torch.where(move, best, self.codes[s])
             cur[s] = cb[s][self.g_of_row[:, None], self.codes[s]]
             changed += int(move.sum())
-        self.resid = latent - sum(cur)
+        self.resid = torch.zeros_like(latent) if reset else latent - sum(cur)
         self._flat = None
         return changed
 
@@ -222,13 +224,14 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
 def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, steps: int, lr: float,
                       batch: int, seed: int, tune_norms: bool = True, n_eval: int = 4, code_every: int = 0,
                       code_lr_scale: float = 1.0, code_frac: float = 0.01, precision: str = "float32",
-                      schedule: str = "constant", tune_embed: bool = False) -> dict:
+                      schedule: str = "constant", tune_embed: bool = False, code_reset: bool = False) -> dict:
     """Fine-tune `model` (its `VQLinear`s and, optionally, RMSNorm weights) in place towards `teacher`.
 
     With `code_every` > 0 the codes move too (PV-Tuning's V step): every step, latent weights (codeword + residual,
     in codebook units) take an Adam step on the same gradient at `code_lr_scale` times the learning rate, and
     every `code_every` steps at most `code_frac` of each layer's code vectors switch to the codeword nearest
-    their latent weight (`_TrainableVQ.latent_step` / `code_step`). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
+    their latent weight (`_TrainableVQ.latent_step` / `code_step`; `code_reset` restarts the latent weights on
+    the codewords after each code step). The last `n_eval` calibration windows are held out to decide whether the result is kept (when there are
     more than n_eval windows; otherwise all windows serve both). Returns the stage record
     {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
     switches the code steps made during training (reported also when the result is not kept and they are undone),
@@ -286,7 +289,7 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
                 for m in stand_ins.values():
                     m.latent_step(sched.get_last_lr()[0] * code_lr_scale)
                 if (step + 1) % code_every == 0 and step + 1 < steps:
-                    codes_changed += sum(m.code_step(code_frac) for m in stand_ins.values())
+                    codes_changed += sum(m.code_step(code_frac, code_reset) for m in stand_ins.values())
             sched.step()
         for m in stand_ins.values():
             m.round_fp16()
