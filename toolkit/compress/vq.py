@@ -22,7 +22,8 @@ Per layer W [out, in] with the calibration Hessian H = XᵀX of its inputs:
    steps and every that many steps at most `e2e_code_frac` of each layer's codes switch to the codeword
    nearest their latent weight (`e2e_code_reset`: the latent weights then restart there). The training
    passes run in bf16 autocast where oneDNN has bf16 matmuls (`ft_precision="auto"`: AMX / AVX-512 hosts, 2-3x
-   faster; float32 elsewhere; the keep/undo decision is always measured in float32), so the result of the -ft presets depends on the host's ISA.
+   faster; float32 elsewhere; the keep/undo decision is always measured in float32), so the result of the -ft
+   presets depends on the host's ISA.
 
 Blocks are processed one at a time (`BlockRunner`): only one block and its calibration activations live.
 The end-to-end stage is the exception: it needs the whole model and an fp copy (the teacher) in memory, so
