@@ -232,8 +232,8 @@ def finetune_vq_model(model: nn.Module, teacher: nn.Module, calib: torch.Tensor,
     every `code_every` steps at most `code_frac` of each layer's code vectors switch to the codeword nearest
     their latent weight (`_TrainableVQ.latent_step` / `code_step`; `code_reset` restarts the latent weights on
     the codewords after each code step). The last `n_eval` calibration windows are held out to decide whether
-    the result is kept (when there are more than n_eval windows; otherwise all windows serve both). Returns the stage record
-    {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
+    the result is kept (when there are more than n_eval windows; otherwise all windows serve both). Returns the
+    stage record {"stage": "model.e2e", "before": KL, "after": KL, "steps": ..., "kept": bool, "codes_changed": the code
     switches the code steps made during training (reported also when the result is not kept and they are undone),
     "precision": the training passes' matmul precision, "train_kl": [[step, mean training KL of the eighth of the
     steps ending there], ...]}. `precision` "bfloat16" runs the training forward and
