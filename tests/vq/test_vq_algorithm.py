@@ -44,6 +44,22 @@ def test_each_layer_stage_lowers_the_loss():
     assert _out_err(p.dense(st.what()), mod.dequantize(), x) < 1e-5
 
 
+def test_fast_argmin_and_segment_sum_match_torch():
+    """The codebook searches' argmin (first minimum on ties) and the codebook sums' index_add_, done faster."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (300, 64), generator=g).float()  # many ties
+    assert torch.equal(calib_mod.argmin_last(scores), scores.argmin(-1))
+    scores = torch.randn(2, 50, 256, generator=g)
+    assert torch.equal(calib_mod.argmin_last(scores), scores.argmin(-1))
+    idx = torch.randint(0, 40, (5000,), generator=g)
+    idx[idx == 7] = 8  # an empty segment
+    vals = torch.randn(5000, 3, generator=g)
+    got = calib_mod.segment_sum(idx, vals, 40)
+    want = torch.zeros(40, 3, dtype=torch.float64).index_add_(0, idx, vals.double()).float()
+    assert got.dtype == torch.float32 and got.shape == (40, 3)
+    assert torch.allclose(got, want, atol=1e-5) and not got[7].any()
+
+
 def test_hessian_feedback_beats_plain_kmeans_and_rtn():
     w, h, x = _problem()
     base = VQConfig(vec_len=4, codebook_size=64, kmeans_iters=8, refine_rounds=0)
@@ -160,7 +176,8 @@ def _short_text(body: str = "too short."):
 def test_presets_are_registered_with_honest_targets():
     ps = presets()
     for name in ("vq2", "vq2-res", "vq2-r16", "vq2-r16-ft", "vq3", "vq2-ft", "vq3-ft", "vq2-kd", "vq3-kd",
-                 "vq2-mix", "vq2-mix-kd", "vq2-evo", "vq2-evo-kd", "vq3-k512", "vq3-k512-kd", "rtn2-g32", "rtn2-g64"):
+                 "vq2-mix", "vq2-mix-kd", "vq2-fast", "vq2-evo", "vq2-evo-kd", "vq3-k512", "vq3-k512-kd", "rtn2-g32",
+                 "rtn2-g64"):
         assert name in ps and ps[name]
     # bits per weight on the smollm2 shapes (codebooks, scales, outliers included; per-layer overrides applied)
     shapes = {"self_attn.q_proj": (576, 576), "self_attn.o_proj": (576, 576), "self_attn.k_proj": (192, 576),
@@ -169,7 +186,7 @@ def test_presets_are_registered_with_honest_targets():
     for name, lo, hi in (("vq2", 1.9, 2.3), ("vq2-res", 2.1, 2.3), ("vq2-r16", 2.0, 2.1), ("vq2-r16-ft", 2.0, 2.1),
                          ("vq3", 2.8, 3.1), ("vq2-ft", 1.9, 2.3), ("vq3-ft", 2.8, 3.1), ("vq2-kd", 2.0, 2.1),
                          ("vq3-kd", 3.0, 3.1), ("vq2-mix", 2.15, 2.25), ("vq2-mix-kd", 2.15, 2.25),
-                         ("vq3-k512", 3.0, 3.1), ("vq3-k512-kd", 3.0, 3.1)):
+                         ("vq2-fast", 2.15, 2.25), ("vq3-k512", 3.0, 3.1), ("vq3-k512-kd", 3.0, 3.1)):
         cfg = resolve_recipe(name)[0]
         bits = sum(cfg.for_layer(n).format_for(*s).storage_bits() for n, s in shapes.items())
         bpw = bits / sum(a * b for a, b in shapes.values())
@@ -177,6 +194,9 @@ def test_presets_are_registered_with_honest_targets():
     for name in ("vq2-evo", "vq2-evo-kd"):  # the search starts from vq2-mix's formats, with budget left to spend
         cfg = resolve_recipe(name)[0]
         assert cfg.search_bpw == 2.3 and cfg.overrides == resolve_recipe("vq2-mix")[0].overrides
+    fast, kd = resolve_recipe("vq2-fast")[0], resolve_recipe("vq2-mix-kd")[0]  # vq2-mix-kd, a quarter of the steps
+    assert fast.e2e_steps == 100 and kd.e2e_steps == 400
+    assert dataclasses.replace(fast, e2e_steps=400) == kd
 
 
 @pytest.mark.slow

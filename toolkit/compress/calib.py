@@ -205,6 +205,19 @@ def block_loss(runner: BlockRunner, block: nn.Module, x: torch.Tensor, y: torch.
 
 
 # -- k-means weighted by the Hessian diagonal ------------------------------------------------------
+def argmin_last(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmin(-1)` (the first minimum, as argmin takes it), 1.2-2.4x faster on CPU: torch's argmin
+    reduction is not vectorized there (~0.4-0.7 G elements/s at the codebook searches' [rows, 256] shapes)."""
+    return scores.min(-1).indices
+
+
+def segment_sum(idx: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    """out[k] = Σ vals[i] over idx[i] == k (idx [N], vals [N, v] -> [n, v] float32): `index_add_` computed with
+    one float64 `bincount` per column, ~5x faster on CPU (index_add_ there is a serial scatter)."""
+    cols = [torch.bincount(idx, weights=vals[:, t], minlength=n) for t in range(vals.shape[1])]
+    return torch.stack(cols, 1).float()
+
+
 def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     """argmin_k Σ_i w_i (x_i - c_ki)² for every row of x (x, w [N, v]; c [K, v]) as one fused matmul:
     [w, w⊙x] @ [c²; -2c]ᵀ."""
@@ -212,7 +225,7 @@ def _assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, chunk: int = 1638
     rhs = torch.cat([c * c, -2 * c], 1).T.contiguous()
     for i in range(0, x.shape[0], chunk):
         ws = w[i:i + chunk]
-        out[i:i + chunk] = (torch.cat([ws, ws * x[i:i + chunk]], 1) @ rhs).argmin(1)
+        out[i:i + chunk] = argmin_last(torch.cat([ws, ws * x[i:i + chunk]], 1) @ rhs)
     return out
 
 
@@ -230,8 +243,7 @@ def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Gene
     c = x[init].clone()
     a = _assign(x, w, c)
     for _ in range(iters):
-        num = torch.zeros_like(c).index_add_(0, a, w * x)
-        den = torch.zeros_like(c).index_add_(0, a, w)
+        num, den = segment_sum(a, w * x, k), segment_sum(a, w, k)
         empty = den.sum(1) <= 0
         c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
         if empty.any():
