@@ -640,8 +640,10 @@ def apply_vq(loaded, cfg: VQConfig, calib: torch.Tensor | None, runner_kw: dict 
     return report
 
 
-def _preset(name: str, desc: str, **kw) -> None:
-    register_preset(name, VQConfig(**kw), description=desc)
+def _preset(name: str, desc: str, **kw) -> VQConfig:
+    cfg = VQConfig(**kw)
+    register_preset(name, cfg, description=desc)
+    return cfg
 
 
 _preset("vq2", "VQ v=4 K=256 (8-bit codes) + fp16 per-channel scale: Hessian k-means, GPTQ feedback, "
@@ -675,12 +677,13 @@ _preset("vq3-kd", "vq3 + the distillation stage of vq2-kd", vec_len=2, codebook_
         kmeans_iters=10, **_KD)
 _preset("vq2-mix", "vq2 with the attention k/v/o projections at vq3's format (v=2, K=64: 3 bits), the MLP at 2 bits "
         "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX)
-_preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay (~2.20 bpw)",
-        vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX, **_KD_COS)
+_MIX_KD = _preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its learning rate on a cosine decay "
+                  "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX,
+                  **_KD_COS)
 # the 20-minute preset: 100 steps instead of 400 (measured on rotate+vq2-mix-kd, 2 threads: 13 min, perplexity +4 %)
-_preset("vq2-fast", "vq2-mix-kd with 100 distillation steps instead of 400: the quick preset (~2.20 bpw; ~13 min on "
-        "2 cores for smollm2-135m after `rotate`)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10,
-        overrides=_MIX, **{**_KD_COS, "e2e_steps": 100})
+register_preset("vq2-fast", dataclasses.replace(_MIX_KD, e2e_steps=100),
+                description="vq2-mix-kd with 100 distillation steps instead of 400: the quick preset (~2.20 bpw; "
+                "~13 min on 2 cores for smollm2-135m after `rotate`)")
 _preset("vq2-evo", "vq2-mix with the layers at 3 bits chosen per block by an evolutionary search (EvoPress) on the "
         "KL to the fp model, at most 2.3 bits per weight; the search quantizes every layer in both formats first "
         "(~3x vq2-mix's time; needs the model in memory)", vec_len=4, codebook_size=256, refine_rounds=1,
