@@ -63,7 +63,8 @@ ir = lc.ir
 N_ARGS = 18
 LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
 GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
-MIN_CODES_PER_THREAD = 1 << 16  # below this another thread costs more than it saves (measured: q8 576x576 vs 1536x576)
+MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
+# smollm2 shape, 192x576 included, ran faster on two, q8 / q16 / float32 kernels alike, cycling 256 MB of weights)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ class EagerDecoder:
             if kv_cache.needs_calibration:
                 calib = kvc.calibrate(model, _calib_windows(loaded, kv_cache, calib_text), kv_cache)
             factory = kvc.cache_factory(kv_cache, calib, extra_slots)
+        _warm_up(model)
         model.setup_cache(1, max_seq_len, cache_factory=factory)
         self.vocab = model.cfg.vocab_size
         self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -153,6 +154,19 @@ class EagerDecoder:
         limits = [l.self_attn.kv_cache.depth_limit(length) for l in self.model.model.layers
                   if hasattr(l.self_attn.kv_cache, "depth_limit")]
         return min(limits) if limits else 1 << 30
+
+
+WARM_UP_ROWS = (1, 8)  # a decode step and a short prompt
+
+
+@torch.inference_mode()
+def _warm_up(model: LlamaForCausalLM) -> None:
+    """Run the model once per row count in WARM_UP_ROWS, without a cache, so that the kernels its layers pick
+    (codebook GEMV / GEMM: JIT-compiled and packed on first use, ~1 s for smollm2 at 2 bits) are ready at load
+    time rather than inside the first generation's time to first token and decode rate."""
+    model.clear_cache()
+    for rows in WARM_UP_ROWS:
+        model(torch.zeros(1, min(rows, model.cfg.max_seq_len), dtype=torch.long))
 
 
 def _calib_windows(loaded: LoadedModel, cfg: kvc.KVCacheConfig, text: str | None) -> torch.Tensor:

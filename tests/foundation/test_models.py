@@ -24,6 +24,38 @@ def test_decoder_cache_matches_full_forward(tiny_llama):
         tiny_llama(x)
 
 
+def test_eager_dense_cache_attends_only_the_used_slots(tiny_llama):
+    """Eager decoding over a long static cache reads only the slots up to the last one attended (the mask is cut
+    there), with the same logits as attending the whole cache; tree masks are cut at their last True column."""
+    from edgetk.models.llama import attended_prefix
+
+    x = torch.randint(0, 256, (1, 10))
+    cache = tiny_llama.cfg.max_seq_len  # the longest static cache the model takes
+    widths = []
+    runs = {}
+    for short in (True, False):
+        with torch.no_grad():
+            tiny_llama.setup_cache(1, cache)
+            kv = tiny_llama.model.layers[0].self_attn.kv_cache
+            attend = kv.attend
+            kv.attend = lambda q, k, v, pos, cos, sin, mask: widths.append(mask.shape[-1]) or attend(
+                q, k, v, pos, cos, sin, mask)
+            tiny_llama._short_mask = short  # False: what traced graphs do (the whole static cache)
+            outs = [tiny_llama(x[:, :6], torch.arange(6))]
+            outs += [tiny_llama(x[:, i:i + 1], torch.tensor([i])) for i in range(6, 10)]
+        runs[short] = torch.cat(outs, 1)
+    assert widths == [6, 7, 8, 9, 10] + [cache] * 5
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
+    tree = torch.zeros(3, cache, dtype=torch.bool)
+    tree[:, :4] = True
+    tree[1, 5] = True
+    assert attended_prefix(tree) == 6
+    assert attended_prefix(torch.zeros(2, cache, dtype=torch.bool)) == 1
+    assert attended_prefix(tree, torch.tensor([7, 3])) == 8
+    tiny_llama.clear_cache()
+    assert not tiny_llama._short_mask
+
+
 def test_llama_config_validation():
     with pytest.raises(ConfigError, match="num_kv_heads"):
         LlamaConfig(num_heads=9, num_kv_heads=2)

@@ -177,3 +177,31 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="calibration"):
         QuantKVCache(KVCacheConfig(key_scaling="calibrated"), 1, 2, 64, 16)
     assert KVCacheConfig.from_json(KVCacheConfig(bits=2, gear_rank=2).to_json()) == KVCacheConfig(bits=2, gear_rank=2)
+
+
+def test_load_warms_the_kernels_up(tiny_lm):
+    """LLM.load runs the model once per WARM_UP_ROWS without a cache, so that the layers' kernels (a VQ layer's
+    batch-1 codebook GEMV: JIT-compiled and packed on first use) are ready before the first generation is timed;
+    the cache is set up afterwards and generation is unaffected."""
+    from edgetk.compress.vq_linear import VQLinear
+    from edgetk.kernels import llvm_codebook as lk
+    from edgetk.kernels.codebook_gemm import CodebookFormat
+    from edgetk.runtimes.llm import WARM_UP_ROWS
+
+    m = tiny_lm.model
+    lin = m.model.layers[0].mlp.down_proj
+    fmt = CodebookFormat(lin.out_features, lin.in_features, has_scale=True)
+    g = torch.Generator().manual_seed(0)
+    vq = VQLinear.from_parts(fmt, torch.randint(0, 256, (1, fmt.out_features, fmt.n_vec), generator=g),
+                             torch.randn(1, 1, 256, 4, generator=g) / 8, scale=torch.ones(fmt.out_features))
+    m.model.layers[0].mlp.down_proj = vq
+    want = LLM.load(copy.deepcopy(tiny_lm), max_seq_len=64).generate(PROMPTS[0], max_new_tokens=8).token_ids
+    lk._CACHE._d.pop(id(vq.codes), None)
+    rows = []
+    m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    llm = LLM.load(tiny_lm, max_seq_len=64)
+    assert rows == list(WARM_UP_ROWS)
+    assert m.model.layers[0].self_attn.kv_cache is not None
+    if lk.available():  # the float32 batch-1 kernel packed the layer during load
+        assert id(vq.codes) in lk._CACHE._d
+    assert llm.generate(PROMPTS[0], max_new_tokens=8).token_ids == want

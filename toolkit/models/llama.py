@@ -9,6 +9,9 @@ Forward modes:
   * `model(tokens)` with no cache set up: plain causal attention over `tokens` (perplexity, calibration).
   * `model(tokens, input_pos)` after `setup_cache`: writes keys/values at `input_pos` and attends
     to every cached position <= each query's position (prefill: input_pos = arange(T); decode: [pos]).
+    In plain eager runs over the default `DenseKVCache` the attention reads only the slots up to the last
+    one the mask lets any query see (not the whole static length: decoding at position p of a 2048-slot
+    cache costs what a p-slot cache would); traced and exported graphs keep the static shapes.
 """
 from __future__ import annotations
 
@@ -122,6 +125,20 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+def _tracing() -> bool:
+    """True under torch.jit tracing, torch.compile and torch.export (static shapes needed)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def attended_prefix(mask: torch.Tensor, input_pos: torch.Tensor | None = None) -> int:
+    """The number of leading cache slots that mask [T, S] lets some query see (1 + the last True column; at
+    least 1). With `input_pos` the mask is the causal one of those positions: 1 + their maximum, no scan."""
+    if input_pos is not None:
+        return int(input_pos.max()) + 1
+    cols = mask.any(0).nonzero()
+    return int(cols[-1]) + 1 if cols.numel() else 1
+
+
 class DenseKVCache(nn.Module):
     """fp cache [B, KV, S, D]; keys stored after RoPE. `attend` = update + masked attention."""
 
@@ -137,8 +154,14 @@ class DenseKVCache(nn.Module):
         self.k.index_copy_(2, input_pos, k_new)
         self.v.index_copy_(2, input_pos, v_new)
         n_rep = q.shape[1] // self.k.shape[1]
-        k, v = repeat_kv(self.k, n_rep), repeat_kv(self.v, n_rep)
+        k, v = self.k, self.v
+        if mask.shape[-1] < k.shape[2]:  # eager: the mask was cut after the last slot any query attends
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    # `hidden_states` may hand `attend` a mask narrower than the cache (see `attended_prefix`)
+    takes_short_mask = True
 
     @property
     def nbytes(self) -> int:
@@ -224,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.residual_rotation:
             self.register_buffer("rotation", torch.eye(cfg.hidden_size))
         self.cache_len = 0
+        self._short_mask = False  # every layer's cache takes a mask cut to the attended slots (eager runs)
 
     # -- cache -----------------------------------------------------------------------------------
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None,
@@ -237,12 +261,14 @@ class LlamaForCausalLM(nn.Module):
                                         else DenseKVCache(batch, c.num_kv_heads, s, c.head_dim))
         self.causal_mask = torch.tril(torch.ones(s, s, dtype=torch.bool))
         self.cache_len = s
+        self._short_mask = all(getattr(l.self_attn.kv_cache, "takes_short_mask", False) for l in self.model.layers)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.causal_mask = torch.ones(1, 1, dtype=torch.bool)
         self.cache_len = 0
+        self._short_mask = False
 
     def kv_cache_bytes(self) -> int:
         return sum(int(getattr(l.self_attn.kv_cache, "nbytes", 0)) for l in self.model.layers
@@ -261,6 +287,8 @@ class LlamaForCausalLM(nn.Module):
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos (positions of `tokens`)")
             mask = self.causal_mask[input_pos] if attn_mask is None else attn_mask
+            if self._short_mask and not _tracing():
+                mask = mask[:, :attended_prefix(mask, input_pos if attn_mask is None else None)]
             if rope_pos is not None:  # the rows of the new slots carry their tokens' RoPE angles
                 cos = cos.index_copy(0, input_pos, cos[rope_pos])
                 sin = sin.index_copy(0, input_pos, sin[rope_pos])
