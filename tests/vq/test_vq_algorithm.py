@@ -194,9 +194,10 @@ def test_presets_are_registered_with_honest_targets():
     for name in ("vq2-evo", "vq2-evo-kd"):  # the search starts from vq2-mix's formats, with budget left to spend
         cfg = resolve_recipe(name)[0]
         assert cfg.search_bpw == 2.3 and cfg.overrides == resolve_recipe("vq2-mix")[0].overrides
-    fast, kd = resolve_recipe("vq2-fast")[0], resolve_recipe("vq2-mix-kd")[0]  # vq2-mix-kd, a quarter of the steps
-    assert fast.e2e_steps == 100 and kd.e2e_steps == 400
-    assert dataclasses.replace(fast, e2e_steps=400) == kd
+    # vq2-mix-kd with a quarter of the steps at 4x the learning rate
+    fast, kd = resolve_recipe("vq2-fast")[0], resolve_recipe("vq2-mix-kd")[0]
+    assert fast.e2e_steps == 100 and kd.e2e_steps == 400 and fast.e2e_lr == 4 * kd.e2e_lr
+    assert dataclasses.replace(fast, e2e_steps=400, e2e_lr=kd.e2e_lr) == kd
 
 
 @pytest.mark.slow
