@@ -681,7 +681,8 @@ _MIX_KD = _preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its
                   "(~2.20 bpw)", vec_len=4, codebook_size=256, refine_rounds=1, kmeans_iters=10, overrides=_MIX,
                   **_KD_COS)
 # the 20-minute preset: 100 steps instead of 400 (measured on rotate+vq2-mix-kd, 2 threads: 13 min, perplexity +4 %),
-# at 4x the learning rate (rotate+vq2-fast, session 18: e2e_lr 1e-3 / 2e-3 / 4e-3 -> perplexity 63.6 / 62.4 / 61.6)
+# at 4x the learning rate (rotate+vq2-fast, session 18: e2e_lr 1e-3 / 2e-3 / 4e-3 / 8e-3 -> perplexity 63.6 / 62.4 /
+# 61.6 / 63.7)
 register_preset("vq2-fast", dataclasses.replace(_MIX_KD, e2e_steps=100, e2e_lr=4e-3),
                 description="vq2-mix-kd with 100 distillation steps instead of 400, at 4x the learning rate: the quick "
                 "preset (~2.20 bpw; ~14 min on 2 cores for smollm2-135m after `rotate`)")
