@@ -164,16 +164,18 @@ def example_inputs(art, seq_len: int = 16) -> list[np.ndarray]:
 
 
 def _decoder_figures(session, prompt_len: int, tokens: int) -> tuple[float, float]:
-    """Time to first token and decode tokens/s of an eager decoder, with its KV cache. An untimed prompt and
-    decode step run first: a layer's batch-1 kernel is compiled and packed on its first single-token call."""
+    """Time to first token and decode tokens/s of an eager decoder, with its KV cache. The model is warmed up
+    first as `LLM.load` does (`llm.warm_up`): a layer's batch-1 kernel is compiled and packed on its first
+    single-token call, which is load time, not decode time."""
     import torch
+
+    from .llm import warm_up
 
     model = session.loaded.model
     prompt = torch.as_tensor(_fill((1, prompt_len), "int64"))
+    warm_up(model)
     with torch.inference_mode():
         model.setup_cache(1, prompt_len + tokens + 1)
-        model(prompt, torch.arange(prompt_len))
-        model(prompt[:, :1], torch.tensor([prompt_len]))  # the timed run below rewrites these slots
         t0 = time.perf_counter()
         logits = model(prompt, torch.arange(prompt_len))
         nxt = logits[:, -1:].argmax(-1)

@@ -110,7 +110,7 @@ class EagerDecoder:
             if kv_cache.needs_calibration:
                 calib = kvc.calibrate(model, _calib_windows(loaded, kv_cache, calib_text), kv_cache)
             factory = kvc.cache_factory(kv_cache, calib, extra_slots)
-        _warm_up(model)
+        warm_up(model)
         model.setup_cache(1, max_seq_len, cache_factory=factory)
         self.vocab = model.cfg.vocab_size
         self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -160,7 +160,7 @@ WARM_UP_ROWS = (1, 8)  # a decode step and a short prompt
 
 
 @torch.inference_mode()
-def _warm_up(model: LlamaForCausalLM) -> None:
+def warm_up(model: LlamaForCausalLM) -> None:
     """Run the model once per row count in WARM_UP_ROWS, without a cache, so that the kernels its layers pick
     (codebook GEMV / GEMM: JIT-compiled and packed on first use, ~1 s for smollm2 at 2 bits) are ready at load
     time rather than inside the first generation's time to first token and decode rate."""
