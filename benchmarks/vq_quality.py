@@ -89,7 +89,8 @@ def run_case(recipe: str, windows, fp_ppl: float, args) -> dict:
     if "format_search" in totals:
         fs = totals["format_search"]
         case["format_search"] = {k: fs[k] for k in ("kl_start", "kl_searched", "bits_per_weight_start",
-                                                     "bits_per_weight_searched", "alt_per_layer", "alt_units")}
+                                                     "bits_per_weight_searched", "alt_per_layer", "alt_per_format",
+                                                     "alt_units")}
     case["stage_loss_after_over_before"] = {k: round(b / a, 4) if a else None for k, (a, b) in stages.items()}
     e2e = [s for r in reports for s in r.stages if s.get("stage") == "model.e2e"]
     if e2e:  # the distillation's held-out KL, and what it moved

@@ -90,9 +90,10 @@ class VQConfig(Config):
     # block index in front ("3.mlp.down_proj:...") makes the entry for that block only (it wins over the plain one)
     overrides: tuple = ()
     # per-(block, layer) format search (EvoPress, vq_search.py): with search_bpw > 0, before quantizing, every
-    # layer of every block may take `search_alt` instead of its own format, chosen by an evolutionary search
-    # that minimises the KL to the fp model on calibration windows with the quantized layers' bits per weight
-    # at most search_bpw (the start: the config's own formats, which must fit)
+    # layer of every block may take one of the `search_alt` formats (';' between several, e.g.
+    # "vec_len=4,codebook_size=256;vec_len=2,codebook_size=256") instead of its own, chosen by an evolutionary
+    # search that minimises the KL to the fp model on calibration windows with the quantized layers' bits per
+    # weight at most search_bpw (the start: the config's own formats, which must fit)
     search_bpw: float = 0.0
     search_alt: str = "vec_len=2,codebook_size=64"
     search_generations: int = 120
@@ -137,10 +138,12 @@ class VQConfig(Config):
               f"<= search_offspring={self.search_offspring}")
         if self.search_bpw:
             try:
-                dataclasses.replace(self, overrides=(), search_bpw=0.0, **self.alt_fields())
+                for fields in self.alt_formats():
+                    dataclasses.replace(self, overrides=(), search_bpw=0.0, **fields)
             except ConfigError as exc:
                 raise ConfigError(f"config field 'search_alt' {self.search_alt!r}: {exc.args[0]}",
-                                  hint="give 'field=value,...' with fields among " + ", ".join(OVERRIDABLE)) from None
+                                  hint="give 'field=value,...' (';' between formats) with fields among "
+                                  + ", ".join(OVERRIDABLE)) from None
         for item, fields in zip(self.overrides, self._overrides().values()):  # one parsed entry per item
             try:
                 dataclasses.replace(self, overrides=(), **fields)  # validates the layer's config
@@ -161,9 +164,9 @@ class VQConfig(Config):
             out[name] = _fields(body, "overrides", item)
         return out
 
-    def alt_fields(self) -> dict[str, int]:
-        """The fields of `search_alt`, checked."""
-        return _fields(self.search_alt, "search_alt", self.search_alt)
+    def alt_formats(self) -> list[dict[str, int]]:
+        """The fields of each `search_alt` format (';' between formats), checked."""
+        return [_fields(body, "search_alt", self.search_alt) for body in str(self.search_alt).split(";")]
 
     def for_layer(self, name: str, block: int | None = None) -> "VQConfig":
         """The config of layer `name` (e.g. "mlp.down_proj") in block `block`: this one with its override

@@ -2,15 +2,17 @@
 
 Which layers deserve more bits is not obvious (and the error is not additive over layers), so instead of a fixed
 rule (`vq2-mix`: the attention k/v/o projections at 3 bits) an evolutionary search picks, for every layer of
-every block, one of two formats: the config's plain format (A) or `search_alt` (B, more bits), minimising the KL
-divergence between the fp model's next-token distribution and the mixed model's on calibration windows, with
-the quantized layers' bits per weight (codebooks, scales, outliers counted) at most `search_bpw`.
+every block, one of the formats: the config's plain one or one of `search_alt`'s (';' between several: EvoPress's
+levels), minimising the KL divergence between the fp model's next-token distribution and the mixed model's on
+calibration windows, with the quantized layers' bits per weight (codebooks, scales, outliers counted) at most
+`search_bpw`. A unit's levels are its formats ordered by their storage bits for that layer.
 
 * bank: one pass over the fp blocks (`BlockRunner`, one block's activations at a time) quantizes every layer
-  in both formats from the fp model's calibration Hessians, as EvoPress builds its database; the dense weights
-  of both versions are kept, so a candidate is applied by copying weights;
-* start: the config's own formats (a unit is B where its override is B's format); it must fit the budget;
-* mutation: one or two units go B -> A, then, in random order, A units go to B while the budget allows;
+  in every format from the fp model's calibration Hessians, as EvoPress builds its database; the dense weights
+  of all versions are kept, so a candidate is applied by copying weights;
+* start: the config's own formats (each unit's override, or the plain format); it must fit the budget;
+* mutation: one or two units go one level down, then, in random order, the other units go one level up while the
+  budget allows (with two formats: B -> A, then A -> B);
 * selection (1 + λ) in two stages: every offspring is scored on the first window, the best `search_survivors`
   on all `search_samples` windows; the parent is replaced only by a better one, so the result is never worse
   (on that fitness) than the start.
@@ -36,44 +38,59 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class FormatBank:
-    """Both quantized versions (dense, W space) of every (block, layer) unit and their storage bits."""
+    """Every quantized version (dense, W space) of every (block, layer) unit and their storage bits; a choice
+    holds one format index per unit (0 = the plain format, k = the k-th of `search_alt`)."""
     units: list[tuple[int, str]]
-    dense: list[tuple[torch.Tensor, torch.Tensor]]  # (format A, format B) per unit
-    bits: list[tuple[int, int]]
+    dense: list[tuple[torch.Tensor, ...]]  # one per format, per unit
+    bits: list[tuple[int, ...]]
     weights: list[int]
 
-    def total_bits(self, choice: list[bool]) -> int:
-        return sum(b[int(c)] for b, c in zip(self.bits, choice))
+    def total_bits(self, choice: list[int]) -> int:
+        return sum(b[c] for b, c in zip(self.bits, choice))
 
-    def bpw(self, choice: list[bool]) -> float:
+    def bpw(self, choice: list[int]) -> float:
         return self.total_bits(choice) / max(1, sum(self.weights))
 
+    def levels(self, u: int) -> list[int]:
+        """Unit u's format indices from the fewest storage bits to the most; of formats with equal bits for this
+        unit only the first (plain, then `search_alt`'s order) is a level: a move costs or frees bits."""
+        out = []
+        for k in sorted(range(len(self.bits[u])), key=lambda k: (self.bits[u][k], k)):
+            if not out or self.bits[u][k] > self.bits[u][out[-1]]:
+                out.append(k)
+        return out
 
-def formats(cfg) -> tuple:
-    """(config of format A, config of format B): the plain config and the plain config with `search_alt`."""
+    def level(self, u: int, c: int) -> int:
+        """The level of format c in unit u (a format that is not a level: the level with its bits)."""
+        return [self.bits[u][k] for k in self.levels(u)].index(self.bits[u][c])
+
+
+def formats(cfg) -> list:
+    """The config of each format: the plain config, then the plain config with each of `search_alt`'s."""
     plain = dataclasses.replace(cfg, overrides=(), search_bpw=0.0)
-    return plain, dataclasses.replace(plain, **cfg.alt_fields())
+    return [plain, *(dataclasses.replace(plain, **f) for f in cfg.alt_formats())]
 
 
-def start_choice(cfg, units: list[tuple[int, str]], shapes: list[tuple[int, int]]) -> list[bool]:
-    """The config's own formats as a choice: B where the unit's format is B's; refuses other formats."""
-    a, b = formats(cfg)
+def start_choice(cfg, units: list[tuple[int, str]], shapes: list[tuple[int, int]]) -> list[int]:
+    """The config's own formats as a choice (the first format that matches); refuses other formats."""
+    cfgs = formats(cfg)
     out = []
     for (i, name), shape in zip(units, shapes):
         f = cfg.for_layer(name, i).format_for(*shape)
-        if f not in (a.format_for(*shape), b.format_for(*shape)):
-            raise ConfigError(f"with search_bpw > 0 every layer starts in the plain format or in search_alt's, but "
-                              f"the overrides give model.layers.{i}.{name} another one ({f.vec_len=}, "
+        known = [c.format_for(*shape) for c in cfgs]
+        if f not in known:
+            raise ConfigError(f"with search_bpw > 0 every layer starts in the plain format or in one of search_alt's, "
+                              f"but the overrides give model.layers.{i}.{name} another one ({f.vec_len=}, "
                               f"{f.codebook_size=}, {f.stages=})", hint="drop that override or make it search_alt")
-        out.append(f == b.format_for(*shape) and f != a.format_for(*shape))
+        out.append(known.index(f))
     return out
 
 
 def build_bank(model: nn.Module, cfg, calib: torch.Tensor) -> FormatBank:
-    """Quantize every layer of every block in both formats (fp calibration activations; the model is not changed)."""
+    """Quantize every layer of every block in every format (fp calibration activations; the model is not changed)."""
     from .vq import quantize_layer  # vq imports this module
 
-    cfg_a, cfg_b = formats(cfg)
+    cfgs = formats(cfg)
     units, dense, bits, weights = [], [], [], []
     runner = BlockRunner(model, calib)
 
@@ -83,7 +100,7 @@ def build_bank(model: nn.Module, cfg, calib: torch.Tensor) -> FormatBank:
         for name in track(cfg.layers, f"format bank, block {i}"):
             w = block.get_submodule(name).weight.detach()
             pair, b = [], []
-            for c in (cfg_a, cfg_b):
+            for c in cfgs:
                 mod, st, p, _ = quantize_layer(w, hs[name], c, gen)
                 pair.append(p.dense(st.what()).to(w.dtype))
                 b.append(mod.storage_bits())
@@ -97,38 +114,41 @@ def build_bank(model: nn.Module, cfg, calib: torch.Tensor) -> FormatBank:
     return FormatBank(units, dense, bits, weights)
 
 
-def mutate(parent: list[bool], bank: FormatBank, budget: float, g: torch.Generator) -> list[bool] | None:
-    """One or two units B -> A, then A units -> B in random order while the bits fit the budget."""
+def mutate(parent: list[int], bank: FormatBank, budget: float, g: torch.Generator) -> list[int] | None:
+    """One or two units one level down, then the others one level up in random order while the bits fit."""
     child = list(parent)
-    high = [u for u, c in enumerate(child) if c]
+    levels = [bank.levels(u) for u in range(len(child))]
+    high = [u for u, c in enumerate(child) if bank.level(u, c) > 0]
     lowered = set()
     for _ in range(min(len(high), 1 + int(torch.randint(2, (1,), generator=g)))):
         u = high.pop(int(torch.randint(len(high), (1,), generator=g)))
-        child[u] = False
+        child[u] = levels[u][bank.level(u, child[u]) - 1]
         lowered.add(u)
     used = bank.total_bits(child)
     for u in torch.randperm(len(child), generator=g).tolist():
-        if not child[u] and u not in lowered:
-            extra = bank.bits[u][1] - bank.bits[u][0]
+        at = bank.level(u, child[u])
+        if u not in lowered and at + 1 < len(levels[u]):
+            up = levels[u][at + 1]
+            extra = bank.bits[u][up] - bank.bits[u][child[u]]
             if used + extra <= budget:
-                child[u] = True
+                child[u] = up
                 used += extra
     return child if child != parent else None
 
 
-def search(model: nn.Module, bank: FormatBank, fit: KLFitness, cfg, start: list[bool]) -> tuple[list[bool], list]:
+def search(model: nn.Module, bank: FormatBank, fit: KLFitness, cfg, start: list[int]) -> tuple[list[int], list]:
     budget = cfg.search_bpw * sum(bank.weights)
     if bank.total_bits(start) > budget:
         raise ConfigError(f"the start formats take {bank.bpw(start):.3f} bits per weight, above search_bpw="
                           f"{cfg.search_bpw}", hint="raise search_bpw or start from fewer search_alt layers")
     lin = [model.model.layers[i].get_submodule(name) for i, name in bank.units]
-    current: list[bool | None] = [None] * len(lin)
+    current: list[int | None] = [None] * len(lin)
 
-    def apply(choice: list[bool]) -> None:
+    def apply(choice: list[int]) -> None:
         with torch.no_grad():
             for u, c in enumerate(choice):
-                if current[u] is not c:
-                    lin[u].weight.copy_(bank.dense[u][int(c)])
+                if current[u] != c:
+                    lin[u].weight.copy_(bank.dense[u][c])
                     current[u] = c
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -173,16 +193,18 @@ def search_overrides(model: nn.Module, cfg, calib: torch.Tensor) -> tuple[tuple,
             for n, m in model.named_modules():
                 if n in orig:
                     m.weight.copy_(orig[n])
-    alt = ",".join(f"{k}={v}" for k, v in cfg.alt_fields().items())
-    overrides = tuple(f"{i}.{name}:{alt}" for (i, name), c in zip(bank.units, choice) if c)
-    per_layer = {}
+    alts = [",".join(f"{k}={v}" for k, v in f.items()) for f in cfg.alt_formats()]
+    overrides = tuple(f"{i}.{name}:{alts[c - 1]}" for (i, name), c in zip(bank.units, choice) if c)
+    per_layer, per_format = {}, {a: 0 for a in alts}
     for (i, name), c in zip(bank.units, choice):
-        per_layer[name] = per_layer.get(name, 0) + int(c)
+        per_layer[name] = per_layer.get(name, 0) + int(c > 0)
+        if c:
+            per_format[alts[c - 1]] += 1
     record = {"stage": "model.format_search", "before": stages[0]["kl"], "after": stages[-1]["kl"],
               "kl_start": stages[0]["kl"], "kl_searched": stages[-1]["kl"],
               "bits_per_weight_start": bank.bpw(start), "bits_per_weight_searched": bank.bpw(choice),
-              "generations": len(stages) - 1, "alt_per_layer": per_layer, "alt_units": int(sum(choice)),
-              "units": len(choice)}
+              "generations": len(stages) - 1, "alt_per_layer": per_layer, "alt_per_format": per_format,
+              "alt_units": sum(c > 0 for c in choice), "units": len(choice)}
     log.info("format search: KL %.4f -> %.4f, %d of %d layers in %s", record["kl_start"], record["kl_searched"],
              record["alt_units"], record["units"], cfg.search_alt)
     return overrides, record
