@@ -87,9 +87,10 @@ def _lut_case(mod, name, cfg, threads):
     return y, ref, x, w
 
 
-Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128", "k64", "r16",
+Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128", "k192", "k64", "r16",
              "r16_odd_block", "k11_v3", "r16_groups"]
 EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 576, 4, 128, 7, 1, 1, 0, True, False),
+         "k192": (96, 200, 4, 192, 8, 1, 1, 0, True, False),  # 12 tables of 16 on AVX2: an uneven blend tree
          "k64": (128, 300, 2, 64, 6, 1, 1, 0, True, True),  # vq3's format
          # K <= 16: codes streamed as nibbles (vq2-r16's format); an odd last block (21 code vectors); odd JB
          "r16": (192, 576, 4, 16, 4, 2, 1, 0, True, False), "r16_odd_block": (64, 85, 4, 16, 4, 2, 1, 1, True, True),
@@ -170,6 +171,9 @@ def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
     assert asm.count("vpermt2b") + asm.count("vpermi2b") >= 2 and "vrangeps" in asm
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 16, 2, 64, False, isa="avx2"), "avx2"), cpu="znver3")
     assert asm.count("vpshufb") >= 2 and "zmm" not in asm
+    # K = 256 on AVX2: 16 low-nibble shuffles and a tree of 15 byte blends per 32 codes (no per-table saturation)
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx2"), "avx2"), cpu="znver3")
+    assert asm.count("vpblendvb") >= 15 and asm.count("vpshufb") >= 16 and "vpaddusb" not in asm
     w, x = make_weight(*SHAPES["square"]), torch.randn(1, 64)
     if not q16.host_ok():
         assert q16.pack_weight(*w, 64, 4, 8) is None
