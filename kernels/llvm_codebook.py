@@ -35,7 +35,7 @@ equal to the reference up to summation order, which on the session-10 Xeon (AVX-
 faster than the int16 LUT of `llvm_codebook_q16` (AVX-512BW, K == 256; ~1e-5 of the output range from the
 reference; EDGETK_LUT=q16 opts into it); EDGETK_LUT=q8 puts the int8 LUT of `llvm_codebook_q8` (AVX-512 VBMI,
 AVX2 or NEON, K <= 256; ~38 dB SNR, like int8 activations; 3.6x faster than the float32 kernel on a 4096x4096
-layer there; on AVX2 1.2-2x (K = 256) and 3.5-15x (K <= 16, nibble codes) faster) first), "llvm-f32"
+layer there; on AVX2 1.8-3.3x (K = 256, session 21) and 3.5-15x (K <= 16, nibble codes) faster) first), "llvm-f32"
 (priority 5: the float32 kernels only, equal to the reference up to summation order) and "llvm-q8" / "llvm-q16" (priority 4: batch 1 through that LUT kernel first, for tests and
 benchmarks).
 """
