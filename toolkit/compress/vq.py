@@ -688,7 +688,8 @@ _MIX_KD = _preset("vq2-mix-kd", "vq2-mix + the distillation stage of vq2-kd, its
 # 61.6 / 63.7)
 register_preset("vq2-fast", dataclasses.replace(_MIX_KD, e2e_steps=100, e2e_lr=4e-3),
                 description="vq2-mix-kd with 100 distillation steps instead of 400, at 4x the learning rate: the quick "
-                "preset (~2.20 bpw; ~14 min on 2 cores for smollm2-135m after `rotate`)")
+                "preset (~2.20 bpw; ~14 min on 2 AMX cores for smollm2-135m after `rotate`, ~35 min on 2 AVX2 "
+                "cores without bf16)")
 _preset("vq2-evo", "vq2-mix with the layers at 3 bits chosen per block by an evolutionary search (EvoPress) on the "
         "KL to the fp model, at most 2.3 bits per weight; the search quantizes every layer in both formats first "
         "(~3x vq2-mix's time; needs the model in memory)", vec_len=4, codebook_size=256, refine_rounds=1,
