@@ -57,11 +57,11 @@ def main(argv=None) -> list[dict]:
                                          kv_cache=None if kv == "fp" else kv, max_seq_len=a.max_seq_len)
     prompt = " ".join(eval_text().split()[:48])
     for llm in llms.values():
-        llm.generate(prompt, 4)
+        llm.generate(prompt, 4, ignore_eos=True)
     res: dict = {k: [] for k in llms}
     for _ in range(a.reps):
         for k, llm in llms.items():
-            res[k].append(llm.generate(prompt, a.new_tokens).metrics)
+            res[k].append(llm.generate(prompt, a.new_tokens, ignore_eos=True).metrics)
     base = statistics.median(m.decode_tok_s for m in res[("fp32", "fp")])
     rows = []
     for (mname, kv), ms in res.items():

@@ -13,7 +13,8 @@ Documented behaviour for edge cases:
 * prompt with >= max_seq_len tokens: `DataError` naming both lengths. A prompt that fits but whose
   continuation would not: generation stops when the cache is full (`stop_reason == "cache_full"`).
 * stop strings that never occur: generation runs to `max_new_tokens` (`stop_reason == "length"`);
-  when one occurs, `.text` ends before it (`stop_reason == "stop"`); the EOS token ends with "eos".
+  when one occurs, `.text` ends before it (`stop_reason == "stop"`); the EOS token ends with "eos" (not with
+  `generate(..., ignore_eos=True)`, for speed measurements: always `max_new_tokens` tokens).
 * non-finite logits (NaN/Inf from a broken model): `NonFiniteLogitsError`, never a garbage token.
 * a tokenizer whose vocabulary does not fit the model's embedding, or that differs from the one an
   artifact was saved with: `ModelLoadError`.
@@ -304,7 +305,7 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, greedy: bool = True,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] = (), speculative: str | None = None,
-                 on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
+                 on_token: Callable[[int, str], None] | None = None, ignore_eos: bool = False) -> GenerationResult:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens = {max_new_tokens} is invalid", hint="ask for at least 1 token")
         if not greedy and (temperature <= 0 or not 0 < top_p <= 1):
@@ -316,7 +317,7 @@ class LLM:
         stepper = self._stepper(speculative)
         m = GenerationMetrics(prompt_tokens=len(ids), backend=self.decoder.name, speculative=speculative,
                               kv_bits=self.kv_cache.bits if self.kv_cache else None)
-        run = _Run(self, ids, max_new_tokens, list(stop), on_token)
+        run = _Run(self, ids, max_new_tokens, list(stop), on_token, ignore_eos)
         t0 = time.perf_counter()
         logits = self.decoder.forward(ids, 0)
         _check_finite(logits[-1:])
@@ -375,13 +376,15 @@ class LLM:
 class _Run:
     """Bookkeeping of one generation: emitted tokens, streaming, stop conditions."""
 
-    def __init__(self, llm: LLM, prompt: list[int], max_new: int, stop: list[str], on_token):
+    def __init__(self, llm: LLM, prompt: list[int], max_new: int, stop: list[str], on_token, ignore_eos=False):
         self.llm, self.prompt, self.max_new, self.stop, self.on_token = llm, prompt, max_new, stop, on_token
         self.tokens: list[int] = []
         self.done, self.reason = False, "length"
         self._streamed = ""
         self._cut: int | None = None
         self.eos = llm.tokenizer.eos_id if llm.tokenizer.eos_id is not None else llm.loaded.config.eos_token_id
+        if ignore_eos:  # speed measurements: always max_new tokens, whatever the model emits
+            self.eos = None
 
     def emit(self, toks: list[int]) -> None:
         for t in toks:

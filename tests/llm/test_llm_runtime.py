@@ -85,6 +85,13 @@ def test_streaming_stop_and_metrics(tiny_lm):
     cut = r.text[5:7]
     stopped = llm.generate("hello", 20, stop=[cut])
     assert stopped.stop_reason == "stop" and stopped.text == r.text[: r.text.find(cut)]
+    # the model's 4th token made its EOS: generation ends there, unless told to ignore it (decode benchmarks)
+    eos_lm = LoadedModel(tiny_lm.name, tiny_lm.kind, tiny_lm.model, tiny_lm.tokenizer,
+                         tiny_lm.config.replace(eos_token_id=r.token_ids[3]))
+    eos_llm = LLM.load(eos_lm, max_seq_len=128)
+    assert eos_llm.generate("hello", 20).stop_reason == "eos"
+    full = eos_llm.generate("hello", 20, ignore_eos=True)
+    assert full.stop_reason == "length" and full.token_ids == r.token_ids
 
 
 def test_bad_input(tiny_lm):
