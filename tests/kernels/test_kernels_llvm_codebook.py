@@ -87,8 +87,8 @@ def _lut_case(mod, name, cfg, threads):
     return y, ref, x, w
 
 
-Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128", "k192", "k64", "r16",
-             "r16_odd_block", "k11_v3", "r16_groups"]
+Q8_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "residual", "bits5", "large", "k128", "k192", "k64",
+             "r16", "r16_odd_block", "k11_v3", "r16_groups"]
 EXTRA = {"large": (320, 2048, 4, 256, 8, 1, 5, 0, True, False), "k128": (192, 576, 4, 128, 7, 1, 1, 0, True, False),
          "k192": (96, 200, 4, 192, 8, 1, 1, 0, True, False),  # 12 tables of 16 on AVX2: an uneven blend tree
          "k64": (128, 300, 2, 64, 6, 1, 1, 0, True, True),  # vq3's format
