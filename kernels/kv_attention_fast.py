@@ -462,10 +462,29 @@ def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, key_bits, value_b
             and mask.dtype == torch.bool and q.device.type == "cpu")
 
 
+_SORTED = "_edgetk_rows_sorted"  # attribute of a sparse-entry tensor: (its version counter when checked, verdict)
+
+
 def _sparse_sorted(out_idx) -> bool:
-    """Every row of sparse entries: used entries (>= 0) first, strictly increasing; then unused (-1)."""
+    """Every row of sparse entries: used entries (>= 0) first, strictly increasing; then unused (-1).
+
+    Remembered per tensor until it is next written (its version counter moves): the cache hands the kernel
+    the same buffer every layer and token and writes it once a block (~130 us a check at kv4's capacity)."""
     if not out_idx.numel():
         return True
+    try:
+        version = out_idx._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) keeps no version counter
+        return _rows_sorted(out_idx)
+    seen = getattr(out_idx, _SORTED, None)
+    if seen is not None and seen[0] == version:
+        return seen[1]
+    ok = _rows_sorted(out_idx)
+    setattr(out_idx, _SORTED, (version, ok))
+    return ok
+
+
+def _rows_sorted(out_idx) -> bool:
     idx = out_idx.reshape(-1, out_idx.shape[-1]).numpy()  # numpy: ~10x less per-op overhead on these small rows
     a, c = idx[:, :-1], idx[:, 1:]
     return bool(((c < 0) | ((c > a) & (a >= 0))).all())  # each used entry follows a smaller used one
@@ -494,25 +513,28 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     """Same signature and result as `kv_attention_reference`; cases it does not take go there."""
     args = (q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, lr_v, cos, sin, mask,
             n_q, n_fp, key_group, value_group, key_bits, value_bits)
-    if not (supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, key_bits, value_bits, value_group)
-            and _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, out_idx, out_val, cos, sin, mask, n_q,
-                           n_fp, key_bits, value_bits)):
+    if not (_checked(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, cos, sin, mask,
+                     n_q, n_fp, key_bits, value_bits, value_group) and _sparse_sorted(out_idx)):
         return kv_attention_reference(*args)
     B, Hq, T, D = q.shape
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
-    mb = max(key_bits, value_bits)
-    spec = KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb))
-    c = lambda t: t.contiguous()  # noqa: E731
-    q, k_codes, k_meta, v_codes, v_meta = c(q), c(k_codes), c(k_meta.half()), c(v_codes), c(v_meta.half())
-    levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1])).contiguous()
-    kv_fp, mask = c(kv_fp.half()), c(mask.to(torch.uint8))
-    cos, sin = c(cos.float()), c(sin.float())
+    spec = _spec(D, key_bits, value_bits, value_group)
+    c = lambda t: t.contiguous()  # noqa: E731  (a no-op, ~0.2 us, for the cache's own buffers)
+    q, k_codes, v_codes, kv_fp = c(q), c(k_codes), c(v_codes), c(kv_fp)
+    k_meta, v_meta = c(k_meta if k_meta.dtype == torch.float16 else k_meta.half()), c(
+        v_meta if v_meta.dtype == torch.float16 else v_meta.half())
+    if levels.shape[-1] != spec.LS or levels.dtype != torch.float32:
+        levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1]))
+    levels, mask = c(levels), c(mask).view(torch.uint8)  # bool -> uint8: same bytes, no copy
+    kv_fp = kv_fp if kv_fp.dtype == torch.float16 else c(kv_fp.half())
+    cos, sin = c(cos if cos.dtype == torch.float32 else cos.float()), c(sin if sin.dtype == torch.float32
+                                                                        else sin.float())
     n_out = out_idx.shape[-1] if out_idx.numel() else 0
     if n_out:
-        out_idx, out_val = c(out_idx), c(out_val.half())
+        out_idx, out_val = c(out_idx), c(out_val if out_val.dtype == torch.float16 else out_val.half())
     else:  # never read (the cursor stops at n_out = 0)
-        out_idx, out_val = torch.full((1,), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.float16)
+        out_idx, out_val = _NO_IDX, _NO_VAL
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
     nq = (Hq // H) * T
     nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
@@ -525,7 +547,7 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     stride = 4 * (nq * npad + nq * D + 2 * nq) + 64
     stride += -stride % 64
     scr = lc.scratch(stride * nt)
-    part = torch.empty(B * H * nch * nq * (D + 2) if nch > 1 else 1, dtype=torch.float32)
+    part = torch.empty(B * H * nch * nq * (D + 2), dtype=torch.float32) if nch > 1 else _NO_PART
     a = [0] * N_ARGS
     for i, t in ((A_Q, q), (A_KC, k_codes), (A_KM, k_meta), (A_VC, v_codes), (A_VM, v_meta), (A_LEV, levels),
                  (A_FP, kv_fp), (A_COS, cos), (A_SIN, sin), (A_MASK, mask), (A_OUT, out), (A_SCR, scr),
@@ -537,6 +559,40 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     a[A_NOUT], a[A_NCH] = n_out, nch
     compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H * nch, nt)
     return out
+
+
+_NO_IDX = torch.full((1,), -1, dtype=torch.int32)
+_NO_VAL = torch.zeros(1, dtype=torch.float16)
+_NO_PART = torch.empty(1, dtype=torch.float32)
+
+
+@functools.cache
+def _spec(D: int, key_bits: int, value_bits: int, value_group: int) -> KVSpec:
+    mb = max(key_bits, value_bits)
+    return KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb))
+
+
+_CHECKED: dict = {}  # call signature -> whether the kernel takes it (a decode loop repeats a few signatures)
+
+
+def _checked(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_val, lr_u, cos, sin, mask, n_q,
+             n_fp, key_bits, value_bits, value_group) -> bool:
+    """`supported` (but the data-dependent sorting of the sparse rows) and `_shapes_ok`, memoised on every
+    shape, dtype and scalar they read."""
+    key = (q.shape, q.dtype, q.device.type, k_codes.shape, k_codes.dtype, k_meta.shape, v_codes.shape,
+           v_meta.shape, levels.shape, kv_fp.shape, out_idx.shape, out_idx.dtype, out_val.shape, lr_u.numel() > 0,
+           cos.shape, sin.shape, mask.shape, mask.dtype, key_bits, value_bits, value_group)
+    ok = _CHECKED.get(key)
+    if ok is None:  # with no slots: every check that does not depend on the slot counts (which change every token)
+        ok = (supported(q, k_codes, v_meta, levels, torch.empty(0, dtype=torch.int32), lr_u, mask, key_bits,
+                        value_bits, value_group)
+              and _shapes_ok(q, k_codes, k_meta, v_codes, v_meta, kv_fp, out_idx, out_val, cos, sin, mask, 0, 0,
+                             key_bits, value_bits))
+        if len(_CHECKED) > 4096:  # a long-running server with ever-new shapes: start over
+            _CHECKED.clear()
+        _CHECKED[key] = ok
+    return (ok and 0 <= n_q and 0 <= n_fp <= kv_fp.shape[3]
+            and n_q + n_fp <= min(k_codes.shape[2], cos.shape[0], sin.shape[0], mask.shape[1]))
 
 
 MIN_CHUNK = 256  # context slots per chunk at least (a chunk's partial costs D + 2 floats per query to combine)

@@ -135,3 +135,50 @@ def test_chunk_count():
     assert kf.chunks(3, 1, 4096) == 1 and kf.chunks(4, 2, 4096) == 1 and kf.chunks(6, 3, 4096) == 1
     assert kf.chunks(3, 2, 2048) == 2 and kf.chunks(2, 3, 2048) == 3 and kf.chunks(3, 4, 2048) == 4
     assert kf.chunks(3, 2, kf.MIN_CHUNK) == 1  # a short context stays whole
+
+
+def test_memoised_checks_still_send_other_inputs_to_the_reference(monkeypatch):
+    """The shape checks are memoised per call signature; a call that differs in what the kernel cannot take
+    (a GEAR low-rank term, float64 queries, unsorted sparse rows) with the same shapes still goes to the reference."""
+    args = list(make_case(**CASES["k5v3_sparse"]))
+    ref = kva.kv_attention_reference(*args)
+    torch.testing.assert_close(kf.kv_attention_llvm(*args), ref, rtol=1e-5, atol=2e-6)  # memoised: taken
+    calls = []
+    real = kf.kv_attention_reference
+    monkeypatch.setattr(kf, "kv_attention_reference", lambda *a: calls.append(1) or real(*a))
+    kf.kv_attention_llvm(*args)
+    assert not calls
+    B, H, S, D = args[1].shape[0], args[1].shape[1], args[1].shape[2], args[0].shape[-1]
+    lr = list(args)
+    lr[9], lr[10] = torch.zeros(2, B, H, S, 2).half(), torch.zeros(2, B, H, S // 16 + 1, 2, D).half()
+    q64 = list(args)
+    q64[0] = args[0].double()
+    unsorted = list(args)
+    unsorted[7] = args[7].flip(-1).contiguous()
+    for other in (lr, q64, unsorted):
+        calls.clear()
+        kf.kv_attention_llvm(*other)
+        assert calls == [1]
+
+
+def test_eager_call_skips_the_dispatcher_but_tracers_see_the_op():
+    """`kv_attention.call` (what the runtime's cache uses) runs the selected kernel directly in plain eager mode,
+    with the op's result; under a dispatch mode (as export sees it) it goes through `torch.ops.edgetk.kv_attention`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = make_case(**CASES["kv4_gqa"])
+    op = torch.ops.edgetk.kv_attention.default
+    assert torch.equal(kva.call(*args), op(*args))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        kva.call(*args)
+    assert op in seen.ops

@@ -179,3 +179,49 @@ def test_unequal_key_value_widths_and_value_rotation(qkv):
         KVCacheConfig(key_bits=9)
     with pytest.raises(Exception, match="power-of-two"):
         QuantKVCache(KVCacheConfig(value_rotation=True), 1, 2, 32, 24)
+
+
+@pytest.mark.parametrize("cfg", [KVCacheConfig(bits=4, key_group=16, value_group=16, fp_window=8),
+                                 KVCacheConfig(bits=4, key_bits=5, value_bits=3, key_group=8, fp_window=4,
+                                               sink_tokens=2, outlier_frac=0.01)])
+def test_decode_writes_straight_to_the_fp_region_same_as_the_general_path(qkv, cfg, monkeypatch):
+    """A decode step's write goes straight into the fp region when nothing is quantized first (`_append`); a
+    cache fed token by token (prompt, single tokens, a 3-token draft, a rewrite after rejected drafts, flushes)
+    then holds exactly what the general stage-and-store path leaves, and attends alike."""
+    q, k, v, cos, sin, _ = qkv
+    b, h, s, d = k.shape
+    fast, slow = QuantKVCache(cfg, b, h, s, d), QuantKVCache(cfg, b, h, s, d)
+    monkeypatch.setattr(slow, "_append", lambda *a: False)
+    taken = []
+    real = fast._append
+    monkeypatch.setattr(fast, "_append", lambda *a: taken.append(real(*a)) or taken[-1])
+    steps = [(0, 5)] + [(p, 1) for p in range(5, 40)] + [(40, 3), (41, 1)] + [(p, 1) for p in range(42, 70)]
+    for p0, t in steps:
+        qq = q[:, :, :1].expand(b, q.shape[1], t, d).contiguous()
+        mask = _causal(p0, t, s)
+        y = fast.attend(qq, k[:, :, p0:p0 + t], v[:, :, p0:p0 + t], torch.arange(p0, p0 + t), cos, sin, mask)
+        y_ref = slow.attend(qq, k[:, :, p0:p0 + t], v[:, :, p0:p0 + t], torch.arange(p0, p0 + t), cos, sin, mask)
+        assert torch.equal(y, y_ref)
+        assert (fast.n_q, fast.n_fp) == (slow.n_q, slow.n_fp)
+        for name in ("k_codes", "k_meta", "v_codes", "v_meta", "out_idx", "out_val"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+        assert torch.equal(fast.kv_fp[:, :, :, :fast.n_fp], slow.kv_fp[:, :, :, :slow.n_fp])
+    assert sum(taken) > len(steps) // 2 and not all(taken)  # most steps appended, the flushes took the long way
+
+
+def test_sparse_rows_checked_again_after_every_write():
+    """The fused kernel's check that sparse rows are sorted is remembered per tensor only until the tensor
+    is written: an in-place write that unsorts a row sends the next call to the reference."""
+    from edgetk.kernels import kv_attention_fast as kf
+
+    idx = torch.tensor([[[[3, 9, -1]]], [[[1, 2, 5]]]], dtype=torch.int32)
+    assert kf._sparse_sorted(idx) and kf._sparse_sorted(idx)
+    idx[1, 0, 0, 2] = 0  # 1, 2, 0: unsorted
+    assert not kf._sparse_sorted(idx)
+    idx[1, 0, 0].fill_(-1)
+    assert kf._sparse_sorted(idx)
+    with torch.inference_mode():  # no version counter: checked every time
+        inf = idx.clone()
+        assert kf._sparse_sorted(inf)
+        inf[0, 0, 0, 0] = 10
+        assert not kf._sparse_sorted(inf)
