@@ -20,7 +20,8 @@ Per item, for the rep*T queries that read this KV head:
 
 Dense-and-sparse entries (outliers, attention sinks) replace dequantized elements as each slot is decoded: the
 entries of one (k|v, batch, head) are sorted by flat index (as `QuantKVCache` writes them), so one cursor per
-work item walks them alongside the slots.
+work item walks them alongside the slots; a slot with none (nearly all) costs one compare, its vector staying in
+registers.
 
 Compile-time: head_dim D, key and value code widths, value_group; everything else is runtime. Not handled here
 (the reference serves): sparse entries not sorted, the GEAR low-rank term, non-float32 queries, D not even,
@@ -187,6 +188,26 @@ class _K:
 
         self._walk(idx, cursor, b.mul(b.add(p, g.i64(1)), g.i64(D)), put)
 
+    def patched(self, vec, slot, idx, val, cursor, p):
+        """`vec` (slot p's D elements) with the sparse entries at the cursor that belong to slot p replaced.
+        The common case -- none -- is one compare and keeps the vector in registers; otherwise it goes through
+        the alloca `slot`."""
+        b, g = self.b, self.g
+        n_out = self.n(A_NOUT)
+        j = b.load(cursor, typ=lc.I64)
+        e = b.sext(g.load(lc.I32, idx, g.min(j, g.max(b.sub(n_out, g.i64(1)), g.i64(0)))), lc.I64)
+        hit = b.and_(b.icmp_signed("<", j, n_out), b.and_(
+            b.icmp_signed(">=", e, g.i64(0)), b.icmp_signed("<", e, b.mul(b.add(p, g.i64(1)), g.i64(self.s.D)))))
+        pre = b.block
+        with b.if_then(hit, likely=False):
+            b.store(vec, slot)
+            self.sparse(slot, idx, val, cursor, p)
+            fixed, fixed_in = b.load(slot, typ=vec.type), b.block
+        out = b.phi(vec.type)
+        out.add_incoming(vec, pre)
+        out.add_incoming(fixed, fixed_in)
+        return out
+
     def skip_sparse(self, idx, cursor, lo):
         """Advance the cursor past the used entries with flat index < lo (the slots before a chunk)."""
         self._walk(idx, cursor, lo)
@@ -347,11 +368,14 @@ def _emit_item(k: _K, tid, item):
                 c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), s.kbits)
                 lv = k.lookup(lev, c, s.kbits)
                 scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
-                b.store(g.fma(lv, scale, zero), kvar)
-                k.sparse(kvar, oidx_k, oval_k, cur_k, p)
+                kq = k.patched(g.fma(lv, scale, zero), kvar, oidx_k, oval_k, cur_k, p)
+                kq_in = b.block
             with other:
-                b.store(k.half_vec(b.gep(fp_k, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
-        kh = b.load(kvar, typ=vd)
+                kf = k.half_vec(b.gep(fp_k, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
+                kf_in = b.block
+        kh = b.phi(vd)
+        kh.add_incoming(kq, kq_in)
+        kh.add_incoming(kf, kf_in)
         cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
         sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
         kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
@@ -376,11 +400,15 @@ def _emit_item(k: _K, tid, item):
                 zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
                 c = k.codes(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), s.vbits)
                 lv = k.lookup(lev1, c, s.vbits)
-                b.store(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar)
-                k.sparse(kvar, oidx_v, oval_v, cur_v, p)
+                vq = k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v,
+                               oval_v, cur_v, p)
+                vq_in = b.block
             with other:
-                b.store(k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D), kvar)
-        vv = b.load(kvar, typ=vd)
+                vf = k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
+                vf_in = b.block
+        vv = b.phi(vd)
+        vv.add_incoming(vq, vq_in)
+        vv.add_incoming(vf, vf_in)
         with g.loop(0, nq, name="qa") as qi:
             w = g.load(lc.F32, scores, b.add(b.mul(qi, npad), b.sub(p, p0)))
             ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
