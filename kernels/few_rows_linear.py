@@ -7,8 +7,9 @@ weights, 2 threads: 1 row 60 ms, F.linear 3/5/9 rows 159/110/154 ms, this form 6
 on the two are equal (`python benchmarks/llm_decode.py --part linear`). Same result up to summation order
 (tests/llm/test_llm_runtime.py checks it against F.linear).
 
-`few_rows_linears(modules)` routes the given nn.Linear modules' fp32 CPU inputs of 2..MAX_ROWS rows there; the
-eager decoder enables it around multi-token steps. Anything else goes to F.linear unchanged.
+`few_rows_linears(modules)` routes the given nn.Linear modules' fp32 CPU inputs of 2..MAX_ROWS rows there, and
+single rows to `llvm_gemv_f32` (MKL's sgemv is single-threaded); the eager decoder enables it around every step of
+at most MAX_ROWS tokens. Anything else goes to F.linear unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import llvm_gemv_f32 as gemv
 
 MAX_ROWS = 12
 
@@ -40,13 +43,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if applies(x, self.weight):
         return few_rows_linear(x, self.weight, self.bias)
+    if gemv.applies(x, self.weight, self.bias) and gemv.available():
+        return gemv.gemv_f32(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 
 @contextmanager
 def few_rows_linears(linears: list[nn.Linear]):
-    """Inside the block the given nn.Linear modules compute 2..MAX_ROWS-row inputs with `few_rows_linear`
-    (an instance-level forward, removed on exit; one attribute per module, no per-op dispatch cost)."""
+    """Inside the block the given nn.Linear modules compute 2..MAX_ROWS-row inputs with `few_rows_linear`, and
+    one-row fp32 inputs with the thread-parallel GEMV of `llvm_gemv_f32` (weights of at least its MIN_WEIGHTS
+    elements; MKL's sgemv runs on one thread) -- an instance-level forward, removed on exit; one attribute per
+    module, no per-op dispatch cost."""
     for m in linears:
         m.forward = types.MethodType(_forward, m)
     try:

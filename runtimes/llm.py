@@ -121,8 +121,8 @@ class EagerDecoder:
         """Logits [T, V] of `tokens` written at slots start..start+T-1."""
         t = torch.as_tensor(tokens, dtype=torch.long).flatten()
         pos = torch.arange(start, start + t.numel())
-        # draft trees: stream each weight once (kernels/few_rows_linear.py)
-        few = 2 <= t.numel() <= few_rows.MAX_ROWS
+        # decode steps and draft trees: stream each weight once, on every thread (kernels/few_rows_linear.py)
+        few = t.numel() <= few_rows.MAX_ROWS
         with few_rows.few_rows_linears(self.linears) if few else contextlib.nullcontext():
             return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
 

@@ -1,4 +1,5 @@
-"""kernels/few_rows_linear.py: the few-rows linear (draft-tree steps) against F.linear, and its scoping."""
+"""kernels/few_rows_linear.py: the few-rows linear (draft-tree steps) and the one-row thread-parallel fp32 GEMV
+(kernels/llvm_gemv_f32.py, decode steps) against F.linear, and their scoping."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetk.kernels import few_rows_linear as frl
+from edgetk.kernels import llvm_gemv_f32 as gv
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5, 9, 12])
@@ -24,7 +26,7 @@ def test_matches_f_linear(rows, bias):
 def test_applies_only_to_few_fp32_cpu_rows():
     w = torch.randn(8, 16)
     assert frl.applies(torch.randn(1, 5, 16), w)
-    assert not frl.applies(torch.randn(1, 1, 16), w)  # one row: F.linear's GEMV is the fast path
+    assert not frl.applies(torch.randn(1, 1, 16), w)  # one row: the GEMV below
     assert not frl.applies(torch.randn(1, frl.MAX_ROWS + 1, 16), w)
     assert not frl.applies(torch.randn(3, 16).half(), w.half())
 
@@ -48,3 +50,48 @@ def test_context_manager_routes_and_restores():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one, ref[:, :1], atol=1e-5, rtol=1e-5)
     assert all("forward" not in m.__dict__ for m in linears)  # the class forward is back
+
+
+@pytest.mark.parametrize("shape", [(77, 45), (576, 576), (1001, 333), (3, 130), (1536, 576)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_f32_matches_f_linear(shape, threads, bias):
+    """Every row-block split (a short last block, fewer blocks than threads), column tails past the double
+    vector, with and without bias."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(1, 1, k, generator=g)
+    got = gv.gemv_f32(x, w, b, n_threads=threads)
+    assert got.shape == (1, 1, n)
+    # fp32 sums of k products in another order: outputs of size ~sqrt(k) differ by a few ulp (~1e-5 at k=576)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=5e-5, rtol=1e-5)
+
+
+def test_gemv_applies_to_one_big_fp32_row_only():
+    w = torch.randn(512, 256)
+    assert gv.applies(torch.randn(1, 1, 256), w) and gv.applies(torch.randn(256), w, torch.randn(512))
+    assert not gv.applies(torch.randn(1, 2, 256), w)  # two rows
+    assert not gv.applies(torch.randn(1, 1, 256), torch.randn(64, 256))  # below MIN_WEIGHTS: F.linear
+    assert not gv.applies(torch.randn(1, 1, 256).double(), w.double())
+    assert not gv.applies(torch.randn(1, 1, 256), torch.randn(256, 512).t())  # not contiguous
+    assert not gv.applies(torch.randn(1, 1, 256), w, torch.randn(512).half())
+
+
+def test_context_manager_routes_one_row_to_the_gemv():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 8, bias=False))  # the 2nd: too small
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    x = torch.randn(1, 1, 256)
+    ref = mlp(x)
+    calls = []
+    orig = gv.gemv_f32
+    try:
+        gv.gemv_f32 = lambda *a: calls.append(tuple(a[1].shape)) or orig(*a)
+        with frl.few_rows_linears(linears):
+            got = mlp(x)
+    finally:
+        gv.gemv_f32 = orig
+    assert calls == [(512, 256)]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -212,3 +212,20 @@ def test_load_warms_the_kernels_up(tiny_lm):
     if lk.available():  # the float32 batch-1 kernel packed the layer during load
         assert id(vq.codes) in lk._CACHE._d
     assert llm.generate(PROMPTS[0], max_new_tokens=8).token_ids == want
+
+
+def test_decode_steps_run_the_thread_parallel_gemv(tiny_lm, monkeypatch):
+    """One-token steps route the fp32 nn.Linear weights to llvm_gemv_f32 (MKL's sgemv is single-threaded); the
+    tiny model's weights are below MIN_WEIGHTS (F.linear), so lowering it routes them: same greedy tokens."""
+    from edgetk.kernels import llvm_gemv_f32 as gv
+
+    want = LLM.load(copy.deepcopy(tiny_lm), max_seq_len=64).generate(PROMPTS[0], max_new_tokens=8).token_ids
+    monkeypatch.setattr(gv, "MIN_WEIGHTS", 1)
+    calls = []
+    orig = gv.gemv_f32
+    monkeypatch.setattr(gv, "gemv_f32", lambda *a, **k: calls.append(tuple(a[1].shape)) or orig(*a, **k))
+    got = LLM.load(tiny_lm, max_seq_len=64).generate(PROMPTS[0], max_new_tokens=8).token_ids
+    assert got == want
+    if gv.available():
+        cfg = tiny_lm.model.cfg
+        assert (cfg.vocab_size, cfg.hidden_size) in calls and len(set(calls)) >= 4  # head, attention, MLP
