@@ -24,6 +24,16 @@ def test_object_is_aarch64_with_neon():
     assert lc.emit_object(lk.build_module(spec, ac.TRIPLE), ac.TRIPLE)[:4] == b"\x7fELF"
 
 
+def test_fp32_gemv_emits_neon_fma():
+    """The runtime's one-row fp32 GEMV (llvm_gemv_f32: JIT-compiled on the device itself) for aarch64: 4-lane
+    NEON FMAs over the row block."""
+    from edgetk.kernels import llvm_gemv_f32 as gv
+
+    asm = lc.emit_assembly(gv.build_module(4, ac.TRIPLE), ac.TRIPLE)
+    assert asm.count("fmla\tv") >= 2 * gv.RB and ".4s" in asm
+    assert lc.emit_object(gv.build_module(4, ac.TRIPLE), ac.TRIPLE)[:4] == b"\x7fELF"
+
+
 @pytest.mark.parametrize("shape,rows,threads", [("outliers_perm", 1, 2), ("groups_odd_rows", 1, 1),
                                                 ("residual", 7, 2), ("bits12", 1, 1), ("groups", 3, 2),
                                                 ("outliers_perm", 21, 3)])
