@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from edgetk.models import bert, llama
 
@@ -34,6 +35,19 @@ def _prefer_installed_kernels() -> None:
 
 
 _prefer_installed_kernels()
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records every op dispatched inside the block (`with OpsSeen() as seen: ...; seen.ops`): what export and
+    other tracers see of an eager fast path."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="session", autouse=True)

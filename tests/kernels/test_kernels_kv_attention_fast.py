@@ -9,6 +9,7 @@ import torch
 from edgetk.kernels import kv_attention as kva
 from edgetk.kernels import kv_attention_fast as kf
 from edgetk.kernels import table
+from tests.conftest import OpsSeen
 
 
 def make_case(B=1, H=3, Hq=9, T=1, S=80, D=64, bits=4, n_q=48, n_fp=20, kg=16, vg=32, nbk=None, seed=0,
@@ -164,21 +165,10 @@ def test_memoised_checks_still_send_other_inputs_to_the_reference(monkeypatch):
 def test_eager_call_skips_the_dispatcher_but_tracers_see_the_op():
     """`kv_attention.call` (what the runtime's cache uses) runs the selected kernel directly in plain eager mode,
     with the op's result; under a dispatch mode (as export sees it) it goes through `torch.ops.edgetk.kv_attention`."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     args = make_case(**CASES["kv4_gqa"])
     op = torch.ops.edgetk.kv_attention.default
     assert torch.equal(kva.call(*args), op(*args))
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Seen() as seen:
+    with OpsSeen() as seen:
         kva.call(*args)
     assert op in seen.ops

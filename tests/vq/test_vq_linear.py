@@ -16,6 +16,7 @@ from edgetk.eval import snr_db
 from edgetk.kernels import table
 from edgetk.kernels.codebook_gemm import CodebookFormat
 from edgetk.models import load
+from tests.conftest import OpsSeen
 
 
 def _safetensors_data_bytes(path) -> int:
@@ -78,24 +79,13 @@ def test_op_is_called_not_a_dense_weight(monkeypatch):
 def test_eager_forward_skips_the_dispatcher_but_tracers_see_the_op():
     """Plain eager CPU calls run the kernel the op would pick (same result as the op); export, dispatch modes and
     autograd inputs go through `torch.ops.edgetk.codebook_gemm`."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     m = _random_vq(FORMATS[1])
     x = torch.randn(1, 30)
     op = torch.ops.edgetk.codebook_gemm.default
     args = (m.codes, m.codebooks, m.perm_i64, m.outlier_w, m.scale, m.bias, 30, 4, 6)
     assert torch.equal(m(x), op(x, *args))
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Seen() as seen:
+    with OpsSeen() as seen:
         m(x)
     assert op in seen.ops
     ep = torch.export.export(m, (x,))
