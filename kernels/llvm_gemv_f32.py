@@ -32,8 +32,8 @@ def _vt(n, t=lc.F32):
 
 
 def build_module(vw: int, triple: str | None = None):
-    """`gemv_par(args, n_blocks, n_threads)`: y[r] = W[r] . x (+ b[r]) for r < n; args = [W, x, y, b (0: none),
-    n, k] (W row-major [n, k], float32)."""
+    """`gemv_blocks_par(args, n_blocks, n_threads)`: y[r] = W[r] . x (+ b[r]) for r < n, blocks of RB rows;
+    args = [W, x, y, b (0: none), n, k] (W row-major [n, k], float32)."""
     mod = lc.new_module(f"gemv_f32_{vw}", triple)
     fn = ir.Function(mod, lc.WORK_TYPE, "gemv_blocks")
     g = lc.Gen(fn)

@@ -111,10 +111,10 @@ class EagerDecoder:
             if kv_cache.needs_calibration:
                 calib = kvc.calibrate(model, _calib_windows(loaded, kv_cache, calib_text), kv_cache)
             factory = kvc.cache_factory(kv_cache, calib, extra_slots)
-        warm_up(model)
+        self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        warm_up(model, self.linears)
         model.setup_cache(1, max_seq_len, cache_factory=factory)
         self.vocab = model.cfg.vocab_size
-        self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
 
     @torch.inference_mode()
     def forward(self, tokens, start: int, attn_mask=None, rope_pos=None) -> torch.Tensor:
@@ -161,13 +161,15 @@ WARM_UP_ROWS = (1, 8)  # a decode step and a short prompt
 
 
 @torch.inference_mode()
-def warm_up(model: LlamaForCausalLM) -> None:
+def warm_up(model: LlamaForCausalLM, linears: list[torch.nn.Linear] = ()) -> None:
     """Run the model once per row count in WARM_UP_ROWS, without a cache, so that the kernels its layers pick
-    (codebook GEMV / GEMM: JIT-compiled and packed on first use, ~1 s for smollm2 at 2 bits) are ready at load
-    time rather than inside the first generation's time to first token and decode rate."""
+    (codebook GEMV / GEMM: JIT-compiled and packed on first use, ~1 s for smollm2 at 2 bits; the fp32 GEMV of
+    the plain `linears` that decode steps route through `few_rows_linears`) are ready at load time rather than
+    inside the first generation's time to first token and decode rate."""
     model.clear_cache()
     for rows in WARM_UP_ROWS:
-        model(torch.zeros(1, min(rows, model.cfg.max_seq_len), dtype=torch.long))
+        with few_rows.few_rows_linears(list(linears)) if rows <= few_rows.MAX_ROWS else contextlib.nullcontext():
+            model(torch.zeros(1, min(rows, model.cfg.max_seq_len), dtype=torch.long))
 
 
 def _calib_windows(loaded: LoadedModel, cfg: kvc.KVCacheConfig, text: str | None) -> torch.Tensor:
