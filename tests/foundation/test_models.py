@@ -56,6 +56,32 @@ def test_eager_dense_cache_attends_only_the_used_slots(tiny_llama):
     assert not tiny_llama._short_mask
 
 
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(attn_mask=torch.rand(5, 7) > 0.3)])
+def test_gqa_attention_eager_uses_sdpa_gqa_tracers_see_repeat_kv(kw):
+    """Eager attention lets SDPA share each KV head among its query heads (no expanded copies); under
+    torch.export (every exporter) the keys and values are repeated explicitly, which every backend lowers. Same
+    result either way."""
+    from edgetk.models import llama
+
+    g = torch.Generator().manual_seed(0)
+    t = 5 if "is_causal" in kw else 7
+    q, k, v = torch.randn(1, 6, 5, 16, generator=g), torch.randn(1, 2, t, 16, generator=g), torch.randn(1, 2, t, 16,
+                                                                                                       generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, llama.repeat_kv(k, 3), llama.repeat_kv(v, 3), **kw)
+    torch.testing.assert_close(llama._gqa_attention(q, k, v, 3, **kw), ref, rtol=1e-6, atol=1e-6)
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return llama._gqa_attention(q, k, v, 3, **kw)
+
+    ep = torch.export.export(M(), (q, k, v), strict=False)
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.expand.default) == 2
+    sdpa = [n for n in ep.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 1 and not sdpa[0].kwargs.get("enable_gqa", False)
+    torch.testing.assert_close(ep.module()(q, k, v), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_llama_config_validation():
     with pytest.raises(ConfigError, match="num_kv_heads"):
         LlamaConfig(num_heads=9, num_kv_heads=2)
