@@ -236,10 +236,7 @@ class _K:
         return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
 
     def reduce_add(self, v):
-        m = self.g.fn.module
-        name = f"llvm.vector.reduce.fadd.v{v.type.count}f32"
-        fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(lc.F32, [lc.F32, v.type]), name)
-        return self.b.call(fn, [ir.Constant(lc.F32, -0.0), v], fastmath=("reassoc", "nsz"))
+        return self.g.reduce_add(v)
 
     def exp(self, x):
         """exp on <W x float>, relative error ~1e-7 on [-87, 88]; inputs below -87 give ~0."""

@@ -219,6 +219,13 @@ class Gen:
             v = self.fmax(hi, v)
         return self.b.extract_element(v, ir.Constant(I32, 0))
 
+    def reduce_add(self, v):
+        """The sum of a float vector's lanes as a scalar (llvm.vector.reduce.fadd, reassociated: a shuffle tree)."""
+        m = self.fn.module
+        name = f"llvm.vector.reduce.fadd.v{v.type.count}f32"
+        fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(F32, [F32, v.type]), name)
+        return self.b.call(fn, [ir.Constant(F32, -0.0), v], fastmath=("reassoc", "nsz"))
+
     def splat(self, val, n: int):
         vt = ir.VectorType(val.type, n)
         v = self.b.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(I32, 0))

@@ -27,10 +27,6 @@ RB = 4  # rows a block
 MIN_WEIGHTS = 1 << 16  # smaller weights: F.linear (the thread start costs more than the second thread saves)
 
 
-def _vt(n, t=lc.F32):
-    return ir.VectorType(t, n)
-
-
 def build_module(vw: int, triple: str | None = None):
     """`gemv_blocks_par(args, n_blocks, n_threads)`: y[r] = W[r] . x (+ b[r]) for r < n, blocks of RB rows;
     args = [W, x, y, b (0: none), n, k] (W row-major [n, k], float32)."""
@@ -41,7 +37,7 @@ def build_module(vw: int, triple: str | None = None):
     args, _tid, b0, b1 = fn.args
     w, x, y, bias = (g.arg(args, i) for i in (A_W, A_X, A_Y, A_B))
     n, k = g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
-    vt = _vt(vw)
+    vt = ir.VectorType(lc.F32, vw)
     step = 2 * vw
     k2 = b.mul(b.sdiv(k, g.i64(step)), g.i64(step))  # columns in whole double vectors
     has_bias = b.icmp_unsigned("!=", b.ptrtoint(bias, lc.I64), g.i64(0))
@@ -68,20 +64,13 @@ def build_module(vw: int, triple: str | None = None):
                 b.store(g.fma(g.load(lc.F32, wrow[i], c), xv, b.load(t, typ=lc.F32)), t)
         for i in range(RB):
             s = b.fadd(b.load(accs[2 * i], typ=vt), b.load(accs[2 * i + 1], typ=vt))
-            tot = b.fadd(_reduce_add(g, s), b.load(tails[i], typ=lc.F32))
+            tot = b.fadd(g.reduce_add(s), b.load(tails[i], typ=lc.F32))
             with b.if_then(b.icmp_signed("<", b.add(r0, g.i64(i)), n)):
                 bv = b.select(has_bias, g.load(lc.F32, bias, rows[i]), ir.Constant(lc.F32, 0.0))
                 g.store(lc.F32, b.fadd(tot, bv), y, rows[i])
     b.ret_void()
     lc.add_parallel_for(mod, fn)
     return mod
-
-
-def _reduce_add(g: lc.Gen, v):
-    m = g.fn.module
-    name = f"llvm.vector.reduce.fadd.v{v.type.count}f32"
-    fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(lc.F32, [lc.F32, v.type]), name)
-    return g.b.call(fn, [ir.Constant(lc.F32, -0.0), v], fastmath=("reassoc", "nsz"))
 
 
 _PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
