@@ -22,8 +22,9 @@ Cases (one JSON line each, then a table):
 * `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), through the
   op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice` picks for the shape,
   named in brackets) and each float32 path (`lut`: the LUT GEMM; `dense`: dequantize a float32 tile + oneDNN fp32
-  matmul), and where oneDNN has bf16 the opt-in bf16 path (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul,
-  with its SNR) vs `F.linear` (one weight, compute bound).
+  matmul), the opt-in int8 path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its
+  SNR and the multiply-add it ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path
+  (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
   query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache;
   cache bytes vs an fp16 cache.
@@ -222,6 +223,11 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
          "x_vs_linear": lin["median_us"] / ours["median_us"], "lut_x_vs_linear": lin["median_us"] / lut["median_us"],
          "dense_x_vs_linear": lin["median_us"] / dense["median_us"],
          "max_rel_err": ((lk.codebook_gemm_llvm(x, *w, inf, 4, 8) - ref).abs().max() / ref.abs().max()).item()}
+    m8 = lk.int8_module()  # EDGETK_PREFILL=int8
+    p8 = m8.pack_weight(*w, inf, 4, 8)
+    i8 = timed_cycles(lambda _: m8.gemm(p8, x), [0] * 3, reps)
+    r.update(edgetk_int8_us=i8, int8_x_vs_linear=lin["median_us"] / i8["median_us"], int8_snr_db=snr(m8.gemm(p8, x)),
+             int8_isa=m8.host_isa())
     if dq.host_ok():  # EDGETK_PREFILL=bf16 (or "auto" under torch.set_float32_matmul_precision("medium"))
         pd = dq.pack_weight(*w, inf, 4, 8)
         bf = timed_cycles(lambda _: dq.gemm(pd, x), [0] * 3, reps)
@@ -280,10 +286,12 @@ def row(r: dict) -> str:
     if c == "prefill":
         bf = (f"  bf16 {r['edgetk_bf16_us']['median_us']:9.1f} us x_lin {r['bf16_x_vs_linear']:.2f} "
               f"({r['bf16_snr_db']:.0f} dB)" if "edgetk_bf16_us" in r else "")
+        i8 = (f"  int8 {r['edgetk_int8_us']['median_us']:9.1f} us x_lin {r['int8_x_vs_linear']:.2f} "
+              f"({r['int8_snr_db']:.0f} dB, {r['int8_isa']})")
         return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us [{r['auto_choice']}] "
                 f"(lut {r['edgetk_lut_us']['median_us']:.1f}, dense {r['edgetk_dense_us']['median_us']:.1f})  "
                 f"linear {r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f} "
-                f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f})" + bf)
+                f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f})" + i8 + bf)
     return (f"kv_attention K{r['key_bits']}V{r['value_bits']} ctx={r['context']} t={r['threads']}  "
             f"edgetk {med:.1f} us  "
             f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "

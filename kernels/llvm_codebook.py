@@ -20,7 +20,8 @@ batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_sp
 builds only its own LUTs and streams one contiguous range of codes.
 Batch > 1 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where `prefill_choice` finds it
 cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
-`torch.set_float32_matmul_precision("medium")` under the default "auto").
+`torch.set_float32_matmul_precision("medium")` under the default "auto"), and to `llvm_gemm_i8` (int8 codewords x
+int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
 
 Repacked code layout (one-time per weight tensor, cached; the stored layout is never changed):
 ``codes_r[s][jblk][rb][jj][i]`` (uint8 when K <= 256, else uint16) is the code of output row rb*R + i for code
@@ -508,8 +509,8 @@ def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
     return names
 
 
-PREFILL_MODES = ("auto", "lut", "dense", "bf16")
-_CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache()}
+PREFILL_MODES = ("auto", "lut", "dense", "bf16", "int8")
+_CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache(), "int8": _PackCache()}
 # Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon at 64 tokens over the
 # smollm2 shapes and 4096^2, checked at 16 and 256; only their ratios matter): the LUT GEMM pays LUT_BUILD per token
 # and input x codeword and LUT_GATHER per token and weight; the dense path pays DQ_COPY per weight (dequantizing,
@@ -524,7 +525,9 @@ def prefill_mode() -> str:
 
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
-    matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs)."""
+    matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs). "int8": int8
+    codewords times per-token int8 activations, int32 sums (llvm_gemm_i8: ~35-40 dB SNR; hosts with an int8
+    multiply-add -- AVX2, AVX-512, aarch64 dot product -- elsewhere the float32 choice runs)."""
     mode = (table.env("EDGETK_PREFILL") or "auto").strip() or "auto"
     if mode not in PREFILL_MODES:
         raise ConfigError(f"EDGETK_PREFILL={mode!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
@@ -537,13 +540,14 @@ def dense_ok(p: Packed) -> bool:
 
 
 def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | None = None) -> str:
-    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "lut", "dense" or "bf16".
+    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "lut", "dense", "bf16" or "int8".
 
     "auto": bf16 where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
     (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
     float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
     token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go
-    dense. Modes the format or host cannot run fall back to the LUT GEMM."""
+    dense ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; modes
+    the format cannot run fall back to the LUT GEMM."""
     if mode == "auto":
         if torch.get_float32_matmul_precision() == "medium" and dequant_module().host_ok():
             mode = "bf16"
@@ -555,7 +559,7 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
             lut = p.spec.stages * ((build + gather) / nt if split else build + gather / nt)
             dense = (DQ_COPY * w + DENSE_MAC * rows * w) / (1 + DENSE_SCALING * (nt - 1))
             mode = "dense" if dense < lut else "lut"
-    if mode == "bf16" and not dequant_module().host_ok():
+    if (mode == "bf16" and not dequant_module().host_ok()) or (mode == "int8" and not int8_module().host_ok()):
         mode = "dense"
     return mode if mode == "lut" or dense_ok(p) else "lut"
 
@@ -566,6 +570,14 @@ def dequant_module():
     from . import llvm_dequant
 
     return llvm_dequant
+
+
+@functools.cache
+def int8_module():
+    """The llvm_gemm_i8 module (int8 prefill), imported on first use."""
+    from . import llvm_gemm_i8
+
+    return llvm_gemm_i8
 
 
 @functools.cache
@@ -690,7 +702,8 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
     (int16 LUT, llvm_codebook_q16: relative error ~1e-5 of the output range); exact=True (or lut=()) keeps the
     float32 LUT everywhere (equal to the reference up to summation order). Batch > 1 follows `prefill` (default:
     `prefill_mode()`) through `prefill_choice`: "lut" (float32 LUT GEMM), "dense" (dequantize to a float32 tile +
-    fp32 matmul) or "bf16" (dequantize to bf16 + bf16 matmul where the host has it); exact=True keeps the LUT GEMM.
+    fp32 matmul), "bf16" (dequantize to bf16 + bf16 matmul where the host has it) or "int8" (int8 codewords x int8
+    activations, llvm_gemm_i8); exact=True keeps the LUT GEMM.
     """
     args = (x, codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if x.dtype != torch.float32 or not x.is_cpu or codes.dtype != torch.uint8 or x.shape[-1] != in_features:
@@ -713,7 +726,12 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         return gemv(p, xv, n_threads, x.shape[:-1])
     x2 = x.reshape(rows, in_features).contiguous()
     mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
-    if mode != "lut":
+    if mode == "int8":
+        m8 = int8_module()
+        p8 = _CACHE_DQ[mode].get(tensors, lambda: m8.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))
+        if p8 is not None:
+            return m8.gemm(p8, x2, n_threads).reshape(*x.shape[:-1], p8.base.out_f)
+    elif mode != "lut":
         dq = dequant_module()
         dtype = torch.float32 if mode == "dense" else torch.bfloat16
         pd = _CACHE_DQ[mode].get(tensors, lambda: dq.pack_weight(*tensors, in_features, vec_len, code_bits, base=p,

@@ -136,8 +136,8 @@ def jit(mod, names: list[str]) -> dict[str, int]:
         return {n: engine.get_function_address(n) for n in names}
 
 
-def emit_object(mod, triple: str) -> bytes:
-    ref, tm = compile_ir(mod, triple)
+def emit_object(mod, triple: str, cpu: str | None = None) -> bytes:
+    ref, tm = compile_ir(mod, triple, cpu)
     return tm.emit_object(ref)
 
 

@@ -1,7 +1,8 @@
 """Cross-check of the llvmlite codebook kernels on aarch64 (NEON) under qemu-user.
 
 The same generators as the host JIT (`edgetk.kernels.llvm_codebook.build_module`, and the NEON `tbl` int8-LUT gemv of
-`edgetk.kernels.llvm_codebook_q8.build_module`) emit an aarch64 ELF object;
+`edgetk.kernels.llvm_codebook_q8.build_module`, the int8 prefill GEMM of `edgetk.kernels.llvm_gemm_i8` with `sdot` or
+plain NEON) emit an aarch64 ELF object;
 `codebook_check.c` (this folder) is linked against it with `aarch64-linux-gnu-gcc` and run with
 `qemu-aarch64 -L /usr/aarch64-linux-gnu`. Each case ships the kernel's argument block and one blob holding every
 input (repacked codes, float32 codebooks, x, scratch): pointer arguments are blob offsets that the C program
@@ -42,13 +43,7 @@ def build(spec: lk.KernelSpec, workdir: Path, kernel: str = "f32") -> Path:
     obj = workdir / "codebook_kernels.o"
     mod = q8.build_module(spec, "neon", TRIPLE) if kernel == "q8" else lk.build_module(spec, TRIPLE)
     obj.write_bytes(lc.emit_object(mod, TRIPLE))
-    exe = workdir / "codebook_check"
-    cmd = [CC, "-O2", "-o", str(exe), str(SOURCE), str(obj), "-lpthread", "-lm"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise DeviceError(f"linking the aarch64 check failed: {res.stderr.strip()[:500]}",
-                          hint="apt-get install gcc-aarch64-linux-gnu")
-    return exe
+    return _link(obj, workdir)
 
 
 @dataclass
@@ -95,15 +90,82 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
 
 def run(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path, kernel: str = "f32") -> torch.Tensor:
     """y [B, out] computed by the aarch64 kernel under qemu."""
-    case, out = workdir / "case.bin", workdir / "out.bin"
+    case = workdir / "case.bin"
     out_n, xp = write_case(case, p, x2, n_threads, kernel)
+    y = torch.frombuffer(bytearray(_exec(exe, case, workdir / "out.bin")), dtype=torch.float32)
+    assert y.numel() == out_n
+    if xp is None:
+        return y[:p.out_f][None].clone()
+    return lk.gemm_finish(p, y.view(-1, p.n_rb * p.spec.R, p.spec.BT), xp)
+
+
+I8_CPU = {"dot": "cortex-a76", "generic": None}  # a dot-product core (ARMv8.2: Orin, Pi 5) / any NEON core (Pi 4)
+
+
+def build_i8(isa: str, vec_len: int, workdir: Path) -> Path:
+    """The int8 prefill GEMM (llvm_gemm_i8, `isa` "dot": `sdot`, or "generic") as an aarch64 check program."""
+    from edgetk.kernels import llvm_gemm_i8 as i8
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    obj = workdir / "gemm_i8.o"
+    obj.write_bytes(lc.emit_object(i8.build_module(isa, vec_len, TRIPLE), TRIPLE, I8_CPU[isa]))
+    return _link(obj, workdir)
+
+
+def _link(obj: Path, workdir: Path) -> Path:
+    exe = workdir / "codebook_check"
+    res = subprocess.run([CC, "-O2", "-o", str(exe), str(SOURCE), str(obj), "-lpthread", "-lm"],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise DeviceError(f"linking the aarch64 check failed: {res.stderr.strip()[:500]}",
+                          hint="apt-get install gcc-aarch64-linux-gnu")
+    return exe
+
+
+def _qemu(exe: Path, workdir: Path, head: list, blob: _Blob) -> bytes:
+    case = workdir / "case.bin"
+    case.write_bytes(struct.pack(f"<{len(head)}q", *head) + b"".join(blob.parts))
+    return _exec(exe, case, workdir / "out.bin")
+
+
+def _exec(exe: Path, case: Path, out: Path) -> bytes:
+    """Run the check program on one case file under qemu; the output region's bytes."""
     res = subprocess.run(["qemu-aarch64", "-L", SYSROOT, str(exe), str(case), str(out)],
                          capture_output=True, text=True, timeout=300)
     if res.returncode:
         raise DeviceError(f"aarch64 check program failed ({res.returncode}): {res.stderr.strip()[:500]}",
                           hint="apt-get install qemu-user; it runs as qemu-aarch64 -L " + SYSROOT)
-    y = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32)
-    assert y.numel() == out_n
-    if xp is None:
-        return y[:p.out_f][None].clone()
-    return lk.gemm_finish(p, y.view(-1, p.n_rb * p.spec.R, p.spec.BT), xp)
+    return out.read_bytes()
+
+
+def run_i8(exe: Path, p, x2: torch.Tensor, n_threads: int, workdir: Path):
+    """(y [T, out], (activation bytes, scales)) from the aarch64 int8 prefill GEMM under qemu: first its activation
+    quantization (i8q_work_par), then the row blocks (i8_work_par) on those activations -- both run on aarch64."""
+    from edgetk.kernels import llvm_codebook as lk
+    from edgetk.kernels import llvm_gemm_i8 as i8
+
+    q = p.base
+    xp, xc = i8._inputs(p, x2)
+    T, kp = xc.shape
+    ng = kp // i8.GS
+    a = [-1] * i8.N_ARGS
+    ptrs = (i8.I_X, i8.I_XQ, i8.I_SX, i8.I_IDX, i8.I_CBW, i8.I_SW, i8.I_Y, i8.I_SCR)
+    mask = sum(1 << i for i in ptrs)
+    blob = _Blob([])
+    a[i8.I_X], a[i8.I_T], a[i8.I_KP] = blob.add(xc), T, kp
+    a[i8.I_XQ] = blob.add(None, T * kp + 4 * T * ng)
+    a[i8.I_SX] = a[i8.I_XQ] + T * kp  # T * kp is a multiple of 64: one output region for both
+    head = [MAGIC, 4, T, n_threads, a[i8.I_XQ], T * kp + 4 * T * ng, mask, i8.N_ARGS, *a, blob.size]
+    raw = _qemu(exe, workdir, head, blob)
+    xu = torch.frombuffer(bytearray(raw[:T * kp]), dtype=torch.uint8).view(T, kp)
+    sx = torch.frombuffer(bytearray(raw[T * kp:]), dtype=torch.float32).view(T, ng)
+
+    blob, out_pad, stride = _Blob([]), p.n_rb * i8.RB, i8.scratch_stride(kp)
+    a[i8.I_X], a[i8.I_XQ], a[i8.I_SX] = -1, blob.add(xu), blob.add(sx)
+    a[i8.I_IDX], a[i8.I_CBW], a[i8.I_SW] = blob.add(p.idx), blob.add(p.cbw), blob.add(p.sw)
+    a[i8.I_Y], a[i8.I_SCR], a[i8.I_SSTRIDE] = blob.add(None, 4 * T * out_pad), blob.add(None, stride * n_threads), stride
+    a[i8.I_NVEC], a[i8.I_RPG], a[i8.I_K], a[i8.I_OUT] = q.n_vec, q.out_f // q.groups, p.cbw.shape[1], q.out_f
+    a[i8.I_OSTRIDE] = out_pad
+    head = [MAGIC, 5, p.n_rb, n_threads, a[i8.I_Y], 4 * T * out_pad, mask, i8.N_ARGS, *a, blob.size]
+    y = torch.frombuffer(bytearray(_qemu(exe, workdir, head, blob)), dtype=torch.float32).view(T, out_pad)
+    return lk.finish(q, y[:, :q.out_f], xp), (xu, sx)

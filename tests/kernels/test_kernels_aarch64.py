@@ -71,3 +71,23 @@ def test_q8_neon_gemv_under_qemu(tmp_path, shape, threads):
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
     err = (y - ref).abs().max().item()
     assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX) and snr_db(y, ref) >= 30
+
+
+@pytest.mark.parametrize("isa,shape,rows,threads", [("dot", "outliers_perm", 7, 2), ("dot", "odd", 5, 1),
+                                                    ("generic", "groups", 9, 3)])
+def test_int8_prefill_under_qemu(tmp_path, isa, shape, rows, threads):
+    """The int8 prefill GEMM for aarch64 (a dot-product core: `sdot`; any NEON core: plain IR), activation
+    quantization and row blocks both run under qemu: the same bytes, scales and outputs as the host's kernel."""
+    from edgetk.kernels import llvm_gemm_i8 as i8
+
+    out, inf, v, K, bits, *_ = cfg = SHAPES[shape]
+    w = make_weight(*cfg)
+    p = i8.pack_weight(*w, inf, v, bits)
+    asm = lc.emit_assembly(i8.build_module(isa, v, ac.TRIPLE), ac.TRIPLE, ac.I8_CPU[isa])
+    assert ("sdot\tv" in asm) == (isa == "dot")
+    x = torch.randn(rows, inf)
+    y, (xu, sx) = ac.run_i8(ac.build_i8(isa, v, tmp_path), p, x, threads, tmp_path)
+    want_u, want_s = i8.quantize_activations(i8._inputs(p, x)[1])
+    assert torch.equal(xu, want_u) and torch.equal(sx, want_s)
+    assert torch.equal(y, i8.gemm(p, x, threads))
+    assert snr_db(y, cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30

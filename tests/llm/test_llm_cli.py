@@ -92,7 +92,7 @@ def test_run_lut_option_picks_the_codebook_kernel(tmp_path, tiny_lm, capsys, mon
 
 def test_run_prefill_option_picks_the_prefill_path(tmp_path, tiny_lm, capsys, monkeypatch):
     """--prefill lut / dense run the prompt's VQ layers through that float32 path (same tokens: both ~1e-6 from the
-    reference), scoped to the command; a bad mode is a usage error."""
+    reference), int8 through the int8 GEMM, scoped to the command; a bad mode is a usage error."""
     import os
 
     import torch
@@ -120,6 +120,15 @@ def test_run_prefill_option_picks_the_prefill_path(tmp_path, tiny_lm, capsys, mo
     via_dense = _json_lines(capsys.readouterr().out)[0]
     assert dense_calls and not lut_calls and all(s[0] > 1 for s in dense_calls)
     assert via_dense["token_ids"] == via_lut["token_ids"]
+    m8 = lk.int8_module()
+    int8_calls, real_int8 = [], m8.gemm
+    monkeypatch.setattr(m8, "gemm", lambda p, x, n=None: int8_calls.append(x.shape) or real_int8(p, x, n))
+    monkeypatch.setattr(m8, "host_ok", lambda: True)  # the plain-IR form where the host has no int8 multiply-add
+    dense_calls.clear()
+    main(args + ["--prefill", "int8"])
+    via_int8 = _json_lines(capsys.readouterr().out)[0]
+    assert int8_calls and not dense_calls and all(s[0] > 1 for s in int8_calls)
+    assert len(via_int8["token_ids"]) == len(via_lut["token_ids"])
     assert "EDGETK_PREFILL" not in os.environ  # scoped to the command
     with pytest.raises(SystemExit) as e:
         main(args + ["--prefill", "int4"])

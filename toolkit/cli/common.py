@@ -124,7 +124,7 @@ def lut_kernels(lut: str | None):
 
 @contextlib.contextmanager
 def prefill_path(prefill: str | None):
-    """Context manager: EDGETK_PREFILL=`prefill` (how VQ layers run batch > 1: auto, lut, dense, bf16) for the
+    """Context manager: EDGETK_PREFILL=`prefill` (how VQ layers run batch > 1: auto, lut, dense, bf16, int8) for the
     command's duration, validated first; None leaves the environment as it is."""
     if prefill is not None:
         from edgetk.kernels.llvm_codebook import PREFILL_MODES
