@@ -117,14 +117,20 @@ class EagerDecoder:
         self.vocab = model.cfg.vocab_size
 
     @torch.inference_mode()
-    def forward(self, tokens, start: int, attn_mask=None, rope_pos=None) -> torch.Tensor:
-        """Logits [T, V] of `tokens` written at slots start..start+T-1."""
+    def forward(self, tokens, start: int, attn_mask=None, rope_pos=None, last_only: bool = False) -> torch.Tensor:
+        """Logits [T, V] of `tokens` written at slots start..start+T-1 (last_only: [1, V], the last token's: a
+        prompt's head then costs one row, not T -- ~1.8 G multiply-adds for 64 tokens of smollm2)."""
         t = torch.as_tensor(tokens, dtype=torch.long).flatten()
         pos = torch.arange(start, start + t.numel())
         # decode steps and draft trees: stream each weight once, on every thread (kernels/few_rows_linear.py)
         few = t.numel() <= few_rows.MAX_ROWS
         with few_rows.few_rows_linears(self.linears) if few else contextlib.nullcontext():
-            return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
+            if not last_only or t.numel() == 1:
+                return self.model(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)[0].float()
+            h = self.model.hidden_states(t[None], pos, attn_mask=attn_mask, rope_pos=rope_pos)
+        head = self.model.lm_head
+        with few_rows.few_rows_linears([head] if type(head) is torch.nn.Linear else []):  # one row
+            return head(h[0, -1:]).float()
 
     def tree_mask(self, length: int, ancestors: torch.Tensor) -> torch.Tensor:
         t = ancestors.shape[0]
@@ -206,7 +212,7 @@ class SessionDecoder:
         self._zero = np.zeros(shape, np.float32)
         self.k = self.v = self._zero
 
-    def forward(self, tokens, start: int, attn_mask=None, rope_pos=None) -> torch.Tensor:
+    def forward(self, tokens, start: int, attn_mask=None, rope_pos=None, last_only: bool = False) -> torch.Tensor:
         np = self._np
         if start == 0:
             self.k, self.v = self._zero.copy(), self._zero.copy()
@@ -219,7 +225,7 @@ class SessionDecoder:
             else:
                 out = self.sess.run(ins)
             rows.append(torch.from_numpy(np.asarray(out[0], np.float32).reshape(-1)))
-        return torch.stack(rows)
+        return torch.stack(rows[-1:] if last_only else rows)
 
     def kv_cache_bytes(self) -> int:
         return 2 * self._zero.nbytes
@@ -321,7 +327,7 @@ class LLM:
                               kv_bits=self.kv_cache.bits if self.kv_cache else None)
         run = _Run(self, ids, max_new_tokens, list(stop), on_token, ignore_eos)
         t0 = time.perf_counter()
-        logits = self.decoder.forward(ids, 0)
+        logits = self.decoder.forward(ids, 0, last_only=stepper is None)  # speculation primes on every row
         _check_finite(logits[-1:])
         if stepper is not None:
             stepper.prime(ids, logits)

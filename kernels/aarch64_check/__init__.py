@@ -163,7 +163,8 @@ def run_i8(exe: Path, p, x2: torch.Tensor, n_threads: int, workdir: Path):
     blob, out_pad, stride = _Blob([]), p.n_rb * i8.RB, i8.scratch_stride(kp)
     a[i8.I_X], a[i8.I_XQ], a[i8.I_SX] = -1, blob.add(xu), blob.add(sx)
     a[i8.I_IDX], a[i8.I_CBW], a[i8.I_SW] = blob.add(p.idx), blob.add(p.cbw), blob.add(p.sw)
-    a[i8.I_Y], a[i8.I_SCR], a[i8.I_SSTRIDE] = blob.add(None, 4 * T * out_pad), blob.add(None, stride * n_threads), stride
+    a[i8.I_Y], a[i8.I_SCR] = blob.add(None, 4 * T * out_pad), blob.add(None, stride * n_threads)
+    a[i8.I_SSTRIDE] = stride
     a[i8.I_NVEC], a[i8.I_RPG], a[i8.I_K], a[i8.I_OUT] = q.n_vec, q.out_f // q.groups, p.cbw.shape[1], q.out_f
     a[i8.I_OSTRIDE] = out_pad
     head = [MAGIC, 5, p.n_rb, n_threads, a[i8.I_Y], 4 * T * out_pad, mask, i8.N_ARGS, *a, blob.size]

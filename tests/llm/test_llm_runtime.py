@@ -231,3 +231,26 @@ def test_decode_steps_run_the_thread_parallel_gemv(tiny_lm, monkeypatch):
     if gv.available():
         cfg = tiny_lm.model.cfg
         assert (cfg.vocab_size, cfg.hidden_size) in calls and len(set(calls)) >= 4  # head, attention, MLP
+
+
+def test_prompt_head_runs_on_the_last_row_unless_speculating(tiny_lm):
+    """Without speculation the prompt's logits are needed for its last token only: the head gets one row (the
+    same logits as the full forward's last row); speculative decoding primes its drafts on every row's logits."""
+    llm = LLM.load(tiny_lm, max_seq_len=128)
+    ids = llm.encode(PROMPTS[0])
+    full = llm.decoder.forward(ids, 0)
+    last = llm.decoder.forward(ids, 0, last_only=True)
+    assert full.shape == (len(ids), tiny_lm.model.cfg.vocab_size) and last.shape == (1, full.shape[1])
+    torch.testing.assert_close(last, full[-1:], rtol=1e-5, atol=1e-5)
+    rows = []
+    hook = tiny_lm.model.lm_head.register_forward_hook(
+        lambda m, a, out: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    try:
+        plain = llm.generate(PROMPTS[0], 4)
+        assert rows[0] == 1  # prompt: one row through the head
+        rows.clear()
+        spec = llm.generate(PROMPTS[0], 4, speculative="recycling")
+        assert rows[0] == len(ids)
+    finally:
+        hook.remove()
+    assert spec.token_ids == plain.token_ids
