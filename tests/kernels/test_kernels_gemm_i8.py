@@ -72,6 +72,21 @@ def test_extreme_values_do_not_saturate():
     assert torch.equal(i8.gemm(p, x, 1), torch.zeros(3, out))
 
 
+def test_non_finite_inputs_stay_non_finite():
+    """A NaN or infinite activation makes its token's outputs non-finite (as the float32 paths do, so the LLM
+    runtime's finite-logits check still fires); the other tokens are untouched."""
+    out, inf, v, K, bits, *_ = cfg = _cfg("square")
+    w = make_weight(*cfg)
+    p = i8.pack_weight(*w, inf, v, bits)
+    x = torch.randn(6, inf)
+    clean = i8.gemm(p, x, 1)
+    x[1, 5], x[4, 60] = float("nan"), float("inf")
+    y = i8.gemm(p, x, 1)
+    assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[4]).any()
+    keep = [0, 2, 3, 5]
+    assert torch.equal(y[keep], clean[keep])
+
+
 @pytest.mark.parametrize("isa,cpu,pattern", [("avx2", "znver3", "vpmaddubsw\t%ymm"),
                                              ("avx512bw", "skylake-avx512", "vpmaddubsw\t%zmm"),
                                              ("vnni512", "sapphirerapids", "vpdpbusd\t%zmm")])
