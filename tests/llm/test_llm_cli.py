@@ -133,3 +133,36 @@ def test_run_prefill_option_picks_the_prefill_path(tmp_path, tiny_lm, capsys, mo
     with pytest.raises(SystemExit) as e:
         main(args + ["--prefill", "int4"])
     assert e.value.code == 2
+
+
+def test_eval_prefill_option_measures_the_int8_path(tmp_path, tiny_lm, capsys, monkeypatch):
+    """`edgetk eval ARTIFACT --prefill int8` scores the windows through the int8 GEMM (a perplexity near the float32
+    path's, not equal to it); a bad mode is a usage error."""
+    import torch
+
+    from edgetk.compress import compress
+    from edgetk.compress.vq import VQConfig
+    from edgetk.compressed import save
+    from edgetk.kernels import llvm_codebook as lk
+
+    monkeypatch.delenv("EDGETK_PREFILL", raising=False)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    reports = compress(tiny_lm, VQConfig(vec_len=4, codebook_size=16, kmeans_iters=3, refine_rounds=1, cg_iters=2,
+                                         calib_samples=4), calib=calib)
+    art = save(tiny_lm, tmp_path / "vq", reports, recipe="tiny-vq")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and looked at the dog. " * 40)
+    args = ["eval", str(art.root), "--text", str(text), "--window", "64", "--max-windows", "3", "--json"]
+    m8 = lk.int8_module()
+    calls, real = [], m8.gemm
+    monkeypatch.setattr(m8, "gemm", lambda p, x, n=None: calls.append(x.shape) or real(p, x, n))
+    monkeypatch.setattr(m8, "host_ok", lambda: True)
+    main(args + ["--prefill", "lut"])
+    ppl_lut = _json_lines(capsys.readouterr().out)[0]["perplexity"]
+    assert not calls
+    main(args + ["--prefill", "int8"])
+    ppl_int8 = _json_lines(capsys.readouterr().out)[0]["perplexity"]
+    assert calls and ppl_int8 != ppl_lut and abs(ppl_int8 / ppl_lut - 1) < 0.05
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--prefill", "int4"])
+    assert e.value.code == 2

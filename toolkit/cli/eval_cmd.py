@@ -1,9 +1,9 @@
-"""`edgetk eval MODEL_OR_ARTIFACT --text FILE [--max-windows N] --json`."""
+"""`edgetk eval MODEL_OR_ARTIFACT --text FILE [--max-windows N] [--prefill MODE] --json`."""
 from __future__ import annotations
 
 import typer
 
-from .common import console, emit_json, kv_table, progress
+from .common import console, emit_json, kv_table, prefill_path, progress
 
 
 def register(app: typer.Typer) -> None:
@@ -16,12 +16,15 @@ def register(app: typer.Typer) -> None:
               scoring: str = typer.Option("all", "--scoring", help="'all' predictions per window or "
                                           "'second-half' (llama.cpp's)"),
               allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+              prefill: str = typer.Option(None, "--prefill", help="how VQ layers run the windows, as "
+                                          "EDGETK_PREFILL (auto, lut, dense, bf16, int8): the perplexity cost of "
+                                          "the reduced-precision paths"),
               json_: bool = typer.Option(False, "--json", help="print one JSON line")) -> None:
         """Perplexity of a decoder (non-overlapping windows) or embedding stats of an encoder."""
         from ..eval import evaluate
         from ..models import load
 
-        with progress(json_):
+        with progress(json_), prefill_path(prefill):
             lm = load(model, allow_pickle=allow_pickle)
             result = evaluate(lm, text, max_windows=max_windows, window=window, scoring=scoring)
         if json_:
