@@ -82,6 +82,55 @@ def test_gqa_attention_eager_uses_sdpa_gqa_tracers_see_repeat_kv(kw):
     torch.testing.assert_close(ep.module()(q, k, v), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_eager_inference_norm_and_rope_shortcuts_change_no_bit(tiny_llama):
+    """Eager inference takes RMSNorm as one F.rms_norm and each step's RoPE rows gathered once (sign folded into
+    the sines, roll for rotate_half): the same logits as the generic path bit for bit; training (grad enabled) and
+    tracers keep the generic ops."""
+    from edgetk.models import llama
+
+    g = torch.Generator().manual_seed(0)
+    norm = tiny_llama.model.layers[0].input_layernorm
+    x = torch.randn(2, 3, tiny_llama.cfg.hidden_size, generator=g)
+    with torch.no_grad():
+        fast = norm(x)
+    generic = norm(x)  # grad enabled: the generic path
+    assert generic.requires_grad and torch.equal(fast, generic.detach())
+    cos, sin = tiny_llama.rope_cos, tiny_llama.rope_sin
+    pos = torch.tensor([3, 7])
+    q = torch.randn(1, 4, 2, cos.shape[1], generator=g)
+    torch.testing.assert_close(llama.apply_rope_rows(q, llama.rope_rows(cos, sin, pos)),
+                               llama.apply_rope(q, cos[pos], sin[pos]), rtol=0, atol=1e-6)
+    ids = torch.randint(0, 256, (1, 9), generator=g)
+    runs = {}
+    for shortcut in (True, False):
+        tiny_llama.setup_cache(1, 32)
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            if not shortcut:
+                mp.setattr(llama, "rope_rows", lambda *a: None)
+                mp.setattr(llama.F, "rms_norm", lambda x, shape, w, eps: generic_norm(x, w, eps))
+            steps = [tiny_llama(ids[:, :5], torch.arange(5))]
+            steps += [tiny_llama(ids[:, i:i + 1], torch.tensor([i])) for i in range(5, 9)]
+        runs[shortcut] = torch.cat(steps, 1)
+    torch.testing.assert_close(runs[True], runs[False], rtol=0, atol=1e-5)
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = norm
+
+        def forward(self, x):
+            return self.n(x)
+
+    with torch.no_grad():
+        ep = torch.export.export(Norm(), (x,), strict=False)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("rms_norm" in o for o in ops) and any("rsqrt" in o for o in ops)
+
+
+def generic_norm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def test_llama_config_validation():
     with pytest.raises(ConfigError, match="num_kv_heads"):
         LlamaConfig(num_heads=9, num_kv_heads=2)

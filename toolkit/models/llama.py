@@ -15,6 +15,7 @@ Forward modes:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -95,6 +96,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled() and not _tracing():
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # eager inference: one op, not six
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -116,6 +119,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [T, D] for the positions of x."""
     return x * cos + rotate_half(x) * sin
+
+
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager decoding: the RoPE rows of positions `pos`, gathered once a step for every layer, with rotate_half's
+    sign folded into the sines (`apply_rope_rows`)."""
+    half = cos.shape[-1] // 2
+    s = sin[pos]
+    return cos[pos], torch.cat([-s[:, :half], s[:, half:]], dim=-1)
+
+
+def apply_rope_rows(x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`apply_rope` with `rope_rows`' tables: rotate_half(x) * sin = roll(x, D/2) * signed sin (two ops fewer)."""
+    cos, sin_signed = rows
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -189,7 +206,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: nn.Module | None = None
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, rows=None):
+        """`rows`: `rope_rows(cos, sin, input_pos)` when the caller gathered them once for every layer (eager)."""
         b, t, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(b, t, -1, c.head_dim).transpose(1, 2)
@@ -199,11 +217,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos[:t], sin[:t]), apply_rope(k, cos[:t], sin[:t])
             y = _gqa_attention(q, k, v, c.num_heads // c.num_kv_heads, is_causal=True)
         else:
-            cp, sp = cos[input_pos], sin[input_pos]
-            if getattr(self.kv_cache, "wants_raw_keys", False):  # e.g. KVQuant: keys quantized pre-RoPE
-                y = self.kv_cache.attend(apply_rope(q, cp, sp), k, v, input_pos, cos, sin, mask)
+            raw = getattr(self.kv_cache, "wants_raw_keys", False)  # e.g. KVQuant: keys quantized pre-RoPE
+            if rows is not None:
+                q, k = apply_rope_rows(q, rows), k if raw else apply_rope_rows(k, rows)
             else:
-                y = self.kv_cache.attend(apply_rope(q, cp, sp), apply_rope(k, cp, sp), v, input_pos, cos, sin, mask)
+                cp, sp = cos[input_pos], sin[input_pos]
+                q, k = apply_rope(q, cp, sp), k if raw else apply_rope(k, cp, sp)
+            y = self.kv_cache.attend(q, k, v, input_pos, cos, sin, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -226,8 +246,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -299,8 +319,11 @@ class LlamaForCausalLM(nn.Module):
             if rope_pos is not None:  # the rows of the new slots carry their tokens' RoPE angles
                 cos = cos.index_copy(0, input_pos, cos[rope_pos])
                 sin = sin.index_copy(0, input_pos, sin[rope_pos])
+        rows = None
+        if self.cache_len and not _tracing():  # eager: each layer's RoPE rows gathered once, not per layer
+            rows = rope_rows(cos, sin, input_pos)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, rows)
         if self.cfg.residual_rotation:  # back to the embedding basis (RMSNorm commutes with a rotation)
             x = x @ self.rotation.T
         return self.model.norm(x)
