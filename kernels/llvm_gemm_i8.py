@@ -13,8 +13,9 @@ Arithmetic (`reference` spells it out in PyTorch; tests compare the kernel with 
   stored as u = q + 64 in [1, 127] -- so `vpmaddubsw` (unsigned x signed bytes, pairs summed into a saturating
   int16) never saturates (|u0 w0 + u1 w1| <= 2 * 127 * 127 < 2**15), and the same bytes serve `sdot` (signed x
   signed); the weights get the 8th bit because their rounding costs more perplexity than the activations' (on a
-  4-bit smollm2-135m VQ model: int8 codewords +1.2 %, 7-bit ones +2.9 %; 7-bit activations in groups of 64 +1.5 %,
-  8-bit +0.9 %, groups of 32 and 128 with int8 codewords +2.1 / +3.8 % in all);
+  4-bit smollm2-135m VQ model, 8 eval windows, emulated in PyTorch: int8 codewords alone +1.2 %, 7-bit ones +2.9 %;
+  7-bit activations alone in groups of 64 +1.5 %, 8-bit +0.9 %; both, int8 codewords and 7-bit activations in
+  groups of 32 / 64 / 128: +2.1 / +2.8 / +3.8 %; this kernel, groups of 64: +3.1 %, 44.79 -> 46.18);
 * y[t, r] = s_w(r) * sum_g s[t, g] * (sum_{k in g} u[t, k] w[r, k]  -  64 wsum[r, g]), wsum[r, g] = sum_{k in g}
   w[r, k] (the +64 shift; summed per block of rows by the same multiply-add against ones).
 
@@ -42,7 +43,7 @@ from . import llvm_common as lc
 from .codebook_gemm import unpack_codes
 
 ir = lc.ir
-GS = 64  # activation group: one scale per token and GS inputs (32: -0.7 % perplexity, +25-50 % time on AVX2)
+GS = 64  # activation group: one scale per token and GS inputs (32: -0.7 % perplexity, +20-55 % time on AVX2)
 RB = 16  # rows per block (one <64 x i8> vector = 16 rows x 4 inputs)
 SHIFT = 64  # activation bytes are q + SHIFT, q in [-AQ, AQ]
 AQ, WQ = 63, 127  # largest |q| (activations, 7 bits) and |w| (codewords, 8 bits)
