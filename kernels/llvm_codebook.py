@@ -526,8 +526,8 @@ def prefill_mode() -> str:
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
     matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs). "int8": int8
-    codewords times per-token int8 activations, int32 sums (llvm_gemm_i8: ~35-40 dB SNR; hosts with an int8
-    multiply-add -- AVX2, AVX-512, aarch64 dot product -- elsewhere the float32 choice runs)."""
+    codewords times the activations quantized to 7 bits per token and 64 inputs, int32 sums (llvm_gemm_i8: ~37 dB
+    SNR; hosts with an int8 multiply-add -- AVX2, AVX-512, aarch64 dot product -- elsewhere the dense path runs)."""
     mode = (table.env("EDGETK_PREFILL") or "auto").strip() or "auto"
     if mode not in PREFILL_MODES:
         raise ConfigError(f"EDGETK_PREFILL={mode!r} is not a prefill mode", hint=f"use one of {PREFILL_MODES}")
