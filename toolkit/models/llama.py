@@ -15,7 +15,6 @@ Forward modes:
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
