@@ -1,7 +1,7 @@
 """Kernel benchmark: llvmlite codebook GEMV / prefill GEMM and fused kv_attention vs their peers, same run.
 
     nice -n 10 python benchmarks/kernels.py [--quick] [--mb 256] [--reps 7] [--formats k256,r16]
-        [--only gemv,prefill,kv]
+        [--only gemv,prefill,few,kv]
 
 Cases (one JSON line each, then a table):
 * `bandwidth`: the measured read bandwidth (PyTorch fp32 GEMV and a tensor sum cycling >= 512 MB and >= `--mb`;
@@ -17,7 +17,8 @@ Cases (one JSON line each, then a table):
   included; the op's default batch-1 kernel: the float32 one, unless EDGETK_LUT names a LUT kernel) and through
   `codebook_gemm.call` (`module`: what an eager `VQLinear` pays per call, the dispatcher skipped, same kernel as
   the op), onnxruntime `com.microsoft.MatMulNBits` bits=2 block 32 accuracy_level=4 (all weights as nodes of one
-  graph, time per node), PyTorch fp32 `F.linear`. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
+  graph, time per node), PyTorch fp32 `F.linear`; `reg` = the few-input kernel (`llvm_codebook_few`) on one input, the
+  float32 alternative to the gathering gemv. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
 * `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), through the
   op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice` picks for the shape,
@@ -25,6 +26,11 @@ Cases (one JSON line each, then a table):
   matmul), the opt-in int8 path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its
   SNR and the multiply-add it ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path
   (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
+* `few`: 2, 5, 8, 12, 16 and 24 inputs (speculative-decoding verify trees, short chunks), smollm2's shapes
+  (`--quick`: 576x576 and 576x1536), 1 and 2 threads, all peers interleaved call by call: the op's default (`edgetk`:
+  "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its MAX_ROWS inputs), each path
+  (few, lut, dense, int8), the float32 gemv called once per input, and the fp32 model's few-row `F.linear`
+  (`few_rows_linear`); `x_before` = the better of lut / dense (what "auto" ran before the few-input kernel) / edgetk.
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
   query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache;
   cache bytes vs an fp16 cache.
@@ -46,9 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from edgetk.kernels import codebook_gemm as cg
+from edgetk.kernels import few_rows_linear as few_rows
 from edgetk.kernels import kv_attention as kva
 from edgetk.kernels import kv_attention_fast as kvf
 from edgetk.kernels import llvm_codebook as lk
+from edgetk.kernels import llvm_codebook_few as lf
 
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 SHAPES = [(4096, 4096), *SMOLLM2]
@@ -161,6 +169,7 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, f
     x = torch.randn(inf)
     x2 = x[None]
     f32 = timed_cycles(lambda p: lk.gemv(p, x), ps, reps)
+    reg = timed_cycles(lambda p: lf.gemm(p, x2), ps, reps)
     del ps
     luts = {}  # the batch-1 LUT kernels this host runs, preferred first (the op's default is the first)
     for name in lk.LUT_KERNELS:
@@ -194,7 +203,8 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, f
     return {"case": "gemv", "format": fmt, "shape": f"{out}x{inf}", "threads": threads, "n_weights": n,
             "cycled_MB": n * code_bytes / MB, "bits_per_weight": cf.bits_per_weight(),
             "kernel": kernel, "threads_used": used,
-            "edgetk_us": ours, "edgetk_f32_us": f32, **{f"edgetk_{k}_us": v for k, v in luts.items()},
+            "edgetk_us": ours, "edgetk_f32_us": f32, "edgetk_reg_us": reg,
+            **{f"edgetk_{k}_us": v for k, v in luts.items()},
             "edgetk_op_us": op, "edgetk_module_us": module, "ort_mnb2_us": ort_t, "ort_nodes": n_ort,
             "ort_cycled_MB": n_ort * ort_bytes / MB, "linear_fp32_us": lin,
             "x_vs_ort": ort_t["median_us"] / med, "x_vs_linear": lin["median_us"] / med,
@@ -234,6 +244,45 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
         r.update(edgetk_bf16_us=bf, bf16_x_vs_linear=lin["median_us"] / bf["median_us"],
                  bf16_snr_db=snr(dq.gemm(pd, x)))
     return r
+
+
+def few_case(out: int, inf: int, threads: int, reps: int, rows: int) -> dict:
+    """2..24 inputs (a speculative-decoding verify tree, a short chunk): the op's default ("auto") vs each path."""
+    torch.set_num_threads(threads)
+    w = codebook_weights(out, inf, 1)[0]
+    p = lk.pack_weight(*w, inf, 4, 8)
+    x = torch.randn(rows, inf)
+    wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
+    ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+    choice = lk.prefill_choice(p, rows, n_threads=threads)
+    peers = {"edgetk": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), "few": lambda: lf.gemm(p, x),
+             "lut": lambda: lk.gemm(p, x),
+             "dense": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8, prefill="dense"),
+             "int8": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8, prefill="int8"),
+             "gemv_rows": lambda: [lk.gemv(p, x[i]) for i in range(rows)],
+             "linear_fp32": lambda: few_rows.few_rows_linear(x, wd)}
+    t = interleaved(peers, reps)
+    return {"case": "few", "shape": f"{out}x{inf}", "rows": rows, "threads": threads, "auto_choice": choice,
+            **{f"{k}_us": v for k, v in t.items()},
+            "x_vs_before": min(t["lut"]["median_us"], t["dense"]["median_us"]) / t["edgetk"]["median_us"],
+            "x_vs_linear": t["linear_fp32"]["median_us"] / t["edgetk"]["median_us"],
+            "max_rel_err": ((lk.codebook_gemm_llvm(x, *w, inf, 4, 8) - ref).abs().max() / ref.abs().max()).item()}
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median / p90 per peer, the peers called in a fresh random order each pass (drift hits all alike)."""
+    import random
+
+    times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(max(reps, 3) * 5):
+        for k in random.sample(list(fns), len(fns)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: stats(v, cpu[k]) for k, v in times.items()}
 
 
 def kv_case(threads: int, reps: int, ctx: int = 2048, kbits: int = 4, vbits: int = 4) -> dict:
@@ -277,7 +326,7 @@ def row(r: dict) -> str:
     if c == "gemv":
         return (f"gemv {r['format']:>4} {r['shape']:>9} t={r['threads']}  edgetk {med:8.1f} us "
                 f"[{r['kernel']}] (p90 {r['edgetk_us']['p90_us']:.1f}, "
-                + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32")
+                + "".join(f"{k} {r[f'edgetk_{k}_us']['median_us']:.1f}, " for k in ("q16", "f32", "reg")
                           if f"edgetk_{k}_us" in r and k != r["kernel"])
                 + f"op {r['edgetk_op_us']['median_us']:.1f}, module {r['edgetk_module_us']['median_us']:.1f})  "
                 f"ort {r['ort_mnb2_us']['median_us']:8.1f}  "
@@ -292,6 +341,12 @@ def row(r: dict) -> str:
                 f"(lut {r['edgetk_lut_us']['median_us']:.1f}, dense {r['edgetk_dense_us']['median_us']:.1f})  "
                 f"linear {r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f} "
                 f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f})" + i8 + bf)
+    if c == "few":
+        us = lambda k: r[f"{k}_us"]["median_us"]  # noqa: E731
+        return (f"few {r['shape']:>9} rows={r['rows']:>2} t={r['threads']}  edgetk {med:7.1f} us [{r['auto_choice']}] "
+                f"(few {us('few'):.1f}, lut {us('lut'):.1f}, dense {us('dense'):.1f}, int8 {us('int8'):.1f}, "
+                f"gemv x rows {us('gemv_rows'):.1f})  linear {us('linear_fp32'):7.1f}  "
+                f"x_before {r['x_vs_before']:.2f}  x_lin {r['x_vs_linear']:.2f}")
     return (f"kv_attention K{r['key_bits']}V{r['value_bits']} ctx={r['context']} t={r['threads']}  "
             f"edgetk {med:.1f} us  "
             f"sdpa {r['sdpa_fp32_us']['median_us']:.1f} (gqa {r['sdpa_fp32_gqa_us']['median_us']:.1f})  "
@@ -305,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and one smollm2 shape only")
     ap.add_argument("--formats", default="k256,r16", help=f"gemv formats, among {sorted(FORMATS)}")
-    ap.add_argument("--only", default="gemv,prefill,kv", help="case groups to run (gemv, prefill, kv)")
+    ap.add_argument("--only", default="gemv,prefill,few,kv", help="case groups to run (gemv, prefill, few, kv)")
     args = ap.parse_args(argv)
     results = []
     bw = {t: bandwidth(t, args.reps, args.mb) for t in (1, 2)}
@@ -313,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[:2] if args.quick else SHAPES
     formats = [f for f in args.formats.split(",") if f]
     only = set(args.only.split(","))
-    bad = [f for f in formats if f not in FORMATS] + sorted(only - {"gemv", "prefill", "kv"})
+    bad = [f for f in formats if f not in FORMATS] + sorted(only - {"gemv", "prefill", "few", "kv"})
     if bad:
-        ap.error(f"unknown format or case group {bad}: formats {sorted(FORMATS)}, groups gemv, prefill, kv")
+        ap.error(f"unknown format or case group {bad}: formats {sorted(FORMATS)}, groups gemv, prefill, few, kv")
     for fmt in formats if "gemv" in only else ():
         for out, inf in shapes:
             for t in (1, 2):
@@ -325,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         for t in (1, 2):
             results.append(prefill_case(out, inf, t, args.reps))
             print(json.dumps(results[-1]), flush=True)
+    for out, inf in ([(576, 576), (576, 1536)] if args.quick else SMOLLM2) if "few" in only else ():
+        for rows in (2, 5, 8, 12, 16, 24):
+            for t in (1, 2):
+                results.append(few_case(out, inf, t, args.reps, rows))
+                print(json.dumps(results[-1]), flush=True)
     for kb, vb in ((4, 4), (5, 3)) if "kv" in only else ():  # 5/3: the kv4 preset's widths (codes straddle bytes)
         for t in (1, 2):
             results.append(kv_case(t, args.reps, kbits=kb, vbits=vb))

@@ -18,8 +18,9 @@ pthreads on cross targets); the prefill GEMM splits its batch tiles instead when
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
 builds only its own LUTs and streams one contiguous range of codes.
-Batch > 1 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where `prefill_choice` finds it
-cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
+Batch 2..12 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under "auto" (codewords
+decoded in registers, no LUT). Batch > 12 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where
+`prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
 `torch.set_float32_matmul_precision("medium")` under the default "auto"), and to `llvm_gemm_i8` (int8 codewords x
 int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
 
@@ -509,7 +510,7 @@ def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
     return names
 
 
-PREFILL_MODES = ("auto", "lut", "dense", "bf16", "int8")
+PREFILL_MODES = ("auto", "few", "lut", "dense", "bf16", "int8")
 _CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache(), "int8": _PackCache()}
 # Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon at 64 tokens over the
 # smollm2 shapes and 4096^2, checked at 16 and 256; only their ratios matter): the LUT GEMM pays LUT_BUILD per token
@@ -523,6 +524,8 @@ LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC, DENSE_SCALING = 0.0209, 0.0085, 0.15,
 def prefill_mode() -> str:
     """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "auto" (see `prefill_choice`).
 
+    "few": the few-input kernel (llvm_codebook_few: codewords decoded in registers, ~1e-6 from the reference; what
+    "auto" runs up to its MAX_ROWS inputs, slower than the GEMMs beyond that).
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
     matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs). "int8": int8
@@ -540,14 +543,20 @@ def dense_ok(p: Packed) -> bool:
 
 
 def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | None = None) -> str:
-    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "lut", "dense", "bf16" or "int8".
+    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "lut", "dense", "bf16" or
+    "int8".
 
-    "auto": bf16 where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
-    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
-    float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
-    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go
-    dense ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; modes
-    the format cannot run fall back to the LUT GEMM."""
+    "auto": up to `llvm_codebook_few.MAX_ROWS` inputs (speculative-decoding verify trees, short chunks) the few-input
+    kernel (codewords decoded in registers, float32, any format); more: bf16 where the caller allowed
+    reduced-precision fp32 matmuls the way PyTorch spells it (`torch.set_float32_matmul_precision("medium")`) and
+    the host has bf16 matmuls; otherwise whichever of the two float32 paths the cost model (LUT_BUILD ...
+    DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per token however few rows the layer has, so layers
+    with few rows (out below ~3-4 K at 64 tokens, one thread) go dense ("auto" never picks int8: only when asked
+    for). bf16 and int8 on a host without them run dense; modes the format cannot run fall back to the LUT GEMM."""
+    if mode == "auto" and rows <= few_module().MAX_ROWS:
+        return "few"
+    if mode == "few":
+        return mode
     if mode == "auto":
         if torch.get_float32_matmul_precision() == "medium" and dequant_module().host_ok():
             mode = "bf16"
@@ -570,6 +579,14 @@ def dequant_module():
     from . import llvm_dequant
 
     return llvm_dequant
+
+
+@functools.cache
+def few_module():
+    """The llvm_codebook_few module (few-input GEMM; batch 1 where `gemv_kernel` picks it), imported on first use."""
+    from . import llvm_codebook_few
+
+    return llvm_codebook_few
 
 
 @functools.cache
@@ -726,6 +743,8 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         return gemv(p, xv, n_threads, x.shape[:-1])
     x2 = x.reshape(rows, in_features).contiguous()
     mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
+    if mode == "few":
+        return few_module().gemm(p, x2, n_threads).reshape(*x.shape[:-1], p.out_f)
     if mode == "int8":
         m8 = int8_module()
         p8 = _CACHE_DQ[mode].get(tensors, lambda: m8.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))

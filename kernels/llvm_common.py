@@ -88,6 +88,7 @@ def target_machine(triple: str | None = None, cpu: str | None = None):
                                         jit=triple == llvm.get_process_triple())
 
 
+@functools.cache
 def host_vector_bits() -> int:
     _init()
     feats = llvm.get_host_cpu_features()

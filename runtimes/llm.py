@@ -112,7 +112,7 @@ class EagerDecoder:
                 calib = kvc.calibrate(model, _calib_windows(loaded, kv_cache, calib_text), kv_cache)
             factory = kvc.cache_factory(kv_cache, calib, extra_slots)
         self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-        warm_up(model, self.linears)
+        warm_up(model, self.linears, extra_slots)
         model.setup_cache(1, max_seq_len, cache_factory=factory)
         self.vocab = model.cfg.vocab_size
 
@@ -163,17 +163,23 @@ class EagerDecoder:
         return min(limits) if limits else 1 << 30
 
 
-WARM_UP_ROWS = (1, 8)  # a decode step and a short prompt
+WARM_UP_ROWS = (1, 16)  # a decode step and a short prompt (above the few-input codebook kernel's 12 rows)
+
+
+def warm_up_rows(tree_rows: int = 0) -> tuple[int, ...]:
+    """WARM_UP_ROWS and a speculative-decoding verify step of `tree_rows` rows (0: none), ascending."""
+    return tuple(sorted({*WARM_UP_ROWS, tree_rows} - {0}))
 
 
 @torch.inference_mode()
-def warm_up(model: LlamaForCausalLM, linears: list[torch.nn.Linear] = ()) -> None:
-    """Run the model once per row count in WARM_UP_ROWS, without a cache, so that the kernels its layers pick
-    (codebook GEMV / GEMM: JIT-compiled and packed on first use, ~1 s for smollm2 at 2 bits; the fp32 GEMV of
-    the plain `linears` that decode steps route through `few_rows_linears`) are ready at load time rather than
-    inside the first generation's time to first token and decode rate."""
+def warm_up(model: LlamaForCausalLM, linears: list[torch.nn.Linear] = (), tree_rows: int = 0) -> None:
+    """Run the model once per row count of `warm_up_rows(tree_rows)`, without a cache, so that the kernels its
+    layers pick (codebook GEMV / few-input GEMM / prefill GEMM: JIT-compiled per shape class and packed on first
+    use, ~1 s for smollm2 at 2 bits; the fp32 GEMV of the plain `linears` that decode steps route through
+    `few_rows_linears`) are ready at load time rather than inside the first generation's time to first token and
+    decode rate."""
     model.clear_cache()
-    for rows in WARM_UP_ROWS:
+    for rows in warm_up_rows(tree_rows):
         with few_rows.few_rows_linears(list(linears)) if rows <= few_rows.MAX_ROWS else contextlib.nullcontext():
             model(torch.zeros(1, min(rows, model.cfg.max_seq_len), dtype=torch.long))
 

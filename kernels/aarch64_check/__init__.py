@@ -2,7 +2,7 @@
 
 The same generators as the host JIT (`edgetk.kernels.llvm_codebook.build_module`, and the NEON `tbl` int8-LUT gemv of
 `edgetk.kernels.llvm_codebook_q8.build_module`, the int8 prefill GEMM of `edgetk.kernels.llvm_gemm_i8` with `sdot` or
-plain NEON) emit an aarch64 ELF object;
+plain NEON, the few-input GEMM of `edgetk.kernels.llvm_codebook_few`) emit an aarch64 ELF object;
 `codebook_check.c` (this folder) is linked against it with `aarch64-linux-gnu-gcc` and run with
 `qemu-aarch64 -L /usr/aarch64-linux-gnu`. Each case ships the kernel's argument block and one blob holding every
 input (repacked codes, float32 codebooks, x, scratch): pointer arguments are blob offsets that the C program
@@ -110,6 +110,36 @@ def build_i8(isa: str, vec_len: int, workdir: Path) -> Path:
     obj = workdir / "gemm_i8.o"
     obj.write_bytes(lc.emit_object(i8.build_module(isa, vec_len, TRIPLE), TRIPLE, I8_CPU[isa]))
     return _link(obj, workdir)
+
+
+def build_few(spec: lk.KernelSpec, P: int, TT: int, workdir: Path) -> Path:
+    """The few-input GEMM (llvm_codebook_few, P codes per NEON vector, tiles of TT inputs) as a check program."""
+    from edgetk.kernels import llvm_codebook_few as few
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    obj = workdir / "codebook_few.o"
+    obj.write_bytes(lc.emit_object(few.build_module(spec, P, TT, TRIPLE), TRIPLE))
+    return _link(obj, workdir)
+
+
+def run_few(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path, TT: int) -> torch.Tensor:
+    """y [B, out] from the aarch64 few-input GEMM under qemu (inputs padded to whole tiles of TT, as
+    `llvm_codebook_few.gemm` does; no outliers: those are added in torch)."""
+    from edgetk.kernels import llvm_codebook_few as few
+
+    B = x2.shape[0]
+    n_tiles = -(-B // TT)
+    xq = torch.nn.functional.pad(x2, (0, p.n_vec * p.spec.vec_len - x2.shape[1], 0, n_tiles * TT - B))
+    blob, a = _Blob([]), p.static_args()
+    a[lk.A_X], a[lk.A_CBT], a[lk.A_NBT] = blob.add(xq), blob.add(few._cbk(p)), n_tiles
+    a[lk.A_PERM], a[lk.A_CODES], a[lk.A_OW], a[lk.A_SCR] = -1, blob.add(p.codes_r), -1, -1
+    a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.scale), blob.add(p.bias)
+    out_n = n_tiles * TT * p.out_f
+    a[lk.A_Y] = blob.add(None, 4 * out_n)
+    head = [MAGIC, 6, p.n_rb, n_threads, a[lk.A_Y], 4 * out_n, sum(1 << i for i in PTR_ARGS), lk.N_ARGS, *a,
+            blob.size]
+    y = torch.frombuffer(bytearray(_qemu(exe, workdir, head, blob)), dtype=torch.float32)
+    return y.view(-1, p.out_f)[:B].clone()
 
 
 def _link(obj: Path, workdir: Path) -> Path:

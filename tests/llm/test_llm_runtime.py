@@ -187,13 +187,16 @@ def test_config_validation():
 
 
 def test_load_warms_the_kernels_up(tiny_lm):
-    """LLM.load runs the model once per WARM_UP_ROWS without a cache, so that the layers' kernels (a VQ layer's
-    batch-1 codebook GEMV: JIT-compiled and packed on first use) are ready before the first generation is timed;
+    """LLM.load runs the model once per WARM_UP_ROWS and once with the draft tree's rows, without a cache, so that
+    the layers' kernels (a VQ layer's batch-1 codebook GEMV, few-input GEMM for the verify steps, prefill GEMM:
+    JIT-compiled and packed on first use) are ready before the first generation is timed;
     the cache is set up afterwards and generation is unaffected."""
     from edgetk.compress.vq_linear import VQLinear
     from edgetk.kernels import llvm_codebook as lk
     from edgetk.kernels.codebook_gemm import CodebookFormat
+    from edgetk.kernels import llvm_codebook_few as few
     from edgetk.runtimes.llm import WARM_UP_ROWS
+    from edgetk.runtimes.spec import SpeculativeStepper
 
     m = tiny_lm.model
     lin = m.model.layers[0].mlp.down_proj
@@ -207,7 +210,8 @@ def test_load_warms_the_kernels_up(tiny_lm):
     rows = []
     m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
     llm = LLM.load(tiny_lm, max_seq_len=64)
-    assert rows == list(WARM_UP_ROWS)
+    tree = SpeculativeStepper.tree_size_for(llm.spec_config)
+    assert 1 < tree <= few.MAX_ROWS < WARM_UP_ROWS[-1] and rows == sorted({*WARM_UP_ROWS, tree})
     assert m.model.layers[0].self_attn.kv_cache is not None
     if lk.available():  # the float32 batch-1 kernel packed the layer during load
         assert id(vq.codes) in lk._CACHE._d

@@ -1,0 +1,213 @@
+"""Few-input codebook GEMM (2..`MAX_ROWS` inputs: speculative-decoding verify trees, short chunks) on CPU,
+llvmlite-generated (x86 AVX2 / AVX-512, aarch64 NEON from one generator), float32, equal to
+`codebook_gemm_reference` up to summation order.
+
+The prefill LUT GEMM (`llvm_codebook.gemm`) builds the whole lookup table for a tile of 8 inputs however few
+there are, and every thread builds all of it when the batch is one tile: on a 576x576 layer with 256 codewords
+it stores K = 256 LUT entries per code column and input, more work than the 576 rows' lookups it serves; the
+dequantizing path pays a full float32 weight per call. With a handful of inputs neither is worth it: this kernel
+decodes the codewords in registers instead and multiplies them with every input directly.
+
+Per RU output rows (`row_unroll`: 2, or 1 for tiles of more than 6 inputs, whose accumulators fill the 16 AVX2
+registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs (compile-time,
+so the RU * TT accumulators stay in registers): for every P code vectors (P = codes per SIMD vector: the largest
+power of two with P * vec_len <= lanes dividing JB and n_vec, e.g. 2 for vec_len 4 on AVX2), the RU rows' codes
+of a column are one load (adjacent in the repacked layout) split with shifts, each row's P codewords (summed over
+residual stages) are loaded from the float32 codebook ``cbk[s][g][k][0:v]`` (K * v floats per group,
+L1-resident) and concatenated into one vector w_u, then acc[u][t] += w_u * x[t][j*v : (j+P)*v] (each x load
+serves the RU rows). A row's sums are the lanes' sums of its accumulators; scale and bias are applied in the
+kernel. Per P*v weights and RU rows: P code loads, RU*P codeword loads, TT x loads, RU*TT FMAs -- so 2..12
+inputs cost 1.3-3x one batch-1 call, not 2-12x.
+
+Measured on 2 AVX2 cores (Zen 3; `python benchmarks/kernels.py --only few`, all peers interleaved in one run),
+smollm2's four shapes, 2 / 5 / 8 / 12 inputs, 1 and 2 threads: 1.1-2.9x faster than the better of the LUT GEMM
+and the dequantizing path (what "auto" ran before) and 1.5-4.9x faster than the float32 gemv called per input;
+above 12 inputs the LUT GEMM overtakes it on the larger layers (one thread, 16 inputs: 0.70-0.84x), hence
+MAX_ROWS.
+
+Codes are read from the float32 kernels' repacked layout (`llvm_codebook.Packed.codes_r`): no further copy of the
+weight. Codebooks in ``[s][g][k][t]`` float32 (cached per weight, a few KB). More than TT_MAX inputs run as
+several equal tiles of at most TT_MAX (the inputs padded with zero rows). Outlier columns: `llvm_codebook.finish`
+(torch), before scale and bias.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+
+from . import llvm_codebook as lk
+from . import llvm_common as lc
+
+ir = lc.ir
+MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto"); more go to the LUT / dense GEMM
+TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
+
+
+def codes_per_vector(spec: lk.KernelSpec, n_vec: int, lanes: int) -> int:
+    """P: code vectors per SIMD vector -- the largest power of two with P * vec_len <= lanes that divides both the
+    column block JB and n_vec (so that no block has a remainder), at least 1."""
+    P = 1
+    while 2 * P * spec.vec_len <= lanes and spec.JB % (2 * P) == 0 and n_vec % (2 * P) == 0:
+        P *= 2
+    return P
+
+
+def _concat(b, vs):
+    """<v x float> values -> one <len(vs) * v x float> (a shuffle tree)."""
+    while len(vs) > 1:
+        n = vs[0].type.count
+        mask = ir.Constant(ir.VectorType(lc.I32, 2 * n), list(range(2 * n)))
+        vs = [b.shuffle_vector(vs[i], vs[i + 1], mask) for i in range(0, len(vs), 2)]
+    return vs[0]
+
+
+def row_unroll(spec: lk.KernelSpec, TT: int) -> int:
+    """Rows computed together (sharing the x loads; 2 * TT accumulators): 2 when the registers hold them."""
+    ru = 4 if TT == 1 else 2 if TT <= 6 else 1
+    while spec.R % ru:
+        ru //= 2
+    return ru
+
+
+def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int):
+    """work(args, tid, rb0, rb1): rows of row tiles [rb0, rb1) x all input tiles.
+
+    args: A_X = x [n_tiles * TT][n_vec * v] (the quantized columns, permuted, padded); A_CBT = cbk [S][G][K][v];
+    A_Y = y [n_tiles * TT][out] (rows >= out are not stored); A_SCALE / A_BIAS: applied when not null; A_NBT =
+    n_tiles; the rest as `llvm_codebook.Packed.static_args`."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "few_work")
+    g = lc.Gen(fn)
+    b = g.b
+    args, _, rb0, rb1 = fn.args
+    a = lk._Args(g, args)
+    v, K, R, JB, S = spec.vec_len, spec.K, spec.R, spec.JB, spec.stages
+    RU = row_unroll(spec, TT)
+    W = P * v
+    cbits = 8 * spec.code_bytes
+    wide = ir.IntType(cbits * RU)
+    vt, cvt = ir.VectorType(lc.F32, W), ir.VectorType(lc.F32, v)
+    n_vec, G = a.n(lk.A_NVEC), a.n(lk.A_GROUPS)
+    xs = b.mul(n_vec, g.i64(v))  # floats per input row
+    out = a.n(lk.A_OUT)
+    rpg, x0, y0, cbk = a.n(lk.A_RPG), a.p(lk.A_X), a.p(lk.A_Y), a.p(lk.A_CBT)
+    scale, bias = a.p(lk.A_SCALE), a.p(lk.A_BIAS)
+    accs = [[g.var(vt, name=f"acc{u}_{t}") for t in range(TT)] for u in range(RU)]
+    zero = ir.Constant(vt, [0.0] * W)
+    with g.loop(rb0, rb1, name="rb") as rb:
+        with g.loop(0, R, step=RU, name="i") as i:
+            rows = [b.add(b.mul(rb, g.i64(R)), b.add(i, g.i64(u))) for u in range(RU)]
+            cb_s = []
+            for r in rows:
+                grp = g.min(b.sdiv(r, rpg), b.sub(G, g.i64(1)))  # padded rows (code 0) read the last group
+                cb_s.append([b.gep(cbk, [b.mul(b.add(b.mul(g.i64(s), G), grp), g.i64(K * v))], source_etype=lc.F32)
+                             for s in range(S)])
+            with g.loop(0, a.n(lk.A_NBT), name="tt") as tt:
+                xt = b.gep(x0, [b.mul(b.mul(tt, g.i64(TT)), xs)], source_etype=lc.F32)
+                for u in range(RU):
+                    for t in range(TT):
+                        b.store(zero, accs[u][t])
+                with g.loop(0, n_vec, step=JB, name="jb") as j0:
+                    jl = g.min(g.i64(JB), b.sub(n_vec, j0))
+                    cbs = [b.gep(lk._code_base(g, a, spec, g.i64(s), j0, jl, rb), [i], source_etype=spec.ctype)
+                           for s in range(S)]
+                    with g.loop(0, jl, step=P, name="jj") as jj:
+                        parts = [[[] for _ in range(S)] for _ in range(RU)]
+                        for s in range(S):
+                            for q in range(P):
+                                # the RU rows' codes of one column are adjacent: one load, split with shifts
+                                cp = b.gep(cbs[s], [b.mul(b.add(jj, g.i64(q)), g.i64(R))], source_etype=spec.ctype)
+                                raw = b.load(cp, typ=wide, align=1)
+                                for u in range(RU):
+                                    c = b.trunc(b.lshr(raw, ir.Constant(wide, u * cbits)) if u else raw, spec.ctype)
+                                    wp = b.gep(cb_s[u][s], [b.mul(b.zext(c, lc.I64), g.i64(v))], source_etype=lc.F32)
+                                    parts[u][s].append(b.load(wp, typ=cvt, align=4))
+                        ws = []
+                        for u in range(RU):
+                            w = None
+                            for s in range(S):
+                                wv = _concat(b, parts[u][s])
+                                w = wv if w is None else b.fadd(w, wv)
+                            ws.append(w)
+                        col = b.mul(b.add(j0, jj), g.i64(v))
+                        for t in range(TT):
+                            xp = b.gep(xt, [b.add(b.mul(g.i64(t), xs), col)], source_etype=lc.F32)
+                            xv = b.load(xp, typ=vt, align=4)
+                            for u in range(RU):
+                                b.store(g.fma(ws[u], xv, b.load(accs[u][t], typ=vt)), accs[u][t])
+                yt = b.gep(y0, [b.mul(b.mul(tt, g.i64(TT)), out)], source_etype=lc.F32)
+                for u, r in enumerate(rows):
+                    with b.if_then(b.icmp_signed("<", r, out)):
+                        sc = _optional(g, scale, r, 1.0)
+                        bi = _optional(g, bias, r, 0.0)
+                        for t in range(TT):
+                            s_ = g.reduce_add(b.load(accs[u][t], typ=vt))
+                            g.store(lc.F32, b.fadd(b.fmul(s_, sc), bi), yt, b.add(b.mul(g.i64(t), out), r))
+    b.ret_void()
+    return fn
+
+
+def _optional(g: lc.Gen, ptr, idx, default: float):
+    """ptr[idx] when ptr is not null, else `default` (per output row: the branch costs nothing)."""
+    b = g.b
+    slot = g.var(lc.F32, ir.Constant(lc.F32, default))
+    with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(ptr, lc.I64), g.i64(0))):
+        b.store(g.load(lc.F32, ptr, idx), slot)
+    return b.load(slot)
+
+
+def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None):
+    mod = lc.new_module(f"codebook_few_{spec.vec_len}_{spec.K}_{P}_{TT}", triple)
+    lc.add_parallel_for(mod, _gen_few(mod, spec, P, TT))
+    return mod
+
+
+_PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
+@functools.cache
+def compiled(spec: lk.KernelSpec, P: int, TT: int):
+    """JIT the kernel for (spec, P, TT) on this host (once per process; a decoder needs one or two TT)."""
+    return _PAR_T(lc.jit(build_module(spec, P, TT), ["few_work_par"])["few_work_par"])
+
+
+def tiles(rows: int) -> tuple[int, int]:
+    """(n_tiles, TT): `rows` inputs as n_tiles equal tiles of TT <= TT_MAX (the last padded with zero rows)."""
+    n = max(1, math.ceil(rows / TT_MAX))
+    return n, math.ceil(rows / n)
+
+
+def _cbk(p: lk.Packed) -> torch.Tensor:
+    t = p.__dict__.get("_cbk")
+    if t is None:
+        t = p.__dict__["_cbk"] = p.cbt.permute(0, 1, 3, 2).contiguous()  # [S, G, K, v]
+    return t
+
+
+def _threads(p: lk.Packed, rows: int, n_threads: int | None) -> int:
+    n = torch.get_num_threads() if n_threads is None else n_threads
+    work = rows * p.spec.stages * p.out_f * p.n_vec
+    return max(1, min(n, p.n_rb, work // lk.MIN_CODES_PER_THREAD if n_threads is None else n))
+
+
+def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
+    """Inputs x2 [B, in] (float32, contiguous, B >= 1) -> y [B, out]."""
+    B, v = x2.shape[0], p.spec.vec_len
+    n_tiles, TT = tiles(B)
+    xp = x2.index_select(1, p.perm) if p.perm is not None else x2
+    xq = xp[:, p.n_out:] if p.n_out else xp
+    cols = p.n_vec * v
+    if xq.shape[1] != cols or n_tiles * TT != B:
+        xq = torch.nn.functional.pad(xq, (0, cols - xq.shape[1], 0, n_tiles * TT - B))
+    xq = xq.contiguous()
+    y = torch.empty(n_tiles * TT, p.out_f, dtype=torch.float32)
+    cbk = _cbk(p)
+    a = p.argv()
+    a[lk.A_X], a[lk.A_CBT], a[lk.A_Y], a[lk.A_NBT] = xq.data_ptr(), cbk.data_ptr(), y.data_ptr(), n_tiles
+    if p.n_out:  # the outlier columns come first (torch), then scale and bias: `finish`
+        a[lk.A_SCALE] = a[lk.A_BIAS] = 0
+    P = codes_per_vector(p.spec, p.n_vec, lc.host_vector_bits() // 32)
+    compiled(p.spec, P, TT)(a, p.n_rb, _threads(p, B, n_threads))
+    return lk.finish(p, y[:B], xp) if p.n_out else y[:B]
