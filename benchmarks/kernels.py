@@ -28,7 +28,7 @@ Cases (one JSON line each, then a table):
   (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
 * `few`: 2, 5, 8, 12, 16 and 24 inputs (speculative-decoding verify trees, short chunks), smollm2's shapes
   (`--quick`: 576x576 and 576x1536), 1 and 2 threads, all peers interleaved call by call: the op's default (`edgetk`:
-  "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its MAX_ROWS inputs), each path
+  "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its `max_rows` inputs), each path
   (few, lut, dense, int8), the float32 gemv called once per input, and the fp32 model's few-row `F.linear`
   (`few_rows_linear`); `x_before` = the better of lut / dense (what "auto" ran before the few-input kernel) / edgetk.
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one

@@ -18,8 +18,8 @@ pthreads on cross targets); the prefill GEMM splits its batch tiles instead when
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
 builds only its own LUTs and streams one contiguous range of codes.
-Batch 2..12 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under "auto" (codewords
-decoded in registers, no LUT). Batch > 12 goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where
+Batch 2..12 (24 on 2+ threads: speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
+"auto" (codewords decoded in registers, no LUT). More goes to `llvm_dequant` (dequantize a tile + oneDNN matmul) instead where
 `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
 `torch.set_float32_matmul_precision("medium")` under the default "auto"), and to `llvm_gemm_i8` (int8 codewords x
 int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
@@ -525,7 +525,7 @@ def prefill_mode() -> str:
     """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "auto" (see `prefill_choice`).
 
     "few": the few-input kernel (llvm_codebook_few: codewords decoded in registers, ~1e-6 from the reference; what
-    "auto" runs up to its MAX_ROWS inputs, slower than the GEMMs beyond that).
+    "auto" runs up to its `max_rows` inputs, slower than the GEMMs beyond that).
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
     matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs). "int8": int8
@@ -546,14 +546,15 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
     """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "lut", "dense", "bf16" or
     "int8".
 
-    "auto": up to `llvm_codebook_few.MAX_ROWS` inputs (speculative-decoding verify trees, short chunks) the few-input
+    "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 24 on more) (speculative-decoding verify trees, short chunks) the few-input
     kernel (codewords decoded in registers, float32, any format); more: bf16 where the caller allowed
     reduced-precision fp32 matmuls the way PyTorch spells it (`torch.set_float32_matmul_precision("medium")`) and
     the host has bf16 matmuls; otherwise whichever of the two float32 paths the cost model (LUT_BUILD ...
     DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per token however few rows the layer has, so layers
     with few rows (out below ~3-4 K at 64 tokens, one thread) go dense ("auto" never picks int8: only when asked
     for). bf16 and int8 on a host without them run dense; modes the format cannot run fall back to the LUT GEMM."""
-    if mode == "auto" and rows <= few_module().MAX_ROWS:
+    if mode == "auto" and rows <= few_module().max_rows(
+            torch.get_num_threads() if n_threads is None else n_threads):
         return "few"
     if mode == "few":
         return mode

@@ -1,4 +1,4 @@
-"""Few-input codebook GEMM (2..`MAX_ROWS` inputs: speculative-decoding verify trees, short chunks) on CPU,
+"""Few-input codebook GEMM (2..`max_rows` inputs: speculative-decoding verify trees, short chunks) on CPU,
 llvmlite-generated (x86 AVX2 / AVX-512, aarch64 NEON from one generator), float32, equal to
 `codebook_gemm_reference` up to summation order.
 
@@ -20,10 +20,10 @@ kernel. Per P*v weights and RU rows: P code loads, RU*P codeword loads, TT x loa
 inputs cost 1.3-3x one batch-1 call, not 2-12x.
 
 Measured on 2 AVX2 cores (Zen 3; `python benchmarks/kernels.py --only few`, all peers interleaved in one run),
-smollm2's four shapes, 2 / 5 / 8 / 12 inputs, 1 and 2 threads: 1.1-2.9x faster than the better of the LUT GEMM
-and the dequantizing path (what "auto" ran before) and 1.5-4.9x faster than the float32 gemv called per input;
-above 12 inputs the LUT GEMM overtakes it on the larger layers (one thread, 16 inputs: 0.70-0.84x), hence
-MAX_ROWS.
+smollm2's four shapes, 2 / 5 / 8 / 12 inputs: 1.05-2.8x (1 thread) and 1.6-4.3x (2 threads) faster than the
+better of the LUT GEMM and the dequantizing path (what "auto" ran before), 1.8-6.0x faster than the float32 gemv
+called once per input, 1.3-2.7x faster than the fp32 model's few-row `F.linear`; at 16 and 24 inputs 1.03-2.3x
+ahead on 2 threads but 0.65-1.4x on one (the LUT GEMM overtakes it on the larger layers), hence `max_rows`.
 
 Codes are read from the float32 kernels' repacked layout (`llvm_codebook.Packed.codes_r`): no further copy of the
 weight. Codebooks in ``[s][g][k][t]`` float32 (cached per weight, a few KB). More than TT_MAX inputs run as
@@ -42,7 +42,7 @@ from . import llvm_codebook as lk
 from . import llvm_common as lc
 
 ir = lc.ir
-MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto"); more go to the LUT / dense GEMM
+MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto") on one thread (`max_rows`)
 TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
 
 
@@ -171,6 +171,14 @@ _PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 def compiled(spec: lk.KernelSpec, P: int, TT: int):
     """JIT the kernel for (spec, P, TT) on this host (once per process; a decoder needs one or two TT)."""
     return _PAR_T(lc.jit(build_module(spec, P, TT), ["few_work_par"])["few_work_par"])
+
+
+def max_rows(n_threads: int) -> int:
+    """The most inputs "auto" routes here: MAX_ROWS on one thread, twice that on more (this kernel splits rows
+    without repeating work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice: on
+    2 AVX2 threads it stays ahead at 16 and 24 inputs on every smollm2 shape, on one thread it falls behind
+    from 16)."""
+    return MAX_ROWS if n_threads <= 1 else 2 * MAX_ROWS
 
 
 def tiles(rows: int) -> tuple[int, int]:

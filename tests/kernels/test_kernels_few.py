@@ -44,14 +44,17 @@ def test_tiles_and_codes_per_vector():
 
 
 def test_auto_routes_few_inputs_here_and_more_to_the_gemms(monkeypatch):
-    """EDGETK_PREFILL unset: 2..MAX_ROWS inputs run this kernel (any leading shape), more go to the LUT / dense GEMM;
-    explicit modes keep their path; EDGETK_PREFILL=few runs it for any count."""
+    """EDGETK_PREFILL unset: 2..max_rows inputs (12 on one thread, 24 on more) run this kernel (any leading shape),
+    more go to the LUT / dense GEMM; explicit modes keep their path; EDGETK_PREFILL=few runs it for any count."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     out, inf, v, K, bits, *_ = SHAPES["outliers_perm"]
     w = make_weight(*SHAPES["outliers_perm"])
     p = lk.pack_weight(*w, inf, v, bits)
-    assert lk.prefill_choice(p, 2) == "few" and lk.prefill_choice(p, few.MAX_ROWS) == "few"
-    assert lk.prefill_choice(p, few.MAX_ROWS + 1) in ("lut", "dense")
+    assert few.max_rows(1) == few.MAX_ROWS and few.max_rows(2) == few.max_rows(8) == 2 * few.MAX_ROWS
+    for nt in (1, 2):
+        n = few.max_rows(nt)
+        assert lk.prefill_choice(p, 2, n_threads=nt) == "few" and lk.prefill_choice(p, n, n_threads=nt) == "few"
+        assert lk.prefill_choice(p, n + 1, n_threads=nt) in ("lut", "dense")
     assert lk.prefill_choice(p, 5, "lut") == "lut" and lk.prefill_choice(p, 64, "few") == "few"
     x = torch.randn(3, 4, inf)  # 12 inputs
     y = lk.codebook_gemm_llvm(x, *w, inf, v, bits)

@@ -211,7 +211,7 @@ def test_load_warms_the_kernels_up(tiny_lm):
     m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
     llm = LLM.load(tiny_lm, max_seq_len=64)
     tree = SpeculativeStepper.tree_size_for(llm.spec_config)
-    assert 1 < tree <= few.MAX_ROWS < WARM_UP_ROWS[-1] and rows == sorted({*WARM_UP_ROWS, tree})
+    assert 1 < tree <= few.MAX_ROWS and few.max_rows(64) < WARM_UP_ROWS[-1] and rows == sorted({*WARM_UP_ROWS, tree})
     assert m.model.layers[0].self_attn.kv_cache is not None
     if lk.available():  # the float32 batch-1 kernel packed the layer during load
         assert id(vq.codes) in lk._CACHE._d
