@@ -20,9 +20,9 @@ batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_sp
 builds only its own LUTs and streams one contiguous range of codes.
 Batch 2..12 (24 on 2+ threads: speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
 "auto" (codewords decoded in registers, no LUT). More goes to `llvm_dequant` (dequantize a tile + oneDNN matmul)
-instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16 (EDGETK_PREFILL=bf16, or
-`torch.set_float32_matmul_precision("medium")` under the default "auto"), and to `llvm_gemm_i8` (int8 codewords x
-int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
+instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16
+(EDGETK_PREFILL=bf16, or `torch.set_float32_matmul_precision("medium")` under the default "auto"), and to
+`llvm_gemm_i8` (int8 codewords x int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
 
 Repacked code layout (one-time per weight tensor, cached; the stored layout is never changed):
 ``codes_r[s][jblk][rb][jj][i]`` (uint8 when K <= 256, else uint16) is the code of output row rb*R + i for code
@@ -547,9 +547,9 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
     "int8".
 
     "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 24 on more: speculative-decoding verify
-    trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16 where the caller allowed
-    reduced-precision fp32 matmuls the way PyTorch spells it (`torch.set_float32_matmul_precision("medium")`) and
-    the host has bf16 matmuls; otherwise whichever of the two float32 paths the cost model (LUT_BUILD ...
+    trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16
+    where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
+    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two float32 paths the cost model (LUT_BUILD ...
     DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per token however few rows the layer has, so layers
     with few rows (out below ~3-4 K at 64 tokens, one thread) go dense ("auto" never picks int8: only when asked
     for). bf16 and int8 on a host without them run dense; modes the format cannot run fall back to the LUT GEMM."""
