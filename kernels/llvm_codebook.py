@@ -549,10 +549,11 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
     "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 24 on more: speculative-decoding verify
     trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16
     where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
-    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two float32 paths the cost model (LUT_BUILD ...
-    DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per token however few rows the layer has, so layers
-    with few rows (out below ~3-4 K at 64 tokens, one thread) go dense ("auto" never picks int8: only when asked
-    for). bf16 and int8 on a host without them run dense; modes the format cannot run fall back to the LUT GEMM."""
+    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
+    float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
+    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go
+    dense ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; modes the
+    format cannot run fall back to the LUT GEMM."""
     if mode == "auto" and rows <= few_module().max_rows(
             torch.get_num_threads() if n_threads is None else n_threads):
         return "few"
