@@ -201,8 +201,10 @@ def _threads(p: lk.Packed, rows: int, n_threads: int | None) -> int:
 
 
 def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    """Inputs x2 [B, in] (float32, contiguous, B >= 1) -> y [B, out]."""
+    """Inputs x2 [B, in] (float32, contiguous) -> y [B, out]."""
     B, v = x2.shape[0], p.spec.vec_len
+    if B == 0:
+        return x2.new_zeros(0, p.out_f)
     n_tiles, TT = tiles(B)
     xp = x2.index_select(1, p.perm) if p.perm is not None else x2
     xq = xp[:, p.n_out:] if p.n_out else xp

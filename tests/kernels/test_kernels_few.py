@@ -70,11 +70,12 @@ def test_auto_routes_few_inputs_here_and_more_to_the_gemms(monkeypatch):
 
 def test_non_finite_inputs_stay_in_their_row():
     """A NaN / Inf in one input makes that input's outputs non-finite and leaves the others' as they were (the
-    LLM runtime's finite-logits check relies on the first)."""
+    LLM runtime's finite-logits check relies on the first); no inputs, no outputs."""
     out, inf, v, K, bits, *_ = SHAPES["square"]
     w = make_weight(*SHAPES["square"])
     p = lk.pack_weight(*w, inf, v, bits)
     x = torch.randn(5, inf)
+    assert few.gemm(p, x[:0]).shape == (0, out)
     clean = few.gemm(p, x)
     x[1, 7], x[3, 0] = float("nan"), float("inf")
     y = few.gemm(p, x)
