@@ -1,4 +1,5 @@
-"""fp32 GEMV for one input row on CPU, the weight's rows split over the threads (llvmlite).
+"""fp32 GEMV for one input row (and `gemm_rows` for a few) on CPU, the weight's rows split over the threads
+(llvmlite).
 
 `F.linear` with one row goes to the BLAS's sgemv, and the CPU build's MKL runs that on one thread: on the 2-core
 AVX2 host (AMD EPYC Zen 3) smollm2-135m's 49152 x 576 head takes 12.1-12.7 ms at 1 and 2 threads alike (~9 GB/s
@@ -7,6 +8,9 @@ streams W once, contiguous ranges of row blocks on each thread (`llvm_common.add
 team where it is loaded), each block of `RB` rows against `VW`-wide slices of x with two accumulators a row
 (host vector width: 8 floats on AVX2, 16 on AVX-512, 4 on NEON), then a scalar tail. Same result as
 `F.linear` up to summation order (tests/kernels/test_kernels_few_rows.py).
+
+`gemm_rows` (T = 2..16 inputs, T compiled in): per weight row and vector of VW columns, one weight load and T FMAs
+against the T inputs (from L1), so W streams once for all of them (`few_rows_linear`: draft-tree steps).
 
 Used by the eager LLM runtime for one-row steps (`few_rows_linear.few_rows_linears`) on weights of at least
 `MIN_WEIGHTS` elements, where starting the threads pays.
@@ -73,6 +77,58 @@ def build_module(vw: int, triple: str | None = None):
     return mod
 
 
+ROWS_RB = 1  # weight rows a block of the T-input kernel (blocks of 2-3 rows measured 1.0-1.5x slower, T = 3-6)
+
+
+def build_rows_module(vw: int, T: int, triple: str | None = None, rb: int = ROWS_RB):
+    """`gemm_rows_par(args, n_blocks, n_threads)`: y[t][r] = W[r] . x[t] (+ b[r]) for T inputs x [T, k] (row-major)
+    and r < n, blocks of rb rows; args as `build_module` (y [T, n]). Each weight vector is loaded once and
+    multiplied with all T inputs (from L1): T inputs stream W once, as one input does."""
+    mod = lc.new_module(f"gemm_rows_f32_{vw}_{T}", triple)
+    fn = ir.Function(mod, lc.WORK_TYPE, "gemm_rows")
+    g = lc.Gen(fn)
+    b = g.b
+    args, _tid, b0, b1 = fn.args
+    w, x, y, bias = (g.arg(args, i) for i in (A_W, A_X, A_Y, A_B))
+    n, k = g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
+    vt = ir.VectorType(lc.F32, vw)
+    k1 = b.mul(b.sdiv(k, g.i64(vw)), g.i64(vw))
+    has_bias = b.icmp_unsigned("!=", b.ptrtoint(bias, lc.I64), g.i64(0))
+    zero = ir.Constant(vt, [0.0] * vw)
+    xrow = [b.gep(x, [b.mul(g.i64(t), k)], source_etype=lc.F32) for t in range(T)]
+    accs = [[g.var(vt, name=f"a{i}_{t}") for t in range(T)] for i in range(rb)]
+    tails = [[g.var(lc.F32, name=f"t{i}_{t}") for t in range(T)] for i in range(rb)]
+    with g.loop(b0, b1, name="blk") as blk:
+        r0 = b.mul(blk, g.i64(rb))
+        last = b.sub(n, g.i64(1))
+        rows = [g.min(b.add(r0, g.i64(i)), last) for i in range(rb)]  # a short last block repeats row n-1
+        wrow = [b.gep(w, [b.mul(r, k)], source_etype=lc.F32) for r in rows]
+        for i in range(rb):
+            for t in range(T):
+                b.store(zero, accs[i][t])
+                b.store(ir.Constant(lc.F32, 0.0), tails[i][t])
+        with g.loop(0, k1, step=vw, name="kk") as c:
+            wv = [b.load(b.gep(wrow[i], [c], source_etype=lc.F32), typ=vt, align=4) for i in range(rb)]
+            for t in range(T):
+                xv = b.load(b.gep(xrow[t], [c], source_etype=lc.F32), typ=vt, align=4)
+                for i in range(rb):
+                    b.store(g.fma(wv[i], xv, b.load(accs[i][t], typ=vt)), accs[i][t])
+        with g.loop(k1, k, name="kt") as c:
+            for i in range(rb):
+                wf = g.load(lc.F32, wrow[i], c)
+                for t in range(T):
+                    b.store(g.fma(wf, g.load(lc.F32, xrow[t], c), b.load(tails[i][t], typ=lc.F32)), tails[i][t])
+        for i in range(rb):
+            with b.if_then(b.icmp_signed("<", b.add(r0, g.i64(i)), n)):
+                bv = b.select(has_bias, g.load(lc.F32, bias, rows[i]), ir.Constant(lc.F32, 0.0))
+                for t in range(T):
+                    tot = b.fadd(g.reduce_add(b.load(accs[i][t], typ=vt)), b.load(tails[i][t], typ=lc.F32))
+                    g.store(lc.F32, b.fadd(tot, bv), y, b.add(b.mul(g.i64(t), n), rows[i]))
+    b.ret_void()
+    lc.add_parallel_for(mod, fn)
+    return mod
+
+
 _PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 
@@ -84,6 +140,12 @@ def vector_width() -> int:
 @functools.cache
 def compiled(vw: int):
     return _PAR_T(lc.jit(build_module(vw), ["gemv_blocks_par"])["gemv_blocks_par"])
+
+
+@functools.cache
+def compiled_rows(vw: int, T: int, rb: int = ROWS_RB):
+    """The T-input kernel with blocks of rb rows (JIT, once per process and T)."""
+    return _PAR_T(lc.jit(build_rows_module(vw, T, rb=rb), ["gemm_rows_par"])["gemm_rows_par"])
 
 
 @functools.cache
@@ -104,6 +166,14 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                                   and bias.shape == weight.shape[:1])))
 
 
+def applies_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 max_rows: int = 16) -> bool:
+    """A few (1..max_rows) fp32 CPU rows x2 [T, k] against a contiguous fp32 weight big enough to split (T is
+    compiled in: one kernel per row count)."""
+    return (x2.dim() == 2 and 1 <= x2.shape[0] <= max_rows and applies(x2[0], weight, bias)
+            and x2.dtype == torch.float32)
+
+
 def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              n_threads: int | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row x [..., k] (all leading dimensions 1) -> [..., n]."""
@@ -115,4 +185,20 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     a = (ctypes.c_int64 * N_ARGS)(weight.data_ptr(), xc.data_ptr(), y.data_ptr(),
                                   0 if bias is None else bias.data_ptr(), n, k)
     compiled(vector_width())(a, blocks, min(nt, blocks))
+    return y
+
+
+def gemm_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              n_threads: int | None = None) -> torch.Tensor:
+    """F.linear(x2, weight, bias) for a few rows x2 [T, k] (fp32; `applies_rows`) -> [T, n], W streamed once."""
+    n, k = weight.shape
+    T = x2.shape[0]
+    xc = x2.contiguous()
+    y = torch.empty(T, n, dtype=torch.float32)
+    nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
+    rb = ROWS_RB
+    blocks = -(-n // rb)
+    a = (ctypes.c_int64 * N_ARGS)(weight.data_ptr(), xc.data_ptr(), y.data_ptr(),
+                                  0 if bias is None else bias.data_ptr(), n, k)
+    compiled_rows(vector_width(), T, rb)(a, blocks, min(nt, blocks))
     return y

@@ -34,6 +34,16 @@ def test_fp32_gemv_emits_neon_fma():
     assert lc.emit_object(gv.build_module(4, ac.TRIPLE), ac.TRIPLE)[:4] == b"\x7fELF"
 
 
+def test_fp32_few_rows_kernel_emits_neon_fma():
+    """The few-row fp32 kernel (llvm_gemv_f32.gemm_rows: draft-tree steps of plain layers) for aarch64: one 4-lane
+    NEON FMA per input and weight vector."""
+    from edgetk.kernels import llvm_gemv_f32 as gv
+
+    asm = lc.emit_assembly(gv.build_rows_module(4, 5, ac.TRIPLE), ac.TRIPLE)
+    assert asm.count("fmla\tv") >= 5 and ".4s" in asm
+    assert lc.emit_object(gv.build_rows_module(4, 5, ac.TRIPLE), ac.TRIPLE)[:4] == b"\x7fELF"
+
+
 @pytest.mark.parametrize("shape,rows,threads", [("outliers_perm", 1, 2), ("groups_odd_rows", 1, 1),
                                                 ("residual", 7, 2), ("bits12", 1, 1), ("groups", 3, 2),
                                                 ("outliers_perm", 21, 3)])

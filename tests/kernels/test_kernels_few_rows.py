@@ -90,3 +90,38 @@ def test_context_manager_routes_one_row_to_the_gemv(monkeypatch):
         got = mlp(x)
     assert calls == [(512, 256)]
     torch.testing.assert_close(got, mlp(x), atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1001, 333), (130, 512), (1536, 576)])
+@pytest.mark.parametrize("rows,threads", [(1, 1), (2, 2), (5, 3), (12, 2), (16, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_rows_matches_f_linear(shape, rows, threads, bias):
+    """The few-input fp32 kernel: any row count up to 16 (compiled per count), row splits over 1-3 threads,
+    column tails past the vector width (333), with and without bias."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + rows)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(rows, k, generator=g)
+    assert gv.applies_rows(x, w, b)
+    got = gv.gemm_rows(x, w, b, n_threads=threads)
+    assert got.shape == (rows, n)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=5e-5, rtol=1e-5)
+
+
+def test_few_rows_linear_takes_the_kernel_for_big_weights(monkeypatch):
+    """2..MAX_ROWS rows of a weight of at least MIN_WEIGHTS elements run `gemm_rows` (any leading shape); smaller
+    weights, other dtypes and more rows than it compiles do not."""
+    w, b = torch.randn(512, 256), torch.randn(512)
+    calls = []
+    orig = gv.gemm_rows
+    monkeypatch.setattr(gv, "gemm_rows", lambda *a: calls.append(tuple(a[0].shape)) or orig(*a))
+    x = torch.randn(1, 7, 256)
+    got = frl.few_rows_linear(x, w, b)
+    assert calls == ([(7, 256)] if gv.available() else []) and got.shape == (1, 7, 512)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=5e-5, rtol=1e-5)
+    frl.few_rows_linear(torch.randn(3, 256), torch.randn(64, 256))  # below MIN_WEIGHTS: the BLAS form
+    assert len(calls) == (1 if gv.available() else 0)
+    assert not gv.applies_rows(torch.randn(17, 256), w)
+    assert not gv.applies_rows(torch.randn(3, 256).double(), w.double())
+    assert not gv.applies_rows(torch.randn(3, 256), w, torch.randn(512).half())

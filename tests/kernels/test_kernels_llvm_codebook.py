@@ -434,9 +434,9 @@ def test_dequantizing_prefill_in_row_tiles(monkeypatch, dtype):
 
 
 def test_prefill_mode_auto_picks_by_shape_and_matmul_precision(monkeypatch):
-    """EDGETK_PREFILL unset -> "auto" (above the few-input kernel's MAX_ROWS inputs): the dense float32 path for
-    layers with few rows, the LUT GEMM for tall ones (both ~1e-6 from the reference); bf16 only where the caller allowed it with
-    torch.set_float32_matmul_precision("medium") (and the host has bf16); explicit modes win; residual codebooks
+    """EDGETK_PREFILL unset -> "auto" (above the few-input kernel's max_rows inputs): the dense float32 path for
+    layers with few rows, the LUT GEMM for tall ones (both ~1e-6 from the reference); bf16 only where the caller
+    allowed it with torch.set_float32_matmul_precision("medium") (and the host has bf16); explicit modes win; residual codebooks
     stay on the LUT GEMM; unknown names raise ConfigError."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     assert lk.prefill_mode() == "auto"
