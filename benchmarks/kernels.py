@@ -213,13 +213,17 @@ def gemv_case(out: int, inf: int, threads: int, mb: int, reps: int, bw: float, f
             "limit_us": stored / bw / 1e3}
 
 
-def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) -> dict:
+def batch_setup(out: int, inf: int, threads: int, tokens: int) -> tuple:
+    """(weight parts, packed weight, inputs [tokens, inf], dense weight, reference output) of a k256 layer."""
     torch.set_num_threads(threads)
     w = codebook_weights(out, inf, 1)[0]
-    p = lk.pack_weight(*w, inf, 4, 8)
     x = torch.randn(tokens, inf)
     wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
-    ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+    return w, lk.pack_weight(*w, inf, 4, 8), x, wd, cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+
+
+def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) -> dict:
+    w, p, x, wd, ref = batch_setup(out, inf, threads, tokens)
     snr = lambda y: 10 * math.log10(ref.pow(2).mean().item() / (y - ref).pow(2).mean().item())  # noqa: E731
     dq = lk.dequant_module()
     pf = dq.pack_weight(*w, inf, 4, 8, dtype=torch.float32)
@@ -248,12 +252,7 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
 
 def few_case(out: int, inf: int, threads: int, reps: int, rows: int) -> dict:
     """2..24 inputs (a speculative-decoding verify tree, a short chunk): the op's default ("auto") vs each path."""
-    torch.set_num_threads(threads)
-    w = codebook_weights(out, inf, 1)[0]
-    p = lk.pack_weight(*w, inf, 4, 8)
-    x = torch.randn(rows, inf)
-    wd = cg.dequantize(w[0], w[1], w[2], w[3], w[4], inf, 4, 8)
-    ref = cg.codebook_gemm_reference(x, *w, inf, 4, 8)
+    w, p, x, wd, ref = batch_setup(out, inf, threads, rows)
     choice = lk.prefill_choice(p, rows, n_threads=threads)
     peers = {"edgetk": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), "few": lambda: lf.gemm(p, x),
              "lut": lambda: lk.gemm(p, x),

@@ -31,16 +31,21 @@ RB = 4  # rows a block
 MIN_WEIGHTS = 1 << 16  # smaller weights: F.linear (the thread start costs more than the second thread saves)
 
 
+def _open(mod, name: str):
+    """A work function `name`(args, tid, b0, b1) of `mod` and its arguments: (fn, Gen, b0, b1, W, x, y, bias, n, k)."""
+    fn = ir.Function(mod, lc.WORK_TYPE, name)
+    g = lc.Gen(fn)
+    args, _tid, b0, b1 = fn.args
+    w, x, y, bias = (g.arg(args, i) for i in (A_W, A_X, A_Y, A_B))
+    return fn, g, b0, b1, w, x, y, bias, g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
+
+
 def build_module(vw: int, triple: str | None = None):
     """`gemv_blocks_par(args, n_blocks, n_threads)`: y[r] = W[r] . x (+ b[r]) for r < n, blocks of RB rows;
     args = [W, x, y, b (0: none), n, k] (W row-major [n, k], float32)."""
     mod = lc.new_module(f"gemv_f32_{vw}", triple)
-    fn = ir.Function(mod, lc.WORK_TYPE, "gemv_blocks")
-    g = lc.Gen(fn)
+    fn, g, b0, b1, w, x, y, bias, n, k = _open(mod, "gemv_blocks")
     b = g.b
-    args, _tid, b0, b1 = fn.args
-    w, x, y, bias = (g.arg(args, i) for i in (A_W, A_X, A_Y, A_B))
-    n, k = g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
     vt = ir.VectorType(lc.F32, vw)
     step = 2 * vw
     k2 = b.mul(b.sdiv(k, g.i64(step)), g.i64(step))  # columns in whole double vectors
@@ -85,12 +90,8 @@ def build_rows_module(vw: int, T: int, triple: str | None = None, rb: int = ROWS
     and r < n, blocks of rb rows; args as `build_module` (y [T, n]). Each weight vector is loaded once and
     multiplied with all T inputs (from L1): T inputs stream W once, as one input does."""
     mod = lc.new_module(f"gemm_rows_f32_{vw}_{T}", triple)
-    fn = ir.Function(mod, lc.WORK_TYPE, "gemm_rows")
-    g = lc.Gen(fn)
+    fn, g, b0, b1, w, x, y, bias, n, k = _open(mod, "gemm_rows")
     b = g.b
-    args, _tid, b0, b1 = fn.args
-    w, x, y, bias = (g.arg(args, i) for i in (A_W, A_X, A_Y, A_B))
-    n, k = g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
     vt = ir.VectorType(lc.F32, vw)
     k1 = b.mul(b.sdiv(k, g.i64(vw)), g.i64(vw))
     has_bias = b.icmp_unsigned("!=", b.ptrtoint(bias, lc.I64), g.i64(0))
