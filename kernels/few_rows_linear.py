@@ -2,7 +2,7 @@
 
 x · Wᵀ with a handful of rows is memory bound like a GEMV, but CPU BLAS (MKL here) treats it as a GEMM and
 packs W first, so 2–9 rows cost 1.6–2.5× one row. Weights of at least `llvm_gemv_f32.MIN_WEIGHTS` elements go to
-`llvm_gemv_f32.gemm_rows` (each weight vector loaded once for all rows, rows split over the threads): on 2 AVX2
+`llvm_gemv_f32.gemm_rows` (each weight vector loaded once for all rows, weight rows split over the threads): on 2 AVX2
 cores (Zen 3) 1.3–1.9× faster than the BLAS form below on smollm2's block weights and head at 2–12 rows, the
 49152 × 576 head at 5 rows 13.8 → 8.4 ms, about one row's time (old and new interleaved). Others are computed as
 (W · xᵀ)ᵀ — W the left operand, xᵀ a transposed view — so that the same BLAS streams W once: smollm2-135m's 210

@@ -585,7 +585,7 @@ def dequant_module():
 
 @functools.cache
 def few_module():
-    """The llvm_codebook_few module (few-input GEMM; batch 1 where `gemv_kernel` picks it), imported on first use."""
+    """The llvm_codebook_few module (few-input GEMM: "auto" up to its max_rows inputs), imported on first use."""
     from . import llvm_codebook_few
 
     return llvm_codebook_few
