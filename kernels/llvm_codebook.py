@@ -611,9 +611,11 @@ def lut_available(name: str) -> bool:
     return available() and lut_kernel(name).host_ok()
 
 
-def _threads(p: Packed, n_threads: int | None) -> int:
+def _threads(p: Packed, n_threads: int | None, rows: int = 1) -> int:
+    """Threads for `rows` inputs through p's row tiles: n_threads if given, else as many as have MIN_CODES_PER_THREAD
+    codes (x inputs) each."""
     n = torch.get_num_threads() if n_threads is None else n_threads
-    work = p.spec.stages * p.out_f * p.n_vec
+    work = rows * p.spec.stages * p.out_f * p.n_vec
     return max(1, min(n, p.n_rb, work // MIN_CODES_PER_THREAD if n_threads is None else n))
 
 

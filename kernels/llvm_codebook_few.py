@@ -8,8 +8,8 @@ it stores K = 256 LUT entries per code column and input, more work than the 576 
 dequantizing path pays a full float32 weight per call. With a handful of inputs neither is worth it: this kernel
 decodes the codewords in registers instead and multiplies them with every input directly.
 
-Per RU output rows (`row_unroll`: 2, or 1 for tiles of more than 6 inputs, whose accumulators fill the 16 AVX2
-registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs (compile-time,
+Per RU output rows (`row_unroll`: 2, 4 for one input, 1 for tiles of more than 6 inputs, whose accumulators fill
+the 16 AVX2 registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs (compile-time,
 so the RU * TT accumulators stay in registers): for every P code vectors (P = codes per SIMD vector: the largest
 power of two with P * vec_len <= lanes dividing JB and n_vec, e.g. 2 for vec_len 4 on AVX2), the RU rows' codes
 of a column are one load (adjacent in the repacked layout) split with shifts, each row's P codewords (summed over
@@ -32,7 +32,6 @@ several equal tiles of at most TT_MAX (the inputs padded with zero rows). Outlie
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 
@@ -65,7 +64,8 @@ def _concat(b, vs):
 
 
 def row_unroll(spec: lk.KernelSpec, TT: int) -> int:
-    """Rows computed together (sharing the x loads; 2 * TT accumulators): 2 when the registers hold them."""
+    """Rows computed together (sharing the x loads; RU * TT accumulators): 4 for one input, 2 up to 6 inputs, else 1
+    (what the registers hold), at most what divides the row tile R."""
     ru = 4 if TT == 1 else 2 if TT <= 6 else 1
     while spec.R % ru:
         ru //= 2
@@ -164,13 +164,10 @@ def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None
     return mod
 
 
-_PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
-
-
 @functools.cache
 def compiled(spec: lk.KernelSpec, P: int, TT: int):
     """JIT the kernel for (spec, P, TT) on this host (once per process; a decoder needs one or two TT)."""
-    return _PAR_T(lc.jit(build_module(spec, P, TT), ["few_work_par"])["few_work_par"])
+    return lk._PAR_T(lc.jit(build_module(spec, P, TT), ["few_work_par"])["few_work_par"])
 
 
 def max_rows(n_threads: int) -> int:
@@ -194,24 +191,26 @@ def _cbk(p: lk.Packed) -> torch.Tensor:
     return t
 
 
-def _threads(p: lk.Packed, rows: int, n_threads: int | None) -> int:
-    n = torch.get_num_threads() if n_threads is None else n_threads
-    work = rows * p.spec.stages * p.out_f * p.n_vec
-    return max(1, min(n, p.n_rb, work // lk.MIN_CODES_PER_THREAD if n_threads is None else n))
+def pack_inputs(p: lk.Packed, x2: torch.Tensor, TT: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x2 [B, in] -> (permuted x [B, in], the kernel's x [n_tiles * TT, n_vec * v]: the quantized columns padded with
+    zero columns and zero rows to whole tiles of TT, n_tiles)."""
+    B = x2.shape[0]
+    n_tiles = -(-B // TT)
+    xp = x2.index_select(1, p.perm) if p.perm is not None else x2
+    xq = xp[:, p.n_out:] if p.n_out else xp
+    cols = p.n_vec * p.spec.vec_len
+    if xq.shape[1] != cols or n_tiles * TT != B:
+        xq = torch.nn.functional.pad(xq, (0, cols - xq.shape[1], 0, n_tiles * TT - B))
+    return xp, xq.contiguous(), n_tiles
 
 
 def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """Inputs x2 [B, in] (float32, contiguous) -> y [B, out]."""
-    B, v = x2.shape[0], p.spec.vec_len
+    B = x2.shape[0]
     if B == 0:
         return x2.new_zeros(0, p.out_f)
-    n_tiles, TT = tiles(B)
-    xp = x2.index_select(1, p.perm) if p.perm is not None else x2
-    xq = xp[:, p.n_out:] if p.n_out else xp
-    cols = p.n_vec * v
-    if xq.shape[1] != cols or n_tiles * TT != B:
-        xq = torch.nn.functional.pad(xq, (0, cols - xq.shape[1], 0, n_tiles * TT - B))
-    xq = xq.contiguous()
+    TT = tiles(B)[1]
+    xp, xq, n_tiles = pack_inputs(p, x2, TT)
     y = torch.empty(n_tiles * TT, p.out_f, dtype=torch.float32)
     cbk = _cbk(p)
     a = p.argv()
@@ -219,5 +218,5 @@ def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.
     if p.n_out:  # the outlier columns come first (torch), then scale and bias: `finish`
         a[lk.A_SCALE] = a[lk.A_BIAS] = 0
     P = codes_per_vector(p.spec, p.n_vec, lc.host_vector_bits() // 32)
-    compiled(p.spec, P, TT)(a, p.n_rb, _threads(p, B, n_threads))
+    compiled(p.spec, P, TT)(a, p.n_rb, lk._threads(p, n_threads, B))
     return lk.finish(p, y[:B], xp) if p.n_out else y[:B]

@@ -128,8 +128,7 @@ def run_few(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: 
     from edgetk.kernels import llvm_codebook_few as few
 
     B = x2.shape[0]
-    n_tiles = -(-B // TT)
-    xq = torch.nn.functional.pad(x2, (0, p.n_vec * p.spec.vec_len - x2.shape[1], 0, n_tiles * TT - B))
+    _, xq, n_tiles = few.pack_inputs(p, x2, TT)
     blob, a = _Blob([]), p.static_args()
     a[lk.A_X], a[lk.A_CBT], a[lk.A_NBT] = blob.add(xq), blob.add(few._cbk(p)), n_tiles
     a[lk.A_PERM], a[lk.A_CODES], a[lk.A_OW], a[lk.A_SCR] = -1, blob.add(p.codes_r), -1, -1
