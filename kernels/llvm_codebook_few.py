@@ -9,8 +9,8 @@ dequantizing path pays a full float32 weight per call. With a handful of inputs 
 decodes the codewords in registers instead and multiplies them with every input directly.
 
 Per RU output rows (`row_unroll`: 2, 4 for one input, 1 for tiles of more than 6 inputs, whose accumulators fill
-the 16 AVX2 registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs (compile-time,
-so the RU * TT accumulators stay in registers): for every P code vectors (P = codes per SIMD vector: the largest
+the 16 AVX2 registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs
+(compile-time, so the RU * TT accumulators stay in registers): for every P code vectors (P = codes per SIMD vector: the largest
 power of two with P * vec_len <= lanes dividing JB and n_vec, e.g. 2 for vec_len 4 on AVX2), the RU rows' codes
 of a column are one load (adjacent in the repacked layout) split with shifts, each row's P codewords (summed over
 residual stages) are loaded from the float32 codebook ``cbk[s][g][k][0:v]`` (K * v floats per group,
