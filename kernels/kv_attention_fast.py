@@ -4,31 +4,34 @@ Fused dequantization: no dense fp cache is built. One work item = one (batch, KV
 spread over the threads (`llvm_common.add_parallel_for`). There is one chunk per head unless the heads do not
 spread evenly over the threads (`chunks`: 3 KV heads on 2 threads -> 2 chunks each); then each item leaves a
 partial (max, sum, unnormalised output) per query and the caller's thread combines them (as flash-decoding does).
-Per item, for the rep*T queries that read this KV head:
+Per item, for the rep*T queries that read this KV head, the slots are taken V at a time (V = the host's float
+lanes: 8 on AVX2, 16 on AVX-512, 4 on NEON; fewer for small heads):
 
-1. scores: for each visible slot p, the D key codes are one `<P x i8>` load, split into codes with shifts and a
-   constant shuffle (bits 2 and 4; other widths: a constant shuffle pairs the two bytes each code touches into
-   `<D x i16>`, then a per-lane shift and mask), mapped through the 2**bits levels (x86: `vpermps` from the table
-   in registers -- AVX-512 16 lanes, `vpermi2ps` over two tables for 32 levels; AVX2 8 lanes with one permute
-   per 8 levels and selects on the code's high bits, up to 32 levels; else `llvm.masked.gather`), scaled and shifted by the per-channel block statistics
-   (fp16, widened in registers); slots of the fp region are widened from fp16. The key is rotated in registers
-   (RoPE, row p; rotate_half is a constant shuffle) and dotted with every query (`<D x float>` FMA +
-   reassociating reduction).
+1. scores: each slot's key is decoded -- on AVX2 (x86, <= 32 levels) 8 codes at a time: the 8-byte window holding
+   them is one broadcast load, a constant byte shuffle gives each code a dword with its two bytes, a per-lane
+   shift (vpsrlvd) brings it to the bottom, and vpermps looks it up as is (it reads the index's low 3 bits; bits 3
+   and 4 pick one of up to four 8-level tables via blendvps); otherwise the D codes are one `<P x i8>` load split
+   into codes with shifts and shuffles and looked up with vpermps / vpermi2ps (AVX-512) or `llvm.masked.gather`
+   -- then scaled and shifted by the per-channel statistics of its key block (converted from fp16 once per block),
+   rotated (RoPE, row p; rotate_half is a constant shuffle) and stored to a V x D buffer; slots of the fp region
+   are widened from fp16. Then per query the V dot products are summed together (`_K.sums`: V - 1 vector adds
+   after shuffles, vhaddps on x86) into one vector of V scores, masked, and stored.
 2. softmax per query, vectorised, with an inlined exp (Cody-Waite range reduction + degree-7 polynomial).
-3. values: per slot the codes are dequantized with the per-token group statistics and accumulated into the
-   rep*T outputs with the softmax weights.
+3. values: the block's V slots are dequantized (the same decoding, per-token group statistics) into the buffer;
+   then per query its output, held in registers across the block, accumulates the V values times their weights.
 
 Dense-and-sparse entries (outliers, attention sinks) replace dequantized elements as each slot is decoded: the
 entries of one (k|v, batch, head) are sorted by flat index (as `QuantKVCache` writes them), so one cursor per
 work item walks them alongside the slots; a slot with none (nearly all) costs one compare, its vector staying in
 registers.
 
-Compile-time: head_dim D, key and value code widths, value_group; everything else is runtime. Not handled here
+Compile-time: head_dim D, key and value code widths, value_group, V; everything else is runtime. Not handled here
 (the reference serves): sparse entries not sorted, the GEAR low-rank term, non-float32 queries, D not even,
 D * bits not a multiple of 8.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import math
@@ -56,6 +59,7 @@ class KVSpec:
     value_group: int
     permvar: bool = False  # levels looked up with vpermps / vpermi2ps (x86 AVX-512, <= 32 levels, D % 16 == 0)
     permps: bool = False  # else with 8-lane vpermps + selects (x86 AVX2, <= 32 levels, D % 8 == 0)
+    V: int = 4  # slots per block = lanes of the dot products' vectors (the host's float lanes, dividing D)
 
     def P(self, bits: int) -> int:
         return self.D * bits // 8
@@ -176,6 +180,97 @@ class _K:
                     r = b.select(sel, b.call(fn, [tabs[t], c]), r)
             chunks.append(r)
         return self.concat(chunks)
+
+    def sums(self, parts):
+        """V vectors of V floats -> one vector whose lane j is the sum of parts[j]'s lanes. Pairs are added
+        after an evens / odds shuffle, first of elements within 128-bit chunks (x86: vhaddps), then of whole
+        chunks: V - 1 adds for V sums instead of V horizontal reductions."""
+        V = len(parts)
+        c = min(4, V)
+
+        def level(a, c_, unit):  # pairs: evens + odds of `unit`-wide pieces within chunks of c_ pieces
+            out = []
+            for x, y in zip(a[::2], a[1::2]):
+                ev, od = [], []
+                for ch in range(V // (c_ * unit)):
+                    for src in (0, V):
+                        for e in range(0, c_, 2):
+                            base = src + (ch * c_ + e) * unit
+                            ev += range(base, base + unit)
+                            od += range(base + unit, base + 2 * unit)
+                out.append(self.b.fadd(self.shuffle(x, y, ev), self.shuffle(x, y, od)))
+            return out
+
+        for _ in range(c.bit_length() - 1):
+            parts = level(parts, c, 1)
+        while len(parts) > 1:
+            parts = level(parts, V // c, c)
+        return parts[0]
+
+    def mask_block(self, t, pb, last):
+        """<V x i1>: query row t sees slots pb .. pb+V-1 (a slot past `last` reads slot `last`'s byte)."""
+        b, g, V = self.b, self.g, self.s.V
+        row = b.gep(self.p(A_MASK), [b.mul(t, self.n(A_MSTRIDE))], source_etype=lc.I8)
+        zero = ir.Constant(_vt(V, lc.I8), [0] * V)
+        var = g.var(_vt(V, lc.I8), name="visb")
+        with b.if_else(b.icmp_signed("<=", b.add(pb, g.i64(V)), b.add(last, g.i64(1)))) as (full, tail):
+            with full:
+                b.store(b.load(b.gep(row, [pb], source_etype=lc.I8), typ=_vt(V, lc.I8), align=1), var)
+            with tail:
+                v = zero
+                for j in range(V):
+                    v = b.insert_element(v, g.load(lc.I8, row, g.min(b.add(pb, g.i64(j)), last)),
+                                         ir.Constant(lc.I32, j))
+                b.store(v, var)
+        return b.icmp_unsigned("!=", b.load(var, typ=_vt(V, lc.I8)), zero)
+
+    def levels(self, ptr, table, bits: int):
+        """<D x float> = table[code] for the D `bits`-wide codes at ptr (`codes` + `lookup`; on AVX2 with 8+ bytes
+        a row, `_decode8`)."""
+        if self.s.permps and not self.s.permvar and self.s.P(bits) >= 8:
+            return self._decode8(ptr, table, bits)
+        return self.lookup(table, self.codes(ptr, bits), bits)
+
+    def _decode8(self, ptr, table, bits: int):
+        """AVX2, 8 codes at a time with no clean-up: the 8-byte window holding them (one broadcast load) is shuffled
+        into one dword per code (its two bytes), shifted right by the code's bit offset (vpsrlvd), and handed to
+        vpermps as is -- vpermps reads the index's low 3 bits, so the bits above the code do not matter; a code's
+        bits 3 and 4 pick the 8-level table (shifted into the sign bit: blendvps). Codes of 2 bits see a table
+        repeating their 4 levels (bit 2 is the next code's)."""
+        b, g, D, P = self.b, self.g, self.s.D, self.s.P(bits)
+        v8, c8 = _vt(8), _vt(8, lc.I32)
+        m = g.fn.module
+        fn = m.globals.get("llvm.x86.avx2.permps") or ir.Function(
+            m, ir.FunctionType(v8, [v8, c8]), "llvm.x86.avx2.permps")
+        tabs = [b.load(b.gep(table, [g.i64(8 * t)], source_etype=lc.F32), typ=v8, align=4)
+                for t in range(max(1, (1 << bits) // 8))]
+        if bits < 3:
+            tabs[0] = self.shuffle(tabs[0], tabs[0], [i % (1 << bits) for i in range(8)])
+        zero8 = ir.Constant(_vt(8, lc.I8), [0] * 8)
+        blend = m.globals.get("llvm.x86.avx.blendv.ps.256") or ir.Function(
+            m, ir.FunctionType(v8, [v8, v8, v8]), "llvm.x86.avx.blendv.ps.256")
+        perm = lambda t, c: b.call(fn, [tabs[t], c])  # noqa: E731
+
+        def pick(c, k, if0, if1):  # bit k of each code: if1, else if0 (the bit shifted into the sign: vblendvps)
+            return b.call(blend, [if0, if1, b.bitcast(b.shl(c, _const_vec([31 - k] * 8, lc.I32)), v8)])
+        out = []
+        for grp in range(D // 8):
+            start = min(grp * bits, P - 8)  # the 8 codes' bits lie in bytes [grp*bits, (grp+1)*bits)
+            win = b.load(b.gep(ptr, [g.i64(start)], source_etype=lc.I8), typ=_vt(8, lc.I8), align=1)
+            idx, sh = [], []
+            for j in range(8):
+                byte, off = divmod((grp * 8 + j) * bits, 8)
+                byte -= start
+                idx += [byte, byte + 1 if byte + 1 < 8 else 8, 8, 8]  # index 8: a zero byte
+                sh.append(off)
+            c = b.lshr(b.bitcast(self.shuffle(win, zero8, idx), c8), _const_vec(sh, lc.I32))
+            r = perm(0, c)
+            if len(tabs) >= 2:
+                r = pick(c, 3, r, perm(1, c))
+            if len(tabs) == 4:
+                r = pick(c, 4, r, pick(c, 3, perm(2, c), perm(3, c)))
+            out.append(r)
+        return self.concat(out)
 
     def sparse(self, vec, idx, val, cursor, p):
         """Replace elements of the slot-p vector at `vec` (an alloca) by the sparse entries idx/val
@@ -314,9 +409,9 @@ def _gen_top(mod, spec: KVSpec, par):
 
 
 def _emit_item(k: _K, tid, item):
-    """One (batch, KV head, context chunk) item; chunk ch of NCH covers slots [p0, p1)."""
+    """One (batch, KV head, context chunk) item; chunk ch of NCH covers slots [p0, p1), taken V slots at a time."""
     g, b, s = k.g, k.b, k.s
-    D, i64 = s.D, g.i64
+    D, V, i64 = s.D, s.V, g.i64
     H, Hq, T = k.n(A_H), k.n(A_HQ), k.n(A_T)
     n_q, n_fp, npad = k.n(A_NQ), k.n(A_NFP), k.n(A_NPAD)
     n_all = b.add(n_q, n_fp)
@@ -327,14 +422,16 @@ def _emit_item(k: _K, tid, item):
     p1 = g.min(b.add(p0, clen), n_all)
     n = b.sub(p1, p0)  # slots of this chunk; scores[qi][p - p0]
     rep = b.sdiv(Hq, H)
-    nq = b.mul(rep, T)  # queries reading this KV head
+    nq = b.mul(rep, T)  # queries reading this KV head: qi = r * T + t
     bb, h = b.sdiv(item, H), b.srem(item, H)
     scr = b.gep(k.p(A_SCR), [b.mul(tid, k.n(A_SSTRIDE))], source_etype=lc.I8)
     scores = scr  # [nq][npad]
-    acc = b.gep(scores, [b.mul(nq, npad)], source_etype=lc.F32)  # [nq][D]
+    acc = b.gep(scores, [b.mul(nq, npad)], source_etype=lc.F32)  # [nq][D], then tot[nq], mxs[nq]
+    buf = b.gep(acc, [b.mul(nq, i64(D + 2))], source_etype=lc.F32)  # [V][D]: a block's rotated keys / values
+    kmeta = b.gep(buf, [i64(V * D)], source_etype=lc.F32)  # [2][D]: the current key block's scale, zero (f32)
     q0 = b.gep(k.p(A_Q), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     vd = _vt(D)
-    inv = ir.Constant(lc.F32, 1.0 / math.sqrt(D))
+    inv = _const_vec([1.0 / math.sqrt(D)] * V)
     S, P, PV = k.n(A_S), s.P(s.kbits), s.P(s.vbits)
     kc = b.gep(k.p(A_KC), [b.mul(b.mul(item, S), i64(P))], source_etype=lc.I8)
     vc = b.gep(k.p(A_VC), [b.mul(b.mul(item, S), i64(PV))], source_etype=lc.I8)
@@ -355,16 +452,27 @@ def _emit_item(k: _K, tid, item):
     cur_k, cur_v = g.var(lc.I64, g.i64(0), name="cur_k"), g.var(lc.I64, g.i64(0), name="cur_v")
     for cur, oidx in ((cur_k, oidx_k), (cur_v, oidx_v)):  # skip the entries of slots before the chunk
         k.skip_sparse(oidx, cur, b.mul(p0, i64(D)))
-    # 1. scores
-    with g.loop(p0, p1, name="p") as p:
-        is_q = b.icmp_signed("<", p, n_q)
-        with b.if_else(is_q) as (then, other):
+    last = b.sub(p1, i64(1))
+    # the key block whose statistics sit in kmeta ends before slot kb_next (-1: none loaded yet)
+    kb_next = g.var(lc.I64, i64(-1), name="kb_next")
+    nbk, kg = k.n(A_NBK), k.n(A_KG)
+
+    def key(p):
+        """Slot p's pre-RoPE key, <D x float>."""
+        with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
             with then:
-                blk = g.min(b.sdiv(p, k.n(A_KG)), b.sub(k.n(A_NBK), i64(1)))
-                meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, k.n(A_NBK)), blk), i64(2 * D))], source_etype=F16)
-                c = k.codes(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), s.kbits)
-                lv = k.lookup(lev, c, s.kbits)
-                scale, zero = k.half_vec(meta, D), k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D)
+                with b.if_then(b.icmp_signed(">=", p, b.load(kb_next, typ=lc.I64)), likely=False):
+                    blk = g.min(b.sdiv(p, kg), b.sub(nbk, i64(1)))
+                    meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, nbk), blk), i64(2 * D))], source_etype=F16)
+                    b.store(k.half_vec(meta, D), kmeta, align=4)
+                    b.store(k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D),
+                            b.gep(kmeta, [i64(D)], source_etype=lc.F32), align=4)
+                    nxt = b.select(b.icmp_signed("==", blk, b.sub(nbk, i64(1))), i64(2 ** 62),
+                                   b.mul(b.add(blk, i64(1)), kg))
+                    b.store(nxt, kb_next)
+                lv = k.levels(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), lev, s.kbits)
+                scale = b.load(kmeta, typ=vd, align=4)
+                zero = b.load(b.gep(kmeta, [i64(D)], source_etype=lc.F32), typ=vd, align=4)
                 kq = k.patched(g.fma(lv, scale, zero), kvar, oidx_k, oval_k, cur_k, p)
                 kq_in = b.block
             with other:
@@ -373,44 +481,75 @@ def _emit_item(k: _K, tid, item):
         kh = b.phi(vd)
         kh.add_incoming(kq, kq_in)
         kh.add_incoming(kf, kf_in)
-        cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
-        sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
-        kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
-        with g.loop(0, nq, name="qi") as qi:
-            t = b.srem(qi, T)
-            vis = g.load(lc.I8, k.p(A_MASK), b.add(b.mul(t, k.n(A_MSTRIDE)), p))
-            qv = b.load(b.gep(q0, [b.mul(qi, i64(D))], source_etype=lc.F32), typ=vd, align=4)
-            sc = b.fmul(k.reduce_add(b.fmul(qv, kr)), inv)
-            sc = b.select(b.icmp_unsigned("!=", vis, ir.Constant(lc.I8, 0)), sc, ir.Constant(lc.F32, -math.inf))
-            g.store(lc.F32, sc, scores, b.add(b.mul(qi, npad), b.sub(p, p0)))
+        return kh
+
+    # 1. scores, V slots per block: the block's rotated keys into buf, then per query V dot products reduced
+    #    together (`k.sums`) into one <V x float> of scores. Slots past p1 repeat slot p1 - 1 (softmax ignores them).
+    with g.loop(p0, p1, step=V, name="pb") as pb:
+        with g.loop(0, V, name="j") as j:
+            p = g.min(b.add(pb, j), last)
+            kh = key(p)
+            cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+            sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+            kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
+            b.store(kr, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
+        with g.loop(0, T, name="t") as t:
+            vis = k.mask_block(t, pb, last)
+            with g.loop(0, rep, name="r") as r:
+                qi = b.add(b.mul(r, T), t)
+                qrow = b.gep(q0, [b.mul(qi, i64(D))], source_etype=lc.F32)
+                qv = [b.load(b.gep(qrow, [i64(c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
+                      for c in range(D // V)]
+                parts = []
+                for jj in range(V):
+                    kj = [b.load(b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
+                          for c in range(D // V)]
+                    sacc = b.fmul(qv[0], kj[0])
+                    for c in range(1, D // V):
+                        sacc = g.fma(qv[c], kj[c], sacc)
+                    parts.append(sacc)
+                sc = b.select(vis, b.fmul(k.sums(parts), inv), _const_vec([-math.inf] * V))
+                b.store(sc, b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), align=4)
     _emit_softmax(k, scores, nq, n, npad, acc)
-    # 3. values
+    # 3. values, V slots per block: the block's dequantized values into buf (zero past p1), then each query's
+    #    output (in registers across the block) += its V softmax weights times them
     NG = D // s.value_group
     gmap = [d // s.value_group for d in range(D)]
     vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
     lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
-    with g.loop(p0, p1, name="pv") as p:
-        with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
-            with then:
-                meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
-                sc_ = k.half_vec(meta, NG)
-                zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
-                c = k.codes(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), s.vbits)
-                lv = k.lookup(lev1, c, s.vbits)
-                vq = k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v,
-                               oval_v, cur_v, p)
-                vq_in = b.block
-            with other:
-                vf = k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
-                vf_in = b.block
-        vv = b.phi(vd)
-        vv.add_incoming(vq, vq_in)
-        vv.add_incoming(vf, vf_in)
+    with g.loop(p0, p1, step=V, name="vb") as pb:
+        with g.loop(0, V, name="vj") as j:
+            p = g.min(b.add(pb, j), last)
+            with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
+                with then:
+                    meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
+                    sc_ = k.half_vec(meta, NG)
+                    zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
+                    lv = k.levels(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), lev1, s.vbits)
+                    vq = k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v,
+                                   oval_v, cur_v, p)
+                    vq_in = b.block
+                with other:
+                    vf = k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
+                    vf_in = b.block
+            vv = b.phi(vd)
+            vv.add_incoming(vq, vq_in)
+            vv.add_incoming(vf, vf_in)
+            vv = b.select(b.icmp_signed("<", b.add(pb, j), p1), vv, _const_vec([0.0] * D))
+            b.store(vv, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
+        vals = [[b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32) for c in range(D // V)] for jj in range(V)]
         with g.loop(0, nq, name="qa") as qi:
-            w = g.load(lc.F32, scores, b.add(b.mul(qi, npad), b.sub(p, p0)))
-            ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
-            b.store(g.fma(g.splat(w, D), vv, b.load(ap, typ=vd, align=4)), ap, align=4)
-    # output = acc / sum (the sums were left in scores[qi][npad - 1]... kept in the `tot` slots below)
+            w = b.load(b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), typ=_vt(V),
+                       align=4)
+            arow = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
+            aps = [b.gep(arow, [i64(c * V)], source_etype=lc.F32) for c in range(D // V)]
+            av = [b.load(ap, typ=_vt(V), align=4) for ap in aps]
+            for jj in range(V):
+                wj = g.splat(b.extract_element(w, ir.Constant(lc.I32, jj)), V)
+                av = [g.fma(wj, b.load(vals[jj][c], typ=_vt(V), align=4), av[c]) for c in range(D // V)]
+            for ap, a_ in zip(aps, av):
+                b.store(a_, ap, align=4)
+    # output = acc / sum (the sums and maxima sit in tot[nq], mxs[nq] after acc)
     out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     tot = b.gep(acc, [b.mul(nq, i64(D))], source_etype=lc.F32)
     mxs = b.gep(tot, [nq], source_etype=lc.F32)
@@ -545,19 +684,18 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     H, S = k_codes.shape[1], k_codes.shape[2]
     n = n_q + n_fp
     spec = _spec(D, key_bits, value_bits, value_group)
-    c = lambda t: t.contiguous()  # noqa: E731  (a no-op, ~0.2 us, for the cache's own buffers)
-    q, k_codes, v_codes, kv_fp = c(q), c(k_codes), c(v_codes), c(kv_fp)
-    k_meta, v_meta = c(k_meta if k_meta.dtype == torch.float16 else k_meta.half()), c(
-        v_meta if v_meta.dtype == torch.float16 else v_meta.half())
-    if levels.shape[-1] != spec.LS or levels.dtype != torch.float32:
-        levels = torch.nn.functional.pad(levels.float(), (0, spec.LS - levels.shape[-1]))
-    levels, mask = c(levels), c(mask).view(torch.uint8)  # bool -> uint8: same bytes, no copy
-    kv_fp = kv_fp if kv_fp.dtype == torch.float16 else c(kv_fp.half())
-    cos, sin = c(cos if cos.dtype == torch.float32 else cos.float()), c(sin if sin.dtype == torch.float32
-                                                                        else sin.float())
+    # no-ops (~0.1 us each) for the cache's own buffers
+    q, k_codes, v_codes, mask = q.contiguous(), k_codes.contiguous(), v_codes.contiguous(), mask.contiguous()
+    k_meta = (k_meta if k_meta.dtype == torch.float16 else k_meta.half()).contiguous()
+    v_meta = (v_meta if v_meta.dtype == torch.float16 else v_meta.half()).contiguous()
+    kv_fp = (kv_fp if kv_fp.dtype == torch.float16 else kv_fp.half()).contiguous()
+    cos = (cos if cos.dtype == torch.float32 else cos.float()).contiguous()
+    sin = (sin if sin.dtype == torch.float32 else sin.float()).contiguous()
+    levels = _padded_levels(levels, spec.LS)
     n_out = out_idx.shape[-1] if out_idx.numel() else 0
     if n_out:
-        out_idx, out_val = c(out_idx), c(out_val if out_val.dtype == torch.float16 else out_val.half())
+        out_idx = out_idx.contiguous()
+        out_val = (out_val if out_val.dtype == torch.float16 else out_val.half()).contiguous()
     else:  # never read (the cursor stops at n_out = 0)
         out_idx, out_val = _NO_IDX, _NO_VAL
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
@@ -569,7 +707,7 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     nt = min(nt, B * H * nch)
     clen = -(-n // nch)
     npad = max(W, -(-clen // W) * W)
-    stride = 4 * (nq * npad + nq * D + 2 * nq) + 64
+    stride = 4 * (nq * npad + nq * D + 2 * nq + spec.V * D + 2 * D) + 64
     stride += -stride % 64
     scr = lc.scratch(stride * nt)
     part = torch.empty(B * H * nch * nq * (D + 2), dtype=torch.float32) if nch > 1 else _NO_PART
@@ -582,8 +720,30 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     a[A_NBK], a[A_KG], a[A_NQ], a[A_NFP], a[A_MSTRIDE], a[A_NPAD], a[A_B] = (
         k_meta.shape[2], key_group, n_q, n_fp, mask.shape[1], npad, B)
     a[A_NOUT], a[A_NCH] = n_out, nch
-    compiled(spec)((ctypes.c_int64 * N_ARGS)(*a), B * H * nch, nt)
+    block = array.array("q", a)  # (a ctypes array of 30 fields costs ~5 us to fill; this ~1 us)
+    compiled(spec)(block.buffer_info()[0], B * H * nch, nt)
     return out
+
+
+_PADDED = "_edgetk_padded_levels"  # attribute of a levels tensor: (its version when padded, row stride, the copy)
+
+
+def _padded_levels(levels: torch.Tensor, ls: int) -> torch.Tensor:
+    """levels as contiguous float32 rows of `ls` entries (the kernel loads 8 or 16 at a time): the tensor itself
+    when it already is, else a padded copy kept on the tensor until it is next written."""
+    if levels.shape[-1] == ls and levels.dtype == torch.float32:
+        return levels.contiguous()
+    try:
+        version = levels._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        version = None
+    seen = getattr(levels, _PADDED, None)
+    if version is not None and seen is not None and seen[0] == version and seen[1] == ls:
+        return seen[2]
+    padded = torch.nn.functional.pad(levels.float(), (0, ls - levels.shape[-1])).contiguous()
+    if version is not None:
+        setattr(levels, _PADDED, (version, ls, padded))
+    return padded
 
 
 _NO_IDX = torch.full((1,), -1, dtype=torch.int32)
@@ -594,7 +754,15 @@ _NO_PART = torch.empty(1, dtype=torch.float32)
 @functools.cache
 def _spec(D: int, key_bits: int, value_bits: int, value_group: int) -> KVSpec:
     mb = max(key_bits, value_bits)
-    return KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb))
+    return KVSpec(D, key_bits, value_bits, value_group, _permvar_ok(D, mb), _permps_ok(D, mb), block_slots(D))
+
+
+def block_slots(D: int, vector_bits: int | None = None) -> int:
+    """Slots per block (V): the host's float lanes, or the largest power of two dividing D if that is fewer."""
+    v = (vector_bits or lc.host_vector_bits()) // 32
+    while D % v:
+        v //= 2
+    return max(v, 2)
 
 
 _CHECKED: dict = {}  # call signature -> whether the kernel takes it (a decode loop repeats a few signatures)
@@ -604,7 +772,7 @@ def _checked(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_idx, out_va
              n_fp, key_bits, value_bits, value_group) -> bool:
     """`supported` (but the data-dependent sorting of the sparse rows) and `_shapes_ok`, memoised on every
     shape, dtype and scalar they read."""
-    key = (q.shape, q.dtype, q.device.type, k_codes.shape, k_codes.dtype, k_meta.shape, v_codes.shape,
+    key = (q.shape, q.dtype, q.is_cpu, k_codes.shape, k_codes.dtype, k_meta.shape, v_codes.shape,
            v_meta.shape, levels.shape, kv_fp.shape, out_idx.shape, out_idx.dtype, out_val.shape, lr_u.numel() > 0,
            cos.shape, sin.shape, mask.shape, mask.dtype, key_bits, value_bits, value_group)
     ok = _CHECKED.get(key)

@@ -56,6 +56,10 @@ CASES = {
     # dense-and-sparse: sinks + outliers replace dequantized elements (the kv4 / kv2 presets store them)
     "k5v3_sparse": dict(bits=5, vbits=3, n_sparse=40),
     "kv2_sparse_batch2_prefill": dict(bits=2, B=2, T=3, n_sparse=100, nbk=1),
+    # small heads: a code row under 8 bytes (no 8-code windows), blocks of 4 and 2 slots (D 12, 6)
+    "d16_kv2_row_4_bytes": dict(D=16, vg=8, H=2, Hq=4, bits=2, n_q=37, n_fp=6, kg=5),
+    "d12_kv4_blocks_of_4": dict(D=12, vg=4, H=1, Hq=3, bits=4, n_q=21, n_fp=2, kg=4),
+    "d6_k4v8_blocks_of_2": dict(D=6, vg=6, H=1, Hq=2, bits=4, vbits=8, T=2, n_q=9, n_fp=4, kg=3),
 }
 
 
@@ -77,6 +81,42 @@ def test_levels_gather_path_matches_reference(case, monkeypatch):
     args = make_case(**CASES[case])
     torch.testing.assert_close(kf.kv_attention_llvm(*args, n_threads=2), kva.kv_attention_reference(*args),
                                rtol=1e-5, atol=2e-6)
+
+
+def test_block_slots():
+    """Slots per block: the host's float lanes, halved until they divide the head dimension (2 at least)."""
+    assert kf.block_slots(64, 256) == 8 and kf.block_slots(64, 512) == 16 and kf.block_slots(64, 128) == 4
+    assert kf.block_slots(24, 512) == 8 and kf.block_slots(12, 256) == 4 and kf.block_slots(6, 256) == 2
+
+
+@pytest.mark.parametrize("V", [2, 4, 16])
+@pytest.mark.parametrize("case", ["kv4_gqa", "k5v3_sparse", "prefill_batch2", "kv2_sparse_batch2_prefill"])
+def test_other_block_widths_match_reference(case, V, monkeypatch):
+    """Blocks of V slots and their V dot products summed together (`_K.sums`: element then 128-bit chunk levels)
+    at the widths other hosts take (NEON / SSE 4, AVX-512 16) or small heads force (2), run here."""
+    spec = kf._spec
+
+    def forced(D, kb, vb, vg):
+        s = spec(D, kb, vb, vg)
+        return kf.KVSpec(s.D, s.kbits, s.vbits, s.value_group, s.permvar, s.permps, V)
+
+    monkeypatch.setattr(kf, "_spec", forced)
+    args = make_case(**CASES[case])
+    torch.testing.assert_close(kf.kv_attention_llvm(*args, n_threads=2), kva.kv_attention_reference(*args),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_padded_levels_kept_until_written():
+    """Levels rows shorter than the kernel's stride are padded once per tensor version, not every call."""
+    lev = torch.linspace(-1, 1, 4).repeat(2, 1)
+    a = kf._padded_levels(lev, 16)
+    assert a.shape == (2, 16) and torch.equal(a[:, :4], lev) and not a[:, 4:].any()
+    assert kf._padded_levels(lev, 16) is a
+    lev[0, 0] = -0.5
+    b = kf._padded_levels(lev, 16)
+    assert b is not a and b[0, 0] == -0.5
+    full = torch.zeros(2, 16)
+    assert kf._padded_levels(full, 16) is full
 
 
 def test_op_selects_llvm_and_falls_back_for_unsorted_sparse_entries():
