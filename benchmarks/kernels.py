@@ -20,12 +20,14 @@ Cases (one JSON line each, then a table):
   graph, time per node), PyTorch fp32 `F.linear`; `reg` = the few-input kernel (`llvm_codebook_few`) on one input, the
   float32 alternative to the gathering gemv. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
-* `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), through the
+* `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), peers interleaved call
+  by call, through the
   op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice` picks for the shape,
   named in brackets) and each float32 path (`lut`: the LUT GEMM; `dense`: dequantize a float32 tile + oneDNN fp32
-  matmul), the opt-in int8 path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its
-  SNR and the multiply-add it ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path
-  (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
+  matmul; `panel`: each row tile decoded once into L1, tiles of 6 inputs, `llvm_codebook_few`), the opt-in int8
+  path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its SNR and the multiply-add it
+  ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path (EDGETK_PREFILL=bf16:
+  dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
 * `few`: 2, 5, 8, 12, 16 and 24 inputs (speculative-decoding verify trees, short chunks), smollm2's shapes
   (`--quick`: 576x576 and 576x1536), 1 and 2 threads, all peers interleaved call by call: the op's default (`edgetk`:
   "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its `max_rows` inputs), each path
@@ -230,24 +232,27 @@ def prefill_case(out: int, inf: int, threads: int, reps: int, tokens: int = 64) 
     dq = lk.dequant_module()
     pf = dq.pack_weight(*w, inf, 4, 8, dtype=torch.float32)
     choice = lk.prefill_choice(p, tokens, n_threads=threads)  # what the default ("auto") runs here
-    ours = timed_cycles(lambda _: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), [0] * 3, reps)
-    lut = timed_cycles(lambda _: lk.gemm(p, x), [0] * 3, reps)
-    dense = timed_cycles(lambda _: dq.gemm(pf, x), [0] * 3, reps)
-    lin = timed_cycles(lambda _: F.linear(x, wd), [0] * 3, reps)
-    r = {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "auto_choice": choice,
-         "edgetk_us": ours, "edgetk_lut_us": lut, "edgetk_dense_us": dense, "linear_fp32_us": lin,
-         "x_vs_linear": lin["median_us"] / ours["median_us"], "lut_x_vs_linear": lin["median_us"] / lut["median_us"],
-         "dense_x_vs_linear": lin["median_us"] / dense["median_us"],
-         "max_rel_err": ((lk.codebook_gemm_llvm(x, *w, inf, 4, 8) - ref).abs().max() / ref.abs().max()).item()}
     m8 = lk.int8_module()  # EDGETK_PREFILL=int8
     p8 = m8.pack_weight(*w, inf, 4, 8)
-    i8 = timed_cycles(lambda _: m8.gemm(p8, x), [0] * 3, reps)
-    r.update(edgetk_int8_us=i8, int8_x_vs_linear=lin["median_us"] / i8["median_us"], int8_snr_db=snr(m8.gemm(p8, x)),
-             int8_isa=m8.host_isa())
+    peers = {"edgetk": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), "lut": lambda: lk.gemm(p, x),
+             "dense": lambda: dq.gemm(pf, x), "panel": lambda: lk.few_module().gemm(p, x, panel=True),
+             "linear": lambda: F.linear(x, wd), "int8": lambda: m8.gemm(p8, x)}
     if dq.host_ok():  # EDGETK_PREFILL=bf16 (or "auto" under torch.set_float32_matmul_precision("medium"))
         pd = dq.pack_weight(*w, inf, 4, 8)
-        bf = timed_cycles(lambda _: dq.gemm(pd, x), [0] * 3, reps)
-        r.update(edgetk_bf16_us=bf, bf16_x_vs_linear=lin["median_us"] / bf["median_us"],
+        peers["bf16"] = lambda: dq.gemm(pd, x)
+    t = interleaved(peers, reps)
+    ours, lut, dense, panel, lin, i8 = (t[k] for k in ("edgetk", "lut", "dense", "panel", "linear", "int8"))
+    r = {"case": "prefill", "shape": f"{out}x{inf}", "tokens": tokens, "threads": threads, "auto_choice": choice,
+         "edgetk_us": ours, "edgetk_lut_us": lut, "edgetk_dense_us": dense, "edgetk_panel_us": panel,
+         "linear_fp32_us": lin,
+         "x_vs_linear": lin["median_us"] / ours["median_us"], "lut_x_vs_linear": lin["median_us"] / lut["median_us"],
+         "dense_x_vs_linear": lin["median_us"] / dense["median_us"],
+         "panel_x_vs_linear": lin["median_us"] / panel["median_us"],
+         "max_rel_err": ((lk.codebook_gemm_llvm(x, *w, inf, 4, 8) - ref).abs().max() / ref.abs().max()).item()}
+    r.update(edgetk_int8_us=i8, int8_x_vs_linear=lin["median_us"] / i8["median_us"], int8_snr_db=snr(m8.gemm(p8, x)),
+             int8_isa=m8.host_isa())
+    if "bf16" in t:
+        r.update(edgetk_bf16_us=t["bf16"], bf16_x_vs_linear=lin["median_us"] / t["bf16"]["median_us"],
                  bf16_snr_db=snr(dq.gemm(pd, x)))
     return r
 
@@ -363,9 +368,11 @@ def row(r: dict) -> str:
         i8 = (f"  int8 {r['edgetk_int8_us']['median_us']:9.1f} us x_lin {r['int8_x_vs_linear']:.2f} "
               f"({r['int8_snr_db']:.0f} dB, {r['int8_isa']})")
         return (f"prefill {r['shape']:>9} t={r['threads']}  edgetk {med:9.1f} us [{r['auto_choice']}] "
-                f"(lut {r['edgetk_lut_us']['median_us']:.1f}, dense {r['edgetk_dense_us']['median_us']:.1f})  "
+                f"(lut {r['edgetk_lut_us']['median_us']:.1f}, dense {r['edgetk_dense_us']['median_us']:.1f}, "
+                f"panel {r['edgetk_panel_us']['median_us']:.1f})  "
                 f"linear {r['linear_fp32_us']['median_us']:9.1f} us  x_lin {r['x_vs_linear']:.2f} "
-                f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f})" + i8 + bf)
+                f"(lut {r['lut_x_vs_linear']:.2f}, dense {r['dense_x_vs_linear']:.2f}, "
+                f"panel {r['panel_x_vs_linear']:.2f})" + i8 + bf)
     if c == "few":
         us = lambda k: r[f"{k}_us"]["median_us"]  # noqa: E731
         return (f"few {r['shape']:>9} rows={r['rows']:>2} t={r['threads']}  edgetk {med:7.1f} us [{r['auto_choice']}] "

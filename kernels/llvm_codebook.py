@@ -18,9 +18,10 @@ pthreads on cross targets); the prefill GEMM splits its batch tiles instead when
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
 builds only its own LUTs and streams one contiguous range of codes.
-Batch 2..12 (24 on 2+ threads: speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
-"auto" (codewords decoded in registers, no LUT). More goes to `llvm_dequant` (dequantize a tile + oneDNN matmul)
-instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16
+Batch 2..12 (16 on 2+ threads: speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
+"auto" (codewords decoded in registers, no LUT). More goes to the same module's panel GEMM (each row tile decoded
+once into a float32 tile in L1, shared by tiles of 6 inputs) or to `llvm_dequant` (dequantize a tile + oneDNN
+matmul) instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16
 (EDGETK_PREFILL=bf16, or `torch.set_float32_matmul_precision("medium")` under the default "auto"), and to
 `llvm_gemm_i8` (int8 codewords x int8 activations) where the caller asked for it (EDGETK_PREFILL=int8).
 
@@ -61,8 +62,8 @@ from .codebook_gemm import codebook_gemm_reference, unpack_codes
 ir = lc.ir
 # indices into the i64 argument block every generated kernel receives
 (A_X, A_PERM, A_CODES, A_CBT, A_OW, A_SCALE, A_BIAS, A_Y, A_SCR, A_SSTRIDE, A_OUT, A_NOUT, A_NVEC, A_GROUPS,
- A_RPG, A_NRB, A_NBT, A_IN_F) = range(18)
-N_ARGS = 18
+ A_RPG, A_NRB, A_NBT, A_IN_F, A_ROWS) = range(19)
+N_ARGS = 19
 LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
 GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
@@ -510,7 +511,7 @@ def parse_lut(text: str, what: str = "EDGETK_LUT") -> tuple[str, ...]:
     return names
 
 
-PREFILL_MODES = ("auto", "few", "lut", "dense", "bf16", "int8")
+PREFILL_MODES = ("auto", "few", "panel", "lut", "dense", "bf16", "int8")
 _CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache(), "int8": _PackCache()}
 # Prefill cost model of `prefill_choice`, ns per unit on one thread (fitted on an AVX-512 Xeon at 64 tokens over the
 # smollm2 shapes and 4096^2, checked at 16 and 256; only their ratios matter): the LUT GEMM pays LUT_BUILD per token
@@ -519,13 +520,21 @@ _CACHE_DQ = {"dense": _PackCache(), "bf16": _PackCache(), "int8": _PackCache()}
 # (all of its work) when there are enough, else rows (the gather only); the dense path gains DENSE_SCALING of a
 # thread per extra thread (measured 1.2-1.7x on 2).
 LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC, DENSE_SCALING = 0.0209, 0.0085, 0.15, 0.0133, 0.6
+# The panel GEMM (llvm_codebook_few, mode "panel"): PANEL_DQ per weight (each row tile decoded once into L1) and
+# PANEL_MAC per token (inputs padded to tiles of PANEL_TT) and weight; it splits row tiles over the threads with no
+# work repeated, so it is scaled like the LUT GEMM's batch split (PANEL_SCALING 1: the same assumption);
+# fitted on the session-25 Zen 3 (AVX2) against the constants above over the smollm2 shapes: ahead of the dense
+# path at 64 tokens (0.85-0.9x its time), behind it at 256 (1.15-1.2x: oneDNN's GEMM is the faster one once the
+# copy is amortised), so they cross at ~128 tokens.
+PANEL_DQ, PANEL_MAC, PANEL_SCALING = 0.04, 0.0139, 1.0
 
 
 def prefill_mode() -> str:
     """How the "llvm" entry runs batch > 1: EDGETK_PREFILL, else "auto" (see `prefill_choice`).
 
     "few": the few-input kernel (llvm_codebook_few: codewords decoded in registers, ~1e-6 from the reference; what
-    "auto" runs up to its `max_rows` inputs, slower than the GEMMs beyond that).
+    "auto" runs up to its `max_rows` inputs, slower than the GEMMs beyond that). "panel": the same kernel with each
+    row tile decoded once into a float32 tile in L1 that tiles of 6 inputs share (~1e-6; any format).
     "lut": the float32 LUT GEMM (~1e-6 from the reference). "dense": dequantize the codes to a float32 weight tile
     (llvm_dequant) and run oneDNN's fp32 matmul (~1e-6 too). "bf16": dequantize to bf16 and run oneDNN's bf16
     matmul (~50 dB SNR; x86 hosts with AVX-512 BF16 / AMX, elsewhere the float32 choice runs). "int8": int8
@@ -543,36 +552,54 @@ def dense_ok(p: Packed) -> bool:
 
 
 def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | None = None) -> str:
-    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "lut", "dense", "bf16" or
-    "int8".
+    """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "panel", "lut", "dense", "bf16"
+    or "int8".
 
-    "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 24 on more: speculative-decoding verify
+    "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 16 on more: speculative-decoding verify
     trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16
     where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
-    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the two
-    float32 paths the cost model (LUT_BUILD ... DENSE_MAC) finds cheaper: the LUT GEMM builds the whole LUT per
-    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go
-    dense ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; modes the
-    format cannot run fall back to the LUT GEMM."""
-    if mode == "auto" and rows <= few_module().max_rows(
-            torch.get_num_threads() if n_threads is None else n_threads):
+    (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the
+    float32 paths the cost model (LUT_BUILD ... PANEL_SCALING) finds cheapest: the LUT GEMM builds the whole LUT per
+    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go to
+    the panel GEMM (or dense, which pays a float32 copy of the weight per call; the panel GEMM decodes into L1)
+    ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; "dense" (and
+    bf16, int8) on a format they cannot run fall back to the LUT GEMM."""
+    nt = torch.get_num_threads() if n_threads is None else n_threads
+    if mode != "auto":
+        return _prefill_choice(p, rows, mode, nt)
+    key = (rows, nt, torch.get_float32_matmul_precision())
+    seen = p.__dict__.setdefault("_choices", {})  # every layer asks again each call with the same few keys (~6 us)
+    choice = seen.get(key)
+    if choice is None:
+        if len(seen) > 256:  # (prompts of ever-new lengths)
+            seen.clear()
+        choice = seen[key] = _prefill_choice(p, rows, mode, nt)
+    return choice
+
+
+def _prefill_choice(p: Packed, rows: int, mode: str, n_threads: int) -> str:
+    if mode == "auto" and rows <= few_module().max_rows(n_threads):
         return "few"
-    if mode == "few":
+    if mode in ("few", "panel"):
         return mode
     if mode == "auto":
         if torch.get_float32_matmul_precision() == "medium" and dequant_module().host_ok():
             mode = "bf16"
         else:
-            nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
+            nt = max(1, n_threads)
             w = p.out_f * p.n_vec * p.spec.vec_len
             build, gather = rows * LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K, rows * LUT_GATHER * w
             split = split_batch(math.ceil(rows / p.spec.BT), nt)
-            lut = p.spec.stages * ((build + gather) / nt if split else build + gather / nt)
-            dense = (DQ_COPY * w + DENSE_MAC * rows * w) / (1 + DENSE_SCALING * (nt - 1))
-            mode = "dense" if dense < lut else "lut"
+            pt = few_module().PANEL_TT
+            cost = {"lut": p.spec.stages * ((build + gather) / nt if split else build + gather / nt),
+                    "panel": w * (PANEL_DQ * p.spec.stages + PANEL_MAC * -(-rows // pt) * pt)
+                    / (1 + PANEL_SCALING * (min(nt, p.n_rb) - 1))}
+            if dense_ok(p):
+                cost["dense"] = (DQ_COPY * w + DENSE_MAC * rows * w) / (1 + DENSE_SCALING * (nt - 1))
+            mode = min(cost, key=cost.get)
     if (mode == "bf16" and not dequant_module().host_ok()) or (mode == "int8" and not int8_module().host_ok()):
         mode = "dense"
-    return mode if mode == "lut" or dense_ok(p) else "lut"
+    return mode if mode in ("lut", "panel") or dense_ok(p) else "lut"
 
 
 @functools.cache
@@ -747,8 +774,8 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         return gemv(p, xv, n_threads, x.shape[:-1])
     x2 = x.reshape(rows, in_features).contiguous()
     mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
-    if mode == "few":
-        return few_module().gemm(p, x2, n_threads).reshape(*x.shape[:-1], p.out_f)
+    if mode in ("few", "panel"):
+        return few_module().gemm(p, x2, n_threads, panel=mode == "panel").reshape(*x.shape[:-1], p.out_f)
     if mode == "int8":
         m8 = int8_module()
         p8 = _CACHE_DQ[mode].get(tensors, lambda: m8.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))

@@ -25,10 +25,19 @@ better of the LUT GEMM and the dequantizing path (what "auto" ran before), 1.8-6
 called once per input, 1.3-2.7x faster than the fp32 model's few-row `F.linear`; at 16 and 24 inputs 1.03-2.3x
 ahead on 2 threads but 0.65-1.4x on one (the LUT GEMM overtakes it on the larger layers), hence `max_rows`.
 
+Panel GEMM (`gemm(panel=True)`, prefill mode "panel"; what "auto" picks past `max_rows` inputs where its cost
+model finds it cheaper than the LUT GEMM and the dequantizing path -- layers with few rows): the same kernel, but
+each row tile's R rows are first decoded once into a float32 [R][in] tile in the thread's scratch (L1 / L2), and
+tiles of PANEL_TT = 6 inputs read it (2 rows x 6 inputs: 12 accumulators; each x load serves 2 rows, each weight
+load 6 inputs; PANEL_UNROLL column steps per iteration): the decoding is paid once per weight, not once per input
+tile. At 64 tokens on 2 AVX2 threads 1.2-1.5x the LUT GEMM / dequantizing path on smollm2's smaller layers,
+0.8-1.1x oneDNN's fp32 `F.linear` on the same shape.
+
 Codes are read from the float32 kernels' repacked layout (`llvm_codebook.Packed.codes_r`): no further copy of the
 weight. Codebooks in ``[s][g][k][t]`` float32 (cached per weight, a few KB). More than TT_MAX inputs run as
-several equal tiles of at most TT_MAX (the inputs padded with zero rows). Outlier columns: `llvm_codebook.finish`
-(torch), before scale and bias.
+several equal tiles of at most TT_MAX; a last, partial tile reads its missing inputs as its last one and stores
+only the inputs there are (no padded copy of x or y). Outlier columns: `llvm_codebook.finish` (torch), before scale
+and bias.
 """
 from __future__ import annotations
 
@@ -42,7 +51,11 @@ from . import llvm_common as lc
 
 ir = lc.ir
 MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto") on one thread (`max_rows`)
+MAX_ROWS_THREADS = 16  # ... on two or more
 TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
+PANEL_TT = 6  # inputs per tile with a decoded panel (2 rows x 6 inputs: 12 accumulators + 2 weight vectors + x)
+PANEL_UNROLL = 2  # column steps per loop iteration with a panel (measured ~1.1x over 1 on AVX2; 4 no better)
+PANEL_X_BYTES = 320 << 10  # inputs per block of the panel GEMM: their x stays in L2 while every row tile streams it
 
 
 def codes_per_vector(spec: lk.KernelSpec, n_vec: int, lanes: int) -> int:
@@ -72,16 +85,18 @@ def row_unroll(spec: lk.KernelSpec, TT: int) -> int:
     return ru
 
 
-def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int):
+def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
     """work(args, tid, rb0, rb1): rows of row tiles [rb0, rb1) x all input tiles.
 
     args: A_X = x [n_tiles * TT][n_vec * v] (the quantized columns, permuted, padded); A_CBT = cbk [S][G][K][v];
-    A_Y = y [n_tiles * TT][out] (rows >= out are not stored); A_SCALE / A_BIAS: applied when not null; A_NBT =
-    n_tiles; the rest as `llvm_codebook.Packed.static_args`."""
+    A_Y = y [A_ROWS][out] (rows >= out are not stored); A_SCALE / A_BIAS: applied when not null; A_NBT =
+    n_tiles, A_ROWS = the inputs (x rows); the rest as `llvm_codebook.Packed.static_args`. panel: each row tile's
+    R rows are first decoded into the thread's scratch (A_SCR + tid * A_SSTRIDE: [R][n_vec * v] float32), which
+    every input tile then reads."""
     fn = ir.Function(mod, lc.WORK_TYPE, "few_work")
     g = lc.Gen(fn)
     b = g.b
-    args, _, rb0, rb1 = fn.args
+    args, tid, rb0, rb1 = fn.args
     a = lk._Args(g, args)
     v, K, R, JB, S = spec.vec_len, spec.K, spec.R, spec.JB, spec.stages
     RU = row_unroll(spec, TT)
@@ -96,6 +111,62 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int):
     scale, bias = a.p(lk.A_SCALE), a.p(lk.A_BIAS)
     accs = [[g.var(vt, name=f"acc{u}_{t}") for t in range(TT)] for u in range(RU)]
     zero = ir.Constant(vt, [0.0] * W)
+    def store_rows(rows, tt):  # y[tt * TT + t][r] = scale[r] * sum(acc[u][t]) + bias[r] for the inputs t there are
+        yt = b.gep(y0, [b.mul(b.mul(tt, g.i64(TT)), out)], source_etype=lc.F32)
+        left = b.sub(n_rows, b.mul(tt, g.i64(TT)))  # inputs in this tile: TT but in the last
+        for u, r in enumerate(rows):
+            with b.if_then(b.icmp_signed("<", r, out)):
+                sc = _optional(g, scale, r, 1.0)
+                bi = _optional(g, bias, r, 0.0)
+                for t in range(TT):
+                    s_ = g.reduce_add(b.load(accs[u][t], typ=vt))
+                    y_ = b.fadd(b.fmul(s_, sc), bi)
+                    if t == 0:  # every tile has its first input
+                        g.store(lc.F32, y_, yt, r)
+                    else:
+                        with b.if_then(b.icmp_signed("<", g.i64(t), left)):
+                            g.store(lc.F32, y_, yt, b.add(b.mul(g.i64(t), out), r))
+
+    n_rows = a.n(lk.A_ROWS)
+
+    def x_rows(tt):  # the TT input rows of tile tt; past the last input, the last one again (its sums not stored)
+        return [b.gep(x0, [b.mul(g.min(b.add(b.mul(tt, g.i64(TT)), g.i64(t)), b.sub(n_rows, g.i64(1))), xs)],
+                      source_etype=lc.F32) for t in range(TT)]
+
+    def fmas(ws, xt, col):  # acc[u][t] += w_u * x[t][col : col + W]
+        for t in range(TT):
+            xv = b.load(b.gep(xt[t], [col], source_etype=lc.F32), typ=vt, align=4)
+            for u in range(RU):
+                b.store(g.fma(ws[u], xv, b.load(accs[u][t], typ=vt)), accs[u][t])
+
+    def zero_accs():
+        for u in range(RU):
+            for t in range(TT):
+                b.store(zero, accs[u][t])
+
+    if panel:  # per block of input tiles (PANEL_X_BYTES of x) and row tile: decode the row tile, then per input tile
+        # (its x stays in L1) every pair of its rows
+        pan = b.gep(a.p(lk.A_SCR), [b.mul(tid, a.n(lk.A_SSTRIDE))], source_etype=lc.I8)
+        n_bt = a.n(lk.A_NBT)
+        per = g.max(b.sdiv(g.i64(PANEL_X_BYTES // (4 * TT)), xs), g.i64(1))  # input tiles per block
+        with g.loop(0, n_bt, step=per, name="tb") as tb0, g.loop(rb0, rb1, name="rb") as rb:
+            _emit_panel(g, a, spec, pan, rb, xs)
+            with g.loop(tb0, g.min(b.add(tb0, per), n_bt), name="tt") as tt:
+                xt = x_rows(tt)
+                with g.loop(0, R, step=RU, name="i") as i:
+                    zero_accs()
+                    prow = [b.gep(pan, [b.mul(b.add(i, g.i64(u)), xs)], source_etype=lc.F32) for u in range(RU)]
+                    step = lambda c: fmas([b.load(b.gep(pr, [c], source_etype=lc.F32), typ=vt, align=4)  # noqa: E731
+                                           for pr in prow], xt, c)
+                    main = b.sub(xs, b.srem(xs, g.i64(PANEL_UNROLL * W)))
+                    with g.loop(0, main, step=PANEL_UNROLL * W, name="pc") as col:
+                        for q in range(PANEL_UNROLL):
+                            step(b.add(col, g.i64(q * W)))
+                    with g.loop(main, xs, step=W, name="pcr") as col:
+                        step(col)
+                    store_rows([b.add(b.mul(rb, g.i64(R)), b.add(i, g.i64(u))) for u in range(RU)], tt)
+        b.ret_void()
+        return fn
     with g.loop(rb0, rb1, name="rb") as rb:
         with g.loop(0, R, step=RU, name="i") as i:
             rows = [b.add(b.mul(rb, g.i64(R)), b.add(i, g.i64(u))) for u in range(RU)]
@@ -105,10 +176,8 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int):
                 cb_s.append([b.gep(cbk, [b.mul(b.add(b.mul(g.i64(s), G), grp), g.i64(K * v))], source_etype=lc.F32)
                              for s in range(S)])
             with g.loop(0, a.n(lk.A_NBT), name="tt") as tt:
-                xt = b.gep(x0, [b.mul(b.mul(tt, g.i64(TT)), xs)], source_etype=lc.F32)
-                for u in range(RU):
-                    for t in range(TT):
-                        b.store(zero, accs[u][t])
+                xt = x_rows(tt)
+                zero_accs()
                 with g.loop(0, n_vec, step=JB, name="jb") as j0:
                     jl = g.min(g.i64(JB), b.sub(n_vec, j0))
                     cbs = [b.gep(lk._code_base(g, a, spec, g.i64(s), j0, jl, rb), [i], source_etype=spec.ctype)
@@ -131,22 +200,33 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int):
                                 wv = _concat(b, parts[u][s])
                                 w = wv if w is None else b.fadd(w, wv)
                             ws.append(w)
-                        col = b.mul(b.add(j0, jj), g.i64(v))
-                        for t in range(TT):
-                            xp = b.gep(xt, [b.add(b.mul(g.i64(t), xs), col)], source_etype=lc.F32)
-                            xv = b.load(xp, typ=vt, align=4)
-                            for u in range(RU):
-                                b.store(g.fma(ws[u], xv, b.load(accs[u][t], typ=vt)), accs[u][t])
-                yt = b.gep(y0, [b.mul(b.mul(tt, g.i64(TT)), out)], source_etype=lc.F32)
-                for u, r in enumerate(rows):
-                    with b.if_then(b.icmp_signed("<", r, out)):
-                        sc = _optional(g, scale, r, 1.0)
-                        bi = _optional(g, bias, r, 0.0)
-                        for t in range(TT):
-                            s_ = g.reduce_add(b.load(accs[u][t], typ=vt))
-                            g.store(lc.F32, b.fadd(b.fmul(s_, sc), bi), yt, b.add(b.mul(g.i64(t), out), r))
+                        fmas(ws, xt, b.mul(b.add(j0, jj), g.i64(v)))
+                store_rows(rows, tt)
     b.ret_void()
     return fn
+
+
+def _emit_panel(g: lc.Gen, a, spec: lk.KernelSpec, pan, rb, xs) -> None:
+    """pan[i][j*v : (j+1)*v] = sum over stages s of cbk[s][group][code of row rb*R + i, column j] for the R rows of
+    row tile rb: the tile's weights, float32, row-major (its codes are R adjacent codes per column)."""
+    b, v, K, R, JB, S = g.b, spec.vec_len, spec.K, spec.R, spec.JB, spec.stages
+    n_vec, G, rpg, cbk = a.n(lk.A_NVEC), a.n(lk.A_GROUPS), a.n(lk.A_RPG), a.p(lk.A_CBT)
+    cvt, rvt = ir.VectorType(lc.F32, v), ir.VectorType(spec.ctype, R)
+    grps = [g.min(b.sdiv(b.add(b.mul(rb, g.i64(R)), g.i64(i)), rpg), b.sub(G, g.i64(1))) for i in range(R)]
+    rows = [b.gep(pan, [b.mul(g.i64(i), xs)], source_etype=lc.F32) for i in range(R)]
+    for s in range(S):
+        cbs = [b.gep(cbk, [b.mul(b.add(b.mul(g.i64(s), G), grp), g.i64(K * v))], source_etype=lc.F32) for grp in grps]
+        with g.loop(0, n_vec, step=JB, name="pj") as j0:
+            jl = g.min(g.i64(JB), b.sub(n_vec, j0))
+            base = lk._code_base(g, a, spec, g.i64(s), j0, jl, rb)
+            with g.loop(0, jl, name="pjj") as jj:
+                codes = b.load(b.gep(base, [b.mul(jj, g.i64(R))], source_etype=spec.ctype), typ=rvt, align=1)
+                col = b.mul(b.add(j0, jj), g.i64(v))
+                for i in range(R):
+                    c = b.zext(b.extract_element(codes, ir.Constant(lc.I32, i)), lc.I64)
+                    cw = b.load(b.gep(cbs[i], [b.mul(c, g.i64(v))], source_etype=lc.F32), typ=cvt, align=4)
+                    dst = b.gep(rows[i], [col], source_etype=lc.F32)
+                    b.store(b.fadd(b.load(dst, typ=cvt, align=4), cw) if s else cw, dst, align=4)
 
 
 def _optional(g: lc.Gen, ptr, idx, default: float):
@@ -158,24 +238,25 @@ def _optional(g: lc.Gen, ptr, idx, default: float):
     return b.load(slot)
 
 
-def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None):
-    mod = lc.new_module(f"codebook_few_{spec.vec_len}_{spec.K}_{P}_{TT}", triple)
-    lc.add_parallel_for(mod, _gen_few(mod, spec, P, TT))
+def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None, panel: bool = False):
+    mod = lc.new_module(f"codebook_few_{spec.vec_len}_{spec.K}_{P}_{TT}{'_panel' if panel else ''}", triple)
+    lc.add_parallel_for(mod, _gen_few(mod, spec, P, TT, panel))
     return mod
 
 
 @functools.cache
-def compiled(spec: lk.KernelSpec, P: int, TT: int):
-    """JIT the kernel for (spec, P, TT) on this host (once per process; a decoder needs one or two TT)."""
-    return lk._PAR_T(lc.jit(build_module(spec, P, TT), ["few_work_par"])["few_work_par"])
+def compiled(spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
+    """JIT the kernel for (spec, P, TT, panel) on this host (once per process; a decoder needs a few)."""
+    return lk._PAR_T(lc.jit(build_module(spec, P, TT, panel=panel), ["few_work_par"])["few_work_par"])
 
 
 def max_rows(n_threads: int) -> int:
-    """The most inputs "auto" routes here: MAX_ROWS on one thread, twice that on more (this kernel splits rows
-    without repeating work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice: on
-    2 AVX2 threads it stays ahead at 16 and 24 inputs on every smollm2 shape, on one thread it falls behind
-    from 16)."""
-    return MAX_ROWS if n_threads <= 1 else 2 * MAX_ROWS
+    """The most inputs "auto" routes here: MAX_ROWS on one thread, MAX_ROWS_THREADS on more (this kernel splits rows
+    without repeating work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice). Past them
+    the panel GEMM (this kernel with each row tile decoded once, `gemm(panel=True)`) is ahead: on 2 AVX2 threads,
+    smollm2's shapes, 0.8-1.1x of this kernel at 16 inputs, 1.2-1.4x at 24; on one 1.0-1.2x at 16, 0.8-0.9x at
+    9-12."""
+    return MAX_ROWS if n_threads <= 1 else MAX_ROWS_THREADS
 
 
 def tiles(rows: int) -> tuple[int, int]:
@@ -192,31 +273,44 @@ def _cbk(p: lk.Packed) -> torch.Tensor:
 
 
 def pack_inputs(p: lk.Packed, x2: torch.Tensor, TT: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x2 [B, in] -> (permuted x [B, in], the kernel's x [n_tiles * TT, n_vec * v]: the quantized columns padded with
-    zero columns and zero rows to whole tiles of TT, n_tiles)."""
+    """x2 [B, in] -> (permuted x [B, in], the kernel's x [B, n_vec * v]: the quantized columns, padded with zero
+    columns to whole code vectors -- x2 itself when it already is that -- and n_tiles, the tiles of TT inputs; the
+    kernel reads a last, partial tile's missing inputs as its last input and stores only the inputs there are)."""
     B = x2.shape[0]
     n_tiles = -(-B // TT)
     xp = x2.index_select(1, p.perm) if p.perm is not None else x2
     xq = xp[:, p.n_out:] if p.n_out else xp
     cols = p.n_vec * p.spec.vec_len
-    if xq.shape[1] != cols or n_tiles * TT != B:
-        xq = torch.nn.functional.pad(xq, (0, cols - xq.shape[1], 0, n_tiles * TT - B))
+    if xq.shape[1] != cols:
+        xq = torch.nn.functional.pad(xq, (0, cols - xq.shape[1]))
     return xp, xq.contiguous(), n_tiles
 
 
-def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
-    """Inputs x2 [B, in] (float32, contiguous) -> y [B, out]."""
+def panel_stride(p: lk.Packed) -> int:
+    """Scratch bytes per thread of the panel GEMM: one decoded row tile, [R][n_vec * v] float32, 64-byte aligned."""
+    n = 4 * p.spec.R * p.n_vec * p.spec.vec_len + 64
+    return n + (-n % 64)
+
+
+def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None, panel: bool = False) -> torch.Tensor:
+    """Inputs x2 [B, in] (float32, contiguous) -> y [B, out]. panel: decode each row tile once into a float32 tile
+    that tiles of PANEL_TT inputs share (prefill mode "panel"), instead of decoding in registers per input tile."""
     B = x2.shape[0]
     if B == 0:
         return x2.new_zeros(0, p.out_f)
-    TT = tiles(B)[1]
+    TT = PANEL_TT if panel else tiles(B)[1]
     xp, xq, n_tiles = pack_inputs(p, x2, TT)
-    y = torch.empty(n_tiles * TT, p.out_f, dtype=torch.float32)
+    y = torch.empty(B, p.out_f, dtype=torch.float32)
     cbk = _cbk(p)
     a = p.argv()
     a[lk.A_X], a[lk.A_CBT], a[lk.A_Y], a[lk.A_NBT] = xq.data_ptr(), cbk.data_ptr(), y.data_ptr(), n_tiles
+    a[lk.A_ROWS] = B
     if p.n_out:  # the outlier columns come first (torch), then scale and bias: `finish`
         a[lk.A_SCALE] = a[lk.A_BIAS] = 0
     P = codes_per_vector(p.spec, p.n_vec, lc.host_vector_bits() // 32)
-    compiled(p.spec, P, TT)(a, p.n_rb, lk._threads(p, n_threads, B))
-    return lk.finish(p, y[:B], xp) if p.n_out else y[:B]
+    nt = lk._threads(p, n_threads, B)
+    if panel:
+        stride = panel_stride(p)
+        a[lk.A_SCR], a[lk.A_SSTRIDE] = lc.scratch(stride * nt).data_ptr(), stride
+    compiled(p.spec, P, TT, panel)(a, p.n_rb, nt)
+    return lk.finish(p, y, xp) if p.n_out else y

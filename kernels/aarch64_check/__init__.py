@@ -112,26 +112,32 @@ def build_i8(isa: str, vec_len: int, workdir: Path) -> Path:
     return _link(obj, workdir)
 
 
-def build_few(spec: lk.KernelSpec, P: int, TT: int, workdir: Path) -> Path:
-    """The few-input GEMM (llvm_codebook_few, P codes per NEON vector, tiles of TT inputs) as a check program."""
+def build_few(spec: lk.KernelSpec, P: int, TT: int, workdir: Path, panel: bool = False) -> Path:
+    """The few-input GEMM (llvm_codebook_few, P codes per NEON vector, tiles of TT inputs; panel: its panel GEMM) as
+    a check program."""
     from edgetk.kernels import llvm_codebook_few as few
 
     workdir.mkdir(parents=True, exist_ok=True)
     obj = workdir / "codebook_few.o"
-    obj.write_bytes(lc.emit_object(few.build_module(spec, P, TT, TRIPLE), TRIPLE))
+    obj.write_bytes(lc.emit_object(few.build_module(spec, P, TT, TRIPLE, panel=panel), TRIPLE))
     return _link(obj, workdir)
 
 
-def run_few(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path, TT: int) -> torch.Tensor:
+def run_few(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path, TT: int,
+            panel: bool = False) -> torch.Tensor:
     """y [B, out] from the aarch64 few-input GEMM under qemu (inputs padded to whole tiles of TT, as
-    `llvm_codebook_few.gemm` does; no outliers: those are added in torch)."""
+    `llvm_codebook_few.gemm` does; no outliers: those are added in torch; panel: a program from
+    `build_few(panel=True)`, given each thread's scratch for its decoded row tile)."""
     from edgetk.kernels import llvm_codebook_few as few
 
     B = x2.shape[0]
     _, xq, n_tiles = few.pack_inputs(p, x2, TT)
     blob, a = _Blob([]), p.static_args()
-    a[lk.A_X], a[lk.A_CBT], a[lk.A_NBT] = blob.add(xq), blob.add(few._cbk(p)), n_tiles
+    a[lk.A_X], a[lk.A_CBT], a[lk.A_NBT], a[lk.A_ROWS] = blob.add(xq), blob.add(few._cbk(p)), n_tiles, B
     a[lk.A_PERM], a[lk.A_CODES], a[lk.A_OW], a[lk.A_SCR] = -1, blob.add(p.codes_r), -1, -1
+    if panel:
+        a[lk.A_SSTRIDE] = few.panel_stride(p)
+        a[lk.A_SCR] = blob.add(None, a[lk.A_SSTRIDE] * n_threads)
     a[lk.A_SCALE], a[lk.A_BIAS] = blob.add(p.scale), blob.add(p.bias)
     out_n = n_tiles * TT * p.out_f
     a[lk.A_Y] = blob.add(None, 4 * out_n)

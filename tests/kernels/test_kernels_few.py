@@ -29,6 +29,42 @@ def test_few_matches_reference(shape, rows, threads):
     check(few.gemm(p, x, threads), cg.codebook_gemm_reference(x, *w, inf, v, bits))
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("rows,threads", [(1, 1), (7, 3), (13, 2), (64, 1)])
+def test_panel_matches_reference(shape, rows, threads):
+    """The panel GEMM (each row tile decoded once into the thread's scratch, tiles of PANEL_TT inputs, PANEL_UNROLL
+    column steps and the remainder): every format x 1 / 7 / 13 / 64 inputs x 1-3 threads, the reference up to
+    summation order."""
+    out, inf, v, K, bits, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape], seed=rows + 1)
+    x = torch.randn(rows, inf)
+    p = lk.pack_weight(*w, inf, v, bits)
+    check(few.gemm(p, x, threads, panel=True), cg.codebook_gemm_reference(x, *w, inf, v, bits))
+
+
+def test_panel_cost_model_routes_layers_with_few_rows_there(monkeypatch):
+    """Past max_rows, "auto" takes the panel GEMM for a smollm2-sized layer (576 x 576, 64 tokens) and the LUT GEMM
+    for a 4096 x 4096 one (its LUT serves 4096 rows); the explicit mode "panel" runs it for any count."""
+    monkeypatch.delenv("EDGETK_PREFILL", raising=False)
+    g = torch.Generator().manual_seed(0)
+    parts = {}
+    for out, inf in ((576, 576), (4096, 4096)):
+        codes = torch.randint(0, 256, (1, out, inf // 4), generator=g, dtype=torch.uint8)
+        cb = torch.randn(1, 1, 256, 4, generator=g).half()
+        e = torch.empty(0)
+        parts[out] = (codes, cb, torch.empty(0, dtype=torch.int64), e, e, e)
+    small, big = (lk.pack_weight(*parts[o], o, 4, 8) for o in (576, 4096))
+    for nt in (1, 2):
+        assert lk.prefill_choice(small, 64, n_threads=nt) == "panel"
+        assert lk.prefill_choice(big, 64, n_threads=nt) == "lut"
+    assert lk.prefill_choice(big, 64, "panel") == "panel" and lk.prefill_choice(small, 3, "panel") == "panel"
+    x = torch.randn(2, 20, 576, generator=g)
+    monkeypatch.setenv("EDGETK_PREFILL", "panel")
+    y = lk.codebook_gemm_llvm(x, *parts[576], 576, 4, 8)
+    assert y.shape == (2, 20, 576) and torch.equal(y, few.gemm(small, x.reshape(40, 576), panel=True).view(2, 20, 576))
+    check(y, cg.codebook_gemm_reference(x, *parts[576], 576, 4, 8))
+
+
 def test_tiles_and_codes_per_vector():
     """Inputs cut into equal tiles of at most TT_MAX; P codes per SIMD vector only where no column block has a
     remainder (P divides JB and n_vec), else one."""
@@ -44,17 +80,18 @@ def test_tiles_and_codes_per_vector():
 
 
 def test_auto_routes_few_inputs_here_and_more_to_the_gemms(monkeypatch):
-    """EDGETK_PREFILL unset: 2..max_rows inputs (12 on one thread, 24 on more) run this kernel (any leading shape),
-    more go to the LUT / dense GEMM; explicit modes keep their path; EDGETK_PREFILL=few runs it for any count."""
+    """EDGETK_PREFILL unset: 2..max_rows inputs (12 on one thread, 16 on more) run this kernel (any leading shape),
+    more go to the panel / LUT / dense GEMM; explicit modes keep their path; EDGETK_PREFILL=few runs it for any
+    count."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     out, inf, v, K, bits, *_ = SHAPES["outliers_perm"]
     w = make_weight(*SHAPES["outliers_perm"])
     p = lk.pack_weight(*w, inf, v, bits)
-    assert few.max_rows(1) == few.MAX_ROWS and few.max_rows(2) == few.max_rows(8) == 2 * few.MAX_ROWS
+    assert few.max_rows(1) == few.MAX_ROWS and few.max_rows(2) == few.max_rows(8) == few.MAX_ROWS_THREADS
     for nt in (1, 2):
         n = few.max_rows(nt)
         assert lk.prefill_choice(p, 2, n_threads=nt) == "few" and lk.prefill_choice(p, n, n_threads=nt) == "few"
-        assert lk.prefill_choice(p, n + 1, n_threads=nt) in ("lut", "dense")
+        assert lk.prefill_choice(p, n + 1, n_threads=nt) in ("panel", "lut", "dense")
     assert lk.prefill_choice(p, 5, "lut") == "lut" and lk.prefill_choice(p, 64, "few") == "few"
     x = torch.randn(3, 4, inf)  # 12 inputs
     y = lk.codebook_gemm_llvm(x, *w, inf, v, bits)
@@ -107,6 +144,21 @@ def test_kernel_keeps_the_accumulators_in_registers():
     fmas = [ln for ln in body if "vfmadd231ps" in ln]
     assert len(fmas) == 5 * few.row_unroll(spec, 5)  # each x load serves the row_unroll rows
     assert not [ln for ln in body if re.search(r"vmov\w*\s+%[xyz]mm\d+, .*\(", ln)]
+
+
+@pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
+@pytest.mark.parametrize("shape,rows,threads", [("groups", 13, 2), ("residual", 7, 1), ("odd", 20, 3), ("bits5", 6, 2)])
+def test_aarch64_panel_under_qemu(tmp_path, shape, rows, threads):
+    """The panel GEMM's aarch64 object (NEON: 2 rows x PANEL_TT inputs, each thread's row tile decoded into its
+    scratch) under qemu-aarch64: the reference up to summation order."""
+    out, inf, v, K, bits, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape], seed=3)
+    p = lk.pack_weight(*w, inf, v, bits, vector_bits=ac.NEON_BITS)
+    P = few.codes_per_vector(p.spec, p.n_vec, ac.NEON_BITS // 32)
+    exe = ac.build_few(p.spec, P, few.PANEL_TT, tmp_path, panel=True)
+    x = torch.randn(rows, inf)
+    y = ac.run_few(exe, p, x, threads, tmp_path, few.PANEL_TT, panel=True)
+    check(y, cg.codebook_gemm_reference(x, *w, inf, v, bits))
 
 
 @pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")

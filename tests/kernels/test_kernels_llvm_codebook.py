@@ -434,17 +434,19 @@ def test_dequantizing_prefill_in_row_tiles(monkeypatch, dtype):
 
 
 def test_prefill_mode_auto_picks_by_shape_and_matmul_precision(monkeypatch):
-    """EDGETK_PREFILL unset -> "auto" (above the few-input kernel's max_rows inputs): the dense float32 path for
-    layers with few rows, the LUT GEMM for tall ones (both ~1e-6 from the reference); bf16 only where the caller
+    """EDGETK_PREFILL unset -> "auto" (above the few-input kernel's max_rows inputs): the panel GEMM for layers with
+    few rows at 64 tokens (the dense float32 path at 256), the LUT GEMM for tall ones (all ~1e-6 from the reference);
+    bf16 only where the caller
     allowed it with torch.set_float32_matmul_precision("medium") (and the host has bf16); explicit modes win; residual codebooks
     stay on the LUT GEMM; unknown names raise ConfigError."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     assert lk.prefill_mode() == "auto"
     small, tall = (64, 64, 4, 256, 8, 1, 1, 0, False, False), (2048, 32, 4, 256, 8, 1, 1, 0, False, False)
-    for cfg, want in ((small, "dense"), (tall, "lut")):
+    for cfg, want in ((small, "panel"), (tall, "lut")):
         w, x = make_weight(*cfg), torch.randn(64, cfg[1])
         p = lk.pack_weight(*w, cfg[1], 4, 8)
-        assert lk.prefill_choice(p, 64) == want
+        assert lk.prefill_choice(p, 64, n_threads=1) == want
+        assert lk.prefill_choice(p, 256, n_threads=1) == ("dense" if cfg is small else "lut")
         assert lk.prefill_choice(p, 64, "lut") == "lut" and lk.prefill_choice(p, 64, "dense") == "dense"
         ref = cg.codebook_gemm_reference(x, *w, cfg[1], 4, 8)
         y = lk.codebook_gemm_llvm(x, *w, cfg[1], 4, 8)
@@ -456,7 +458,7 @@ def test_prefill_mode_auto_picks_by_shape_and_matmul_precision(monkeypatch):
     prev = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
-        assert lk.prefill_choice(p, 64) == ("bf16" if native else "dense")
+        assert lk.prefill_choice(p, 64, n_threads=1) == ("bf16" if native else "panel")
         assert lk.prefill_choice(p, 5) == "few"  # a few inputs: the few-input kernel, faster than dequantizing
     finally:
         torch.set_float32_matmul_precision(prev)
