@@ -31,7 +31,7 @@ Cases (one JSON line each, then a table):
 * `few`: 2, 5, 8, 12, 16 and 24 inputs (speculative-decoding verify trees, short chunks), smollm2's shapes
   (`--quick`: 576x576 and 576x1536), 1 and 2 threads, all peers interleaved call by call: the op's default (`edgetk`:
   "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its `max_rows` inputs), each path
-  (few, lut, dense, int8), the float32 gemv called once per input, and the fp32 model's few-row `F.linear`
+  (few, panel, lut, dense, int8), the float32 gemv called once per input, and the fp32 model's few-row `F.linear`
   (`few_rows_linear`); `x_before` = the better of lut / dense (what "auto" ran before the few-input kernel) / edgetk.
 * `kv_attention`: 4-bit cache (keys/values 4/4, and 5/3 as the kv4 preset stores them), context 2048, one
   query, smollm2 heads (3 KV / 9 query heads, D 64) vs `scaled_dot_product_attention` over an fp32 cache (expanded
@@ -262,7 +262,7 @@ def few_case(out: int, inf: int, threads: int, reps: int, rows: int) -> dict:
     w, p, x, wd, ref = batch_setup(out, inf, threads, rows)
     choice = lk.prefill_choice(p, rows, n_threads=threads)
     peers = {"edgetk": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8), "few": lambda: lf.gemm(p, x),
-             "lut": lambda: lk.gemm(p, x),
+             "panel": lambda: lf.gemm(p, x, panel=True), "lut": lambda: lk.gemm(p, x),
              "dense": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8, prefill="dense"),
              "int8": lambda: lk.codebook_gemm_llvm(x, *w, inf, 4, 8, prefill="int8"),
              "gemv_rows": lambda: [lk.gemv(p, x[i]) for i in range(rows)],
@@ -376,7 +376,8 @@ def row(r: dict) -> str:
     if c == "few":
         us = lambda k: r[f"{k}_us"]["median_us"]  # noqa: E731
         return (f"few {r['shape']:>9} rows={r['rows']:>2} t={r['threads']}  edgetk {med:7.1f} us [{r['auto_choice']}] "
-                f"(few {us('few'):.1f}, lut {us('lut'):.1f}, dense {us('dense'):.1f}, int8 {us('int8'):.1f}, "
+                f"(few {us('few'):.1f}, panel {us('panel'):.1f}, lut {us('lut'):.1f}, dense {us('dense'):.1f}, "
+                f"int8 {us('int8'):.1f}, "
                 f"gemv x rows {us('gemv_rows'):.1f})  linear {us('linear_fp32'):7.1f}  "
                 f"x_before {r['x_vs_before']:.2f}  x_lin {r['x_vs_linear']:.2f}")
     us = lambda k: r[k]["median_us"]  # noqa: E731

@@ -18,7 +18,7 @@ pthreads on cross targets); the prefill GEMM splits its batch tiles instead when
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
 builds only its own LUTs and streams one contiguous range of codes.
-Batch 2..12 (16 on 2+ threads: speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
+Batch 2..16 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
 "auto" (codewords decoded in registers, no LUT). More goes to the same module's panel GEMM (each row tile decoded
 once into a float32 tile in L1, shared by tiles of 6 inputs) or to `llvm_dequant` (dequantize a tile + oneDNN
 matmul) instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16
@@ -555,7 +555,7 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
     """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "panel", "lut", "dense", "bf16"
     or "int8".
 
-    "auto": up to `llvm_codebook_few.max_rows` inputs (12 on one thread, 16 on more: speculative-decoding verify
+    "auto": up to `llvm_codebook_few.max_rows` inputs (16: speculative-decoding verify
     trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16
     where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
     (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the

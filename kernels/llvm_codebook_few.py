@@ -50,8 +50,7 @@ from . import llvm_codebook as lk
 from . import llvm_common as lc
 
 ir = lc.ir
-MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto") on one thread (`max_rows`)
-MAX_ROWS_THREADS = 16  # ... on two or more
+MAX_ROWS = 16  # inputs routed here by `llvm_codebook.prefill_choice` ("auto", `max_rows`)
 TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
 PANEL_TT = 6  # inputs per tile with a decoded panel (2 rows x 6 inputs: 12 accumulators + 2 weight vectors + x)
 PANEL_UNROLL = 2  # column steps per loop iteration with a panel (measured ~1.1x over 1 on AVX2; 4 no better)
@@ -251,12 +250,12 @@ def compiled(spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
 
 
 def max_rows(n_threads: int) -> int:
-    """The most inputs "auto" routes here: MAX_ROWS on one thread, MAX_ROWS_THREADS on more (this kernel splits rows
-    without repeating work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice). Past them
-    the panel GEMM (this kernel with each row tile decoded once, `gemm(panel=True)`) is ahead: on 2 AVX2 threads,
-    smollm2's shapes, 0.8-1.1x of this kernel at 16 inputs, 1.2-1.4x at 24; on one 1.0-1.2x at 16, 0.8-0.9x at
-    9-12."""
-    return MAX_ROWS if n_threads <= 1 else MAX_ROWS_THREADS
+    """The most inputs "auto" routes here, on any thread count: MAX_ROWS. This kernel splits rows without repeating
+    work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice; past MAX_ROWS the panel
+    GEMM (this kernel with each row tile decoded once, `gemm(panel=True)`) is ahead (measured on 2 AVX2 threads,
+    smollm2's shapes, interleaved: at 16 inputs this kernel 0.9-1.1x the panel GEMM and 1.1-1.3x the LUT GEMM; at 24
+    the panel GEMM 1.15-1.4x this kernel; at 9-12 this kernel 1.1-1.3x the panel GEMM)."""
+    return MAX_ROWS
 
 
 def tiles(rows: int) -> tuple[int, int]:
