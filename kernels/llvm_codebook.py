@@ -18,7 +18,7 @@ pthreads on cross targets); the prefill GEMM splits its batch tiles instead when
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
 builds only its own LUTs and streams one contiguous range of codes.
-Batch 2..16 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
+Batch 2..12 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
 "auto" (codewords decoded in registers, no LUT). More goes to the same module's panel GEMM (each row tile decoded
 once into a float32 tile in L1, shared by tiles of 6 inputs) or to `llvm_dequant` (dequantize a tile + oneDNN
 matmul) instead where `prefill_choice` finds it cheaper (layers with few rows: float32) or the caller allowed bf16
@@ -527,6 +527,10 @@ LUT_BUILD, LUT_GATHER, DQ_COPY, DENSE_MAC, DENSE_SCALING = 0.0209, 0.0085, 0.15,
 # path at 64 tokens (0.85-0.9x its time), behind it at 256 (1.15-1.2x: oneDNN's GEMM is the faster one once the
 # copy is amortised), so they cross at ~128 tokens.
 PANEL_DQ, PANEL_MAC, PANEL_SCALING = 0.04, 0.0139, 1.0
+# A LUT GEMM call's fixed cost (its input transposes, the tiles' LUT set-up), fitted on the same host at 16 and 64
+# tokens (576x576, 576x1536, 1536x576, 2048x32, 4096x256; without it the model sent 13-24 tokens of the small
+# layers to the LUT GEMM, measured 1.1-1.45x slower than the panel GEMM there).
+LUT_CALL = 40e3
 
 
 def prefill_mode() -> str:
@@ -555,13 +559,13 @@ def prefill_choice(p: Packed, rows: int, mode: str = "auto", n_threads: int | No
     """The path that runs `rows` > 1 inputs through weight `p` under `mode`: "few", "panel", "lut", "dense", "bf16"
     or "int8".
 
-    "auto": up to `llvm_codebook_few.max_rows` inputs (16: speculative-decoding verify
+    "auto": up to `llvm_codebook_few.max_rows` inputs (12: speculative-decoding verify
     trees, short chunks) the few-input kernel (codewords decoded in registers, float32, any format); more: bf16
     where the caller allowed reduced-precision fp32 matmuls the way PyTorch spells it
     (`torch.set_float32_matmul_precision("medium")`) and the host has bf16 matmuls; otherwise whichever of the
-    float32 paths the cost model (LUT_BUILD ... PANEL_SCALING) finds cheapest: the LUT GEMM builds the whole LUT per
-    token however few rows the layer has, so layers with few rows (out below ~3-4 K at 64 tokens, one thread) go to
-    the panel GEMM (or dense, which pays a float32 copy of the weight per call; the panel GEMM decodes into L1)
+    float32 paths the cost model (LUT_BUILD ... LUT_CALL) finds cheapest: the LUT GEMM builds the whole LUT per
+    token however few rows the layer has, so layers with few rows (out below ~1 K at 64 tokens) go to the panel GEMM,
+    and past ~128 tokens to the dense path (a float32 copy of the weight per call, then oneDNN's faster GEMM)
     ("auto" never picks int8: only when asked for). bf16 and int8 on a host without them run dense; "dense" (and
     bf16, int8) on a format they cannot run fall back to the LUT GEMM."""
     nt = torch.get_num_threads() if n_threads is None else n_threads
@@ -591,7 +595,7 @@ def _prefill_choice(p: Packed, rows: int, mode: str, n_threads: int) -> str:
             build, gather = rows * LUT_BUILD * p.n_vec * p.spec.vec_len * p.spec.K, rows * LUT_GATHER * w
             split = split_batch(math.ceil(rows / p.spec.BT), nt)
             pt = few_module().PANEL_TT
-            cost = {"lut": p.spec.stages * ((build + gather) / nt if split else build + gather / nt),
+            cost = {"lut": LUT_CALL + p.spec.stages * ((build + gather) / nt if split else build + gather / nt),
                     "panel": w * (PANEL_DQ * p.spec.stages + PANEL_MAC * -(-rows // pt) * pt)
                     / (1 + PANEL_SCALING * (min(nt, p.n_rb) - 1))}
             if dense_ok(p):

@@ -50,7 +50,7 @@ from . import llvm_codebook as lk
 from . import llvm_common as lc
 
 ir = lc.ir
-MAX_ROWS = 16  # inputs routed here by `llvm_codebook.prefill_choice` ("auto", `max_rows`)
+MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto", `max_rows`)
 TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
 PANEL_TT = 6  # inputs per tile with a decoded panel (2 rows x 6 inputs: 12 accumulators + 2 weight vectors + x)
 PANEL_UNROLL = 2  # column steps per loop iteration with a panel (measured ~1.1x over 1 on AVX2; 4 no better)
@@ -252,9 +252,9 @@ def compiled(spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
 def max_rows(n_threads: int) -> int:
     """The most inputs "auto" routes here, on any thread count: MAX_ROWS. This kernel splits rows without repeating
     work, while the LUT GEMM's batch tiles of 8 leave threads idle or build LUTs twice; past MAX_ROWS the panel
-    GEMM (this kernel with each row tile decoded once, `gemm(panel=True)`) is ahead (measured on 2 AVX2 threads,
-    smollm2's shapes, interleaved: at 16 inputs this kernel 0.9-1.1x the panel GEMM and 1.1-1.3x the LUT GEMM; at 24
-    the panel GEMM 1.15-1.4x this kernel; at 9-12 this kernel 1.1-1.3x the panel GEMM)."""
+    GEMM (this kernel with each row tile decoded once, `gemm(panel=True)`) is ahead (measured on 2 AVX2 cores,
+    576x576 and 576x1536, 1 and 2 threads, interleaved: at 12 inputs this kernel 1.04-1.3x the panel GEMM, at 16 the
+    panel GEMM 1.13-1.2x this kernel, at 24 1.2-1.4x)."""
     return MAX_ROWS
 
 

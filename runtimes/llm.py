@@ -163,7 +163,7 @@ class EagerDecoder:
         return min(limits) if limits else 1 << 30
 
 
-WARM_UP_ROWS = (1, 32)  # a decode step and a short prompt (past the few-input kernel's 12-16 rows: panel or LUT GEMM)
+WARM_UP_ROWS = (1, 32)  # a decode step and a short prompt (past the few-input kernel's 12 rows: panel or LUT GEMM)
 
 
 def warm_up_rows(tree_rows: int = 0) -> tuple[int, ...]:

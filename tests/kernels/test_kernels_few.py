@@ -80,14 +80,14 @@ def test_tiles_and_codes_per_vector():
 
 
 def test_auto_routes_few_inputs_here_and_more_to_the_gemms(monkeypatch):
-    """EDGETK_PREFILL unset: 2..max_rows inputs (16, any thread count) run this kernel (any leading shape),
+    """EDGETK_PREFILL unset: 2..max_rows inputs (12, any thread count) run this kernel (any leading shape),
     more go to the panel / LUT / dense GEMM; explicit modes keep their path; EDGETK_PREFILL=few runs it for any
     count."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     out, inf, v, K, bits, *_ = SHAPES["outliers_perm"]
     w = make_weight(*SHAPES["outliers_perm"])
     p = lk.pack_weight(*w, inf, v, bits)
-    assert few.max_rows(1) == few.max_rows(2) == few.max_rows(8) == few.MAX_ROWS == 16
+    assert few.max_rows(1) == few.max_rows(2) == few.max_rows(8) == few.MAX_ROWS == 12
     for nt in (1, 2):
         n = few.max_rows(nt)
         assert lk.prefill_choice(p, 2, n_threads=nt) == "few" and lk.prefill_choice(p, n, n_threads=nt) == "few"

@@ -441,7 +441,7 @@ def test_prefill_mode_auto_picks_by_shape_and_matmul_precision(monkeypatch):
     stay on the LUT GEMM; unknown names raise ConfigError."""
     monkeypatch.delenv("EDGETK_PREFILL", raising=False)
     assert lk.prefill_mode() == "auto"
-    small, tall = (64, 64, 4, 256, 8, 1, 1, 0, False, False), (2048, 32, 4, 256, 8, 1, 1, 0, False, False)
+    small, tall = (64, 64, 4, 256, 8, 1, 1, 0, False, False), (4096, 256, 4, 256, 8, 1, 1, 0, False, False)
     for cfg, want in ((small, "panel"), (tall, "lut")):
         w, x = make_weight(*cfg), torch.randn(64, cfg[1])
         p = lk.pack_weight(*w, cfg[1], 4, 8)

@@ -22,7 +22,7 @@ from .common import console, emit_json, kv_table, lut_kernels, prefill_path, pro
 LUT_HELP = ("batch-1 codebook LUT kernels for VQ layers, as EDGETK_LUT: q8 (int8 table, fastest, ~40 dB SNR), q16, "
             "none (float32); default: none (float32, equal to the reference up to summation order)")
 
-PREFILL_HELP = ("how VQ layers run the prompt (batch > 1), as EDGETK_PREFILL: auto (default: up to 16 tokens "
+PREFILL_HELP = ("how VQ layers run the prompt (batch > 1), as EDGETK_PREFILL: auto (default: up to 12 tokens "
                 "the few-input kernel, else per layer the cheapest float32 path, panel, lut or "
                 "dense; bf16 under torch's 'medium' float32 matmul precision), few (codewords decoded in registers), "
                 "panel (each row tile decoded once into L1, shared by tiles of 6 tokens), "
