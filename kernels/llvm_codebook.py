@@ -776,10 +776,11 @@ def codebook_gemm_llvm(x, codes, codebooks, perm, outlier_w, scale, bias, in_fea
         return codebook_gemm_reference(*args)
     if rows == 1:
         return gemv(p, xv, n_threads, x.shape[:-1])
-    x2 = x.reshape(rows, in_features).contiguous()
+    x2 = (x if x.dim() == 2 else x.reshape(rows, in_features)).contiguous()
     mode = "lut" if exact or rows <= 1 else prefill_choice(p, rows, prefill or prefill_mode(), n_threads)
     if mode in ("few", "panel"):
-        return few_module().gemm(p, x2, n_threads, panel=mode == "panel").reshape(*x.shape[:-1], p.out_f)
+        y = few_module().gemm(p, x2, n_threads, panel=mode == "panel")
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_f)
     if mode == "int8":
         m8 = int8_module()
         p8 = _CACHE_DQ[mode].get(tensors, lambda: m8.pack_weight(*tensors, in_features, vec_len, code_bits, base=p))
