@@ -327,6 +327,21 @@ class _K:
         b.branch(c1)
         b.position_at_end(end)
 
+    def by_region(self, p, n_q, quantized, fp_base):
+        """Slot p's <D x float>: quantized() (emitted where p < n_q), else row p - n_q of the fp region at fp_base
+        (fp16, widened)."""
+        b, D = self.b, self.s.D
+        with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
+            with then:
+                vq, vq_in = quantized(), b.block
+            with other:
+                vf = self.half_vec(b.gep(fp_base, [b.mul(b.sub(p, n_q), self.g.i64(D))], source_etype=F16), D)
+                vf_in = b.block
+        v = b.phi(_vt(D))
+        v.add_incoming(vq, vq_in)
+        v.add_incoming(vf, vf_in)
+        return v
+
     def half_vec(self, ptr, n):
         return self.b.fpext(self.b.load(ptr, typ=_vt(n, F16), align=2), _vt(n, lc.F32))
 
@@ -457,38 +472,28 @@ def _emit_item(k: _K, tid, item):
     kb_next = g.var(lc.I64, i64(-1), name="kb_next")
     nbk, kg = k.n(A_NBK), k.n(A_KG)
 
-    def key(p):
-        """Slot p's pre-RoPE key, <D x float>."""
-        with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
-            with then:
-                with b.if_then(b.icmp_signed(">=", p, b.load(kb_next, typ=lc.I64)), likely=False):
-                    blk = g.min(b.sdiv(p, kg), b.sub(nbk, i64(1)))
-                    meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, nbk), blk), i64(2 * D))], source_etype=F16)
-                    b.store(k.half_vec(meta, D), kmeta, align=4)
-                    b.store(k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D),
-                            b.gep(kmeta, [i64(D)], source_etype=lc.F32), align=4)
-                    nxt = b.select(b.icmp_signed("==", blk, b.sub(nbk, i64(1))), i64(2 ** 62),
-                                   b.mul(b.add(blk, i64(1)), kg))
-                    b.store(nxt, kb_next)
-                lv = k.levels(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), lev, s.kbits)
-                scale = b.load(kmeta, typ=vd, align=4)
-                zero = b.load(b.gep(kmeta, [i64(D)], source_etype=lc.F32), typ=vd, align=4)
-                kq = k.patched(g.fma(lv, scale, zero), kvar, oidx_k, oval_k, cur_k, p)
-                kq_in = b.block
-            with other:
-                kf = k.half_vec(b.gep(fp_k, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
-                kf_in = b.block
-        kh = b.phi(vd)
-        kh.add_incoming(kq, kq_in)
-        kh.add_incoming(kf, kf_in)
-        return kh
+    def key_q(p):
+        """Quantized slot p's pre-RoPE key, <D x float> (the statistics of its key block converted when it starts)."""
+        with b.if_then(b.icmp_signed(">=", p, b.load(kb_next, typ=lc.I64)), likely=False):
+            blk = g.min(b.sdiv(p, kg), b.sub(nbk, i64(1)))
+            meta = b.gep(k.p(A_KM), [b.mul(b.add(b.mul(item, nbk), blk), i64(2 * D))], source_etype=F16)
+            b.store(k.half_vec(meta, D), kmeta, align=4)
+            b.store(k.half_vec(b.gep(meta, [i64(D)], source_etype=F16), D),
+                    b.gep(kmeta, [i64(D)], source_etype=lc.F32), align=4)
+            nxt = b.select(b.icmp_signed("==", blk, b.sub(nbk, i64(1))), i64(2 ** 62),
+                           b.mul(b.add(blk, i64(1)), kg))
+            b.store(nxt, kb_next)
+        lv = k.levels(b.gep(kc, [b.mul(p, i64(P))], source_etype=lc.I8), lev, s.kbits)
+        scale = b.load(kmeta, typ=vd, align=4)
+        zero = b.load(b.gep(kmeta, [i64(D)], source_etype=lc.F32), typ=vd, align=4)
+        return k.patched(g.fma(lv, scale, zero), kvar, oidx_k, oval_k, cur_k, p)
 
     # 1. scores, V slots per block: the block's rotated keys into buf, then per query V dot products reduced
     #    together (`k.sums`) into one <V x float> of scores. Slots past p1 repeat slot p1 - 1 (softmax ignores them).
     with g.loop(p0, p1, step=V, name="pb") as pb:
         with g.loop(0, V, name="j") as j:
             p = g.min(b.add(pb, j), last)
-            kh = key(p)
+            kh = k.by_region(p, n_q, lambda: key_q(p), fp_k)
             cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
             sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
             kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
@@ -517,24 +522,20 @@ def _emit_item(k: _K, tid, item):
     gmap = [d // s.value_group for d in range(D)]
     vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
     lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
+
+    def value_q(p):
+        """Quantized slot p's value, <D x float>."""
+        meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
+        sc_ = k.half_vec(meta, NG)
+        zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
+        lv = k.levels(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), lev1, s.vbits)
+        return k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v, oval_v,
+                         cur_v, p)
+
     with g.loop(p0, p1, step=V, name="vb") as pb:
         with g.loop(0, V, name="vj") as j:
             p = g.min(b.add(pb, j), last)
-            with b.if_else(b.icmp_signed("<", p, n_q)) as (then, other):
-                with then:
-                    meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
-                    sc_ = k.half_vec(meta, NG)
-                    zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
-                    lv = k.levels(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), lev1, s.vbits)
-                    vq = k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v,
-                                   oval_v, cur_v, p)
-                    vq_in = b.block
-                with other:
-                    vf = k.half_vec(b.gep(fp_v, [b.mul(b.sub(p, n_q), i64(D))], source_etype=F16), D)
-                    vf_in = b.block
-            vv = b.phi(vd)
-            vv.add_incoming(vq, vq_in)
-            vv.add_incoming(vf, vf_in)
+            vv = k.by_region(p, n_q, lambda: value_q(p), fp_v)
             vv = b.select(b.icmp_signed("<", b.add(pb, j), p1), vv, _const_vec([0.0] * D))
             b.store(vv, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
         vals = [[b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32) for c in range(D // V)] for jj in range(V)]
