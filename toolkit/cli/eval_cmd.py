@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
                                           "'second-half' (llama.cpp's)"),
               allow_pickle: bool = typer.Option(False, "--allow-pickle"),
               prefill: str = typer.Option(None, "--prefill", help="how VQ layers run the windows, as "
-                                          "EDGETK_PREFILL (auto, few, panel, lut, dense, bf16, int8): the perplexity cost of "
-                                          "the reduced-precision paths"),
+                                          "EDGETK_PREFILL (auto, few, panel, lut, dense, bf16, int8): the "
+                                          "perplexity cost of the reduced-precision paths"),
               json_: bool = typer.Option(False, "--json", help="print one JSON line")) -> None:
         """Perplexity of a decoder (non-overlapping windows) or embedding stats of an encoder."""
         from ..eval import evaluate
