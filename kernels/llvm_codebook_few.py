@@ -87,7 +87,7 @@ def row_unroll(spec: lk.KernelSpec, TT: int) -> int:
 def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
     """work(args, tid, rb0, rb1): rows of row tiles [rb0, rb1) x all input tiles.
 
-    args: A_X = x [n_tiles * TT][n_vec * v] (the quantized columns, permuted, padded); A_CBT = cbk [S][G][K][v];
+    args: A_X = x [A_ROWS][n_vec * v] (the quantized columns, permuted, padded); A_CBT = cbk [S][G][K][v];
     A_Y = y [A_ROWS][out] (rows >= out are not stored); A_SCALE / A_BIAS: applied when not null; A_NBT =
     n_tiles, A_ROWS = the inputs (x rows); the rest as `llvm_codebook.Packed.static_args`. panel: each row tile's
     R rows are first decoded into the thread's scratch (A_SCR + tid * A_SSTRIDE: [R][n_vec * v] float32), which
@@ -110,6 +110,8 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
     scale, bias = a.p(lk.A_SCALE), a.p(lk.A_BIAS)
     accs = [[g.var(vt, name=f"acc{u}_{t}") for t in range(TT)] for u in range(RU)]
     zero = ir.Constant(vt, [0.0] * W)
+    n_rows = a.n(lk.A_ROWS)
+
     def store_rows(rows, tt):  # y[tt * TT + t][r] = scale[r] * sum(acc[u][t]) + bias[r] for the inputs t there are
         yt = b.gep(y0, [b.mul(b.mul(tt, g.i64(TT)), out)], source_etype=lc.F32)
         left = b.sub(n_rows, b.mul(tt, g.i64(TT)))  # inputs in this tile: TT but in the last
@@ -125,8 +127,6 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
                     else:
                         with b.if_then(b.icmp_signed("<", g.i64(t), left)):
                             g.store(lc.F32, y_, yt, b.add(b.mul(g.i64(t), out), r))
-
-    n_rows = a.n(lk.A_ROWS)
 
     def x_rows(tt):  # the TT input rows of tile tt; past the last input, the last one again (its sums not stored)
         return [b.gep(x0, [b.mul(g.min(b.add(b.mul(tt, g.i64(TT)), g.i64(t)), b.sub(n_rows, g.i64(1))), xs)],
