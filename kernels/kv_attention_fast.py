@@ -498,23 +498,30 @@ def _emit_item(k: _K, tid, item):
             sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
             kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
             b.store(kr, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
+        ninf = _const_vec([-math.inf] * V)
         with g.loop(0, T, name="t") as t:
             vis = k.mask_block(t, pb, last)
-            with g.loop(0, rep, name="r") as r:
-                qi = b.add(b.mul(r, T), t)
-                qrow = b.gep(q0, [b.mul(qi, i64(D))], source_etype=lc.F32)
-                qv = [b.load(b.gep(qrow, [i64(c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
-                      for c in range(D // V)]
-                parts = []
-                for jj in range(V):
-                    kj = [b.load(b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
-                          for c in range(D // V)]
-                    sacc = b.fmul(qv[0], kj[0])
-                    for c in range(1, D // V):
-                        sacc = g.fma(qv[c], kj[c], sacc)
-                    parts.append(sacc)
-                sc = b.select(vis, b.fmul(k.sums(parts), inv), _const_vec([-math.inf] * V))
-                b.store(sc, b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), align=4)
+            row = lambda r: b.gep(scores, [b.add(b.mul(b.add(b.mul(r, T), t), npad), b.sub(pb, p0))],  # noqa: E731
+                                  source_etype=lc.F32)
+            seen = b.icmp_unsigned("!=", b.bitcast(vis, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))
+            with b.if_else(seen) as (some, none):
+                with some:
+                    with g.loop(0, rep, name="r") as r:
+                        qrow = b.gep(q0, [b.mul(b.add(b.mul(r, T), t), i64(D))], source_etype=lc.F32)
+                        qv = [b.load(b.gep(qrow, [i64(c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
+                              for c in range(D // V)]
+                        parts = []
+                        for jj in range(V):
+                            kj = [b.load(b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32), typ=_vt(V),
+                                         align=4) for c in range(D // V)]
+                            sacc = b.fmul(qv[0], kj[0])
+                            for c in range(1, D // V):
+                                sacc = g.fma(qv[c], kj[c], sacc)
+                            parts.append(sacc)
+                        b.store(b.select(vis, b.fmul(k.sums(parts), inv), ninf), row(r), align=4)
+                with none:  # a block this query does not see at all (causal prefill: half of them): no dot products
+                    with g.loop(0, rep, name="rm") as r:
+                        b.store(ninf, row(r), align=4)
     _emit_softmax(k, scores, nq, n, npad, acc)
     # 3. values, V slots per block: the block's dequantized values into buf (zero past p1), then each query's
     #    output (in registers across the block) += its V softmax weights times them
@@ -542,14 +549,16 @@ def _emit_item(k: _K, tid, item):
         with g.loop(0, nq, name="qa") as qi:
             w = b.load(b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), typ=_vt(V),
                        align=4)
-            arow = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
-            aps = [b.gep(arow, [i64(c * V)], source_etype=lc.F32) for c in range(D // V)]
-            av = [b.load(ap, typ=_vt(V), align=4) for ap in aps]
-            for jj in range(V):
-                wj = g.splat(b.extract_element(w, ir.Constant(lc.I32, jj)), V)
-                av = [g.fma(wj, b.load(vals[jj][c], typ=_vt(V), align=4), av[c]) for c in range(D // V)]
-            for ap, a_ in zip(aps, av):
-                b.store(a_, ap, align=4)
+            nz = b.fcmp_unordered("!=", w, _const_vec([0.0] * V))
+            with b.if_then(b.icmp_unsigned("!=", b.bitcast(nz, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))):
+                arow = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)  # (all weights 0: masked, nothing to add)
+                aps = [b.gep(arow, [i64(c * V)], source_etype=lc.F32) for c in range(D // V)]
+                av = [b.load(ap, typ=_vt(V), align=4) for ap in aps]
+                for jj in range(V):
+                    wj = g.splat(b.extract_element(w, ir.Constant(lc.I32, jj)), V)
+                    av = [g.fma(wj, b.load(vals[jj][c], typ=_vt(V), align=4), av[c]) for c in range(D // V)]
+                for ap, a_ in zip(aps, av):
+                    b.store(a_, ap, align=4)
     # output = acc / sum (the sums and maxima sit in tot[nq], mxs[nq] after acc)
     out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     tot = b.gep(acc, [b.mul(nq, i64(D))], source_etype=lc.F32)

@@ -56,6 +56,8 @@ CASES = {
     # dense-and-sparse: sinks + outliers replace dequantized elements (the kv4 / kv2 presets store them)
     "k5v3_sparse": dict(bits=5, vbits=3, n_sparse=40),
     "kv2_sparse_batch2_prefill": dict(bits=2, B=2, T=3, n_sparse=100, nbk=1),
+    # a long causal prefill: early queries see none of the later blocks (skipped: no dot products, no values)
+    "causal_prefill_40": dict(T=40, n_q=16, n_fp=40, bits=5, vbits=3, n_sparse=30),
     # small heads: a code row under 8 bytes (no 8-code windows), blocks of 4 and 2 slots (D 12, 6)
     "d16_kv2_row_4_bytes": dict(D=16, vg=8, H=2, Hq=4, bits=2, n_q=37, n_fp=6, kg=5),
     "d12_kv4_blocks_of_4": dict(D=12, vg=4, H=1, Hq=3, bits=4, n_q=21, n_fp=2, kg=4),
