@@ -339,15 +339,18 @@ class QuantKVCache(nn.Module):
         return pending
 
     def _store(self, pending: torch.Tensor) -> None:
-        """Second half of `write`: quantize whole blocks until the rest fits the fp region, keep the rest."""
-        while pending.shape[3] > self.capacity:
-            pending = self._flush_front(pending)
+        """Second half of `write`: quantize whole blocks until the rest fits the fp region (a long prefill: all of
+        them in one `_flush`, as block-by-block would), keep the rest."""
+        over = pending.shape[3] - self.capacity
+        if over > 0:
+            pending = self._flush_front(pending, -(-over // self.kg))
         self.kv_fp[:, :, :, : pending.shape[3]] = pending
         self.n_fp = pending.shape[3]
 
-    def _flush_front(self, pending: torch.Tensor) -> torch.Tensor:
-        self._flush(pending[:, :, :, : self.kg].float())
-        return pending[:, :, :, self.kg:]
+    def _flush_front(self, pending: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+        n = blocks * self.kg
+        self._flush(pending[:, :, :, :n].float())
+        return pending[:, :, :, n:]
 
     def depth_limit(self, length: int) -> int:
         """Deepest draft depth whose query would see the same quantized/fp split as plain decoding
@@ -358,17 +361,28 @@ class QuantKVCache(nn.Module):
         return nq + self.cfg.fp_window + self.kg - 1 - length
 
     def _flush(self, blk: torch.Tensor) -> None:
-        """Quantize one block [2, B, H, kg, D] into slots [n_q, n_q + kg)."""
-        s0, s1 = self.n_q, self.n_q + self.kg
+        """Quantize whole blocks [2, B, H, n * kg, D] into slots [n_q, n_q + n * kg) (what n one-block flushes would
+        store: per-block key statistics, per-token value statistics, outliers in slot order)."""
+        s0, s1 = self.n_q, self.n_q + blk.shape[3]
+        nb = blk.shape[3] // self.kg
+        sk = self.cfg.sink_tokens - s0  # sinks (kept exact) stay out of their block's key statistics
+        if nb > 1 and self.cfg.key_scaling != "calibrated" and sk > 0:  # the sinks' block on its own
+            self._flush(blk[:, :, :, : self.kg])
+            self._flush(blk[:, :, :, self.kg:])
+            return
         k, v = blk[0], blk[1]
         frac = self.cfg.outlier_frac
         if self.cfg.key_scaling == "calibrated":
             ks, kz = self.k_meta[:, :, 0, 0].float()[:, :, None], self.k_meta[:, :, 0, 1].float()[:, :, None]
-        else:
-            sk = self.cfg.sink_tokens - s0  # sinks (kept exact) stay out of the block statistics
+        elif nb == 1:
             ks, kz = _range(k[:, :, sk:] if 0 < sk < k.shape[2] else k, 2, frac)  # per channel: [B, H, D]
             self.k_meta[:, :, s0 // self.kg, 0], self.k_meta[:, :, s0 // self.kg, 1] = ks, kz
             ks, kz = ks[:, :, None], kz[:, :, None]
+        else:  # per block and channel: [B, H, nb, D], then per token
+            ks, kz = _range(k.unflatten(2, (nb, self.kg)), 3, frac)
+            j0 = s0 // self.kg
+            self.k_meta[:, :, j0:j0 + nb, 0], self.k_meta[:, :, j0:j0 + nb, 1] = ks, kz
+            ks, kz = ks.repeat_interleave(self.kg, 2), kz.repeat_interleave(self.kg, 2)
         b, h, t, d = v.shape
         vgs = v.view(b, h, t, -1, self.vg)
         vs, vz = _range(vgs, -1, frac)  # [B, H, t, G]
@@ -396,11 +410,13 @@ class QuantKVCache(nn.Module):
         self.n_q = s1
 
     def _low_rank(self, which: int, err: torch.Tensor, s0: int) -> None:
-        r = self.cfg.gear_rank
-        u, s, vh = torch.linalg.svd(err, full_matrices=False)  # [B, H, t, m], [B, H, m], [B, H, m, D]
+        """GEAR: per block of kg slots, the rank-r SVD of its error [B, H, n * kg, D]."""
+        r, t = self.cfg.gear_rank, err.shape[2]
+        nb = t // self.kg
+        u, s, vh = torch.linalg.svd(err.unflatten(2, (nb, self.kg)), full_matrices=False)  # [B, H, nb, kg, m] ...
         r = min(r, s.shape[-1])
-        self.lr_u[which, :, :, s0: s0 + err.shape[2], :r] = (u[..., :r] * s[..., None, :r]).half()
-        self.lr_v[which, :, :, s0 // self.kg, :r] = vh[..., :r, :].half()
+        self.lr_u[which, :, :, s0: s0 + t, :r] = (u[..., :r] * s[..., None, :r]).flatten(2, 3).half()
+        self.lr_v[which, :, :, s0 // self.kg: s0 // self.kg + nb, :r] = vh[..., :r, :].half()
 
     def _outliers(self, items, s0: int) -> None:
         """Dense-and-sparse: entries outside the quantization range are stored exactly (while room lasts)."""

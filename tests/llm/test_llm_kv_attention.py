@@ -225,3 +225,28 @@ def test_sparse_rows_checked_again_after_every_write():
         assert kf._sparse_sorted(inf)
         inf[0, 0, 0, 0] = 10
         assert not kf._sparse_sorted(inf)
+
+
+@pytest.mark.parametrize("cfg", [
+    KVCacheConfig(bits=4, key_group=16, value_group=16, fp_window=8),
+    KVCacheConfig(bits=4, key_bits=5, value_bits=3, key_group=8, fp_window=4, sink_tokens=10, outlier_frac=0.01),
+    KVCacheConfig(bits=2, key_group=8, value_group=16, fp_window=4, outlier_frac=0.02, gear_rank=2),
+    KVCacheConfig(bits=3, key_group=16, value_group=8, fp_window=0, value_rotation=True, sink_tokens=1)])
+def test_long_prefill_flushes_its_blocks_at_once_as_one_by_one(qkv, cfg):
+    """A write longer than the fp region quantizes all its overflowing blocks in one `_flush` (per-block key
+    statistics, outliers in slot order, sinks' block alone, GEAR per block): the cache holds exactly what
+    flushing them one block at a time stores."""
+    _, k, v, _, _, _ = qkv
+    b, h, s, d = k.shape
+    batched, single = QuantKVCache(cfg, b, h, s, d), QuantKVCache(cfg, b, h, s, d)
+    batched.write(k, v, 0)
+    pending = single._stage(k, v, 0)
+    while pending.shape[3] > single.capacity:
+        pending = single._flush_front(pending)
+    single.kv_fp[:, :, :, : pending.shape[3]] = pending
+    single.n_fp = pending.shape[3]
+    assert batched.n_q == single.n_q > 4 * cfg.key_group and batched.n_fp == single.n_fp
+    for name in ("k_codes", "k_meta", "v_codes", "v_meta", "out_idx", "out_val", "lr_u", "lr_v", "kv_fp"):
+        x, y = getattr(batched, name), getattr(single, name)
+        assert torch.equal(x, y) or (name in ("lr_u", "lr_v")  # (batched SVDs: the same to fp16 rounding)
+                                     and torch.allclose(x.float(), y.float(), atol=2e-3)), name
