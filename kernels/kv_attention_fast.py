@@ -20,6 +20,10 @@ lanes: 8 on AVX2, 16 on AVX-512, 4 on NEON; fewer for small heads):
 3. values: the block's V slots are dequantized (the same decoding, per-token group statistics) into the buffer;
    then per query its output, held in registers across the block, accumulates the V values times their weights.
 
+The three passes run per QT query positions (a long prefill: its rows of scores stay in L2; the blocks are decoded
+again for each). A block a query sees none of (causal prefill: about half) costs no dot products, and one whose
+weights are all 0 no value FMAs.
+
 Dense-and-sparse entries (outliers, attention sinks) replace dequantized elements as each slot is decoded: the
 entries of one (k|v, batch, head) are sorted by flat index (as `QuantKVCache` writes them), so one cursor per
 work item walks them alongside the slots; a slot with none (nearly all) costs one compare, its vector staying in
@@ -48,6 +52,7 @@ ir = lc.ir
  A_NBK, A_KG, A_NQ, A_NFP, A_MSTRIDE, A_NPAD, A_B, A_OIDX, A_OVAL, A_NOUT, A_NCH, A_PART) = range(30)
 N_ARGS = 30
 W = 16  # softmax vector width
+QT = 16  # query positions per pass over the context (a long prefill: 3 x 16 rows of 2K scores stay in L2)
 F16 = ir.HalfType()
 
 
@@ -436,13 +441,13 @@ def _emit_item(k: _K, tid, item):
     p0 = g.min(b.mul(chunk_i, clen), n_all)
     p1 = g.min(b.add(p0, clen), n_all)
     n = b.sub(p1, p0)  # slots of this chunk; scores[qi][p - p0]
-    rep = b.sdiv(Hq, H)
-    nq = b.mul(rep, T)  # queries reading this KV head: qi = r * T + t
+    rep = b.sdiv(Hq, H)  # queries reading this KV head: qi = r * T + t, taken QT positions t at a time
+    nr = b.mul(rep, g.min(T, i64(QT)))  # rows of the scratch: r * tn + (t - t0) for the positions [t0, t0 + tn)
     bb, h = b.sdiv(item, H), b.srem(item, H)
     scr = b.gep(k.p(A_SCR), [b.mul(tid, k.n(A_SSTRIDE))], source_etype=lc.I8)
-    scores = scr  # [nq][npad]
-    acc = b.gep(scores, [b.mul(nq, npad)], source_etype=lc.F32)  # [nq][D], then tot[nq], mxs[nq]
-    buf = b.gep(acc, [b.mul(nq, i64(D + 2))], source_etype=lc.F32)  # [V][D]: a block's rotated keys / values
+    scores = scr  # [nr][npad]
+    acc = b.gep(scores, [b.mul(nr, npad)], source_etype=lc.F32)  # [nr][D], then tot[nr], mxs[nr]
+    buf = b.gep(acc, [b.mul(nr, i64(D + 2))], source_etype=lc.F32)  # [V][D]: a block's rotated keys / values
     kmeta = b.gep(buf, [i64(V * D)], source_etype=lc.F32)  # [2][D]: the current key block's scale, zero (f32)
     q0 = b.gep(k.p(A_Q), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
     vd = _vt(D)
@@ -467,6 +472,7 @@ def _emit_item(k: _K, tid, item):
     cur_k, cur_v = g.var(lc.I64, g.i64(0), name="cur_k"), g.var(lc.I64, g.i64(0), name="cur_v")
     for cur, oidx in ((cur_k, oidx_k), (cur_v, oidx_v)):  # skip the entries of slots before the chunk
         k.skip_sparse(oidx, cur, b.mul(p0, i64(D)))
+    cur_k0, cur_v0 = b.load(cur_k, typ=lc.I64), b.load(cur_v, typ=lc.I64)
     last = b.sub(p1, i64(1))
     # the key block whose statistics sit in kmeta ends before slot kb_next (-1: none loaded yet)
     kb_next = g.var(lc.I64, i64(-1), name="kb_next")
@@ -488,106 +494,115 @@ def _emit_item(k: _K, tid, item):
         zero = b.load(b.gep(kmeta, [i64(D)], source_etype=lc.F32), typ=vd, align=4)
         return k.patched(g.fma(lv, scale, zero), kvar, oidx_k, oval_k, cur_k, p)
 
-    # 1. scores, V slots per block: the block's rotated keys into buf, then per query V dot products reduced
-    #    together (`k.sums`) into one <V x float> of scores. Slots past p1 repeat slot p1 - 1 (softmax ignores them).
-    with g.loop(p0, p1, step=V, name="pb") as pb:
-        with g.loop(0, V, name="j") as j:
-            p = g.min(b.add(pb, j), last)
-            kh = k.by_region(p, n_q, lambda: key_q(p), fp_k)
-            cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
-            sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
-            kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
-            b.store(kr, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
-        ninf = _const_vec([-math.inf] * V)
-        with g.loop(0, T, name="t") as t:
-            vis = k.mask_block(t, pb, last)
-            row = lambda r: b.gep(scores, [b.add(b.mul(b.add(b.mul(r, T), t), npad), b.sub(pb, p0))],  # noqa: E731
-                                  source_etype=lc.F32)
-            seen = b.icmp_unsigned("!=", b.bitcast(vis, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))
-            with b.if_else(seen) as (some, none):
-                with some:
-                    with g.loop(0, rep, name="r") as r:
-                        qrow = b.gep(q0, [b.mul(b.add(b.mul(r, T), t), i64(D))], source_etype=lc.F32)
-                        qv = [b.load(b.gep(qrow, [i64(c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
-                              for c in range(D // V)]
-                        parts = []
-                        for jj in range(V):
-                            kj = [b.load(b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32), typ=_vt(V),
-                                         align=4) for c in range(D // V)]
-                            sacc = b.fmul(qv[0], kj[0])
-                            for c in range(1, D // V):
-                                sacc = g.fma(qv[c], kj[c], sacc)
-                            parts.append(sacc)
-                        b.store(b.select(vis, b.fmul(k.sums(parts), inv), ninf), row(r), align=4)
-                with none:  # a block this query does not see at all (causal prefill: half of them): no dot products
-                    with g.loop(0, rep, name="rm") as r:
-                        b.store(ninf, row(r), align=4)
-    _emit_softmax(k, scores, nq, n, npad, acc)
-    # 3. values, V slots per block: the block's dequantized values into buf (zero past p1), then each query's
-    #    output (in registers across the block) += its V softmax weights times them
-    NG = D // s.value_group
-    gmap = [d // s.value_group for d in range(D)]
-    vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
-    lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
+    with g.loop(0, T, step=QT, name="tq") as t0:  # per QT query positions: their scores fit L2 (a long prefill)
+        tn = g.min(i64(QT), b.sub(T, t0))
+        nrow = b.mul(rep, tn)
+        b.store(cur_k0, cur_k)  # the slots restart: so do the sparse entries' cursors and the key block
+        b.store(cur_v0, cur_v)
+        b.store(i64(-1), kb_next)
+        # 1. scores, V slots per block: the block's rotated keys into buf, then per query V dot products reduced
+        #    together (`k.sums`) into one <V x float> of scores. Slots past p1 repeat slot p1 - 1 (softmax ignores
+        #    them).
+        with g.loop(p0, p1, step=V, name="pb") as pb:
+            with g.loop(0, V, name="j") as j:
+                p = g.min(b.add(pb, j), last)
+                kh = k.by_region(p, n_q, lambda: key_q(p), fp_k)
+                cosv = b.load(b.gep(k.p(A_COS), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+                sinv = b.load(b.gep(k.p(A_SIN), [b.mul(p, i64(D))], source_etype=lc.F32), typ=vd, align=4)
+                kr = g.fma(b.fmul(k.shuffle(kh, kh, rot), signs), sinv, b.fmul(kh, cosv))
+                b.store(kr, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
+            ninf = _const_vec([-math.inf] * V)
+            with g.loop(0, tn, name="t") as tl:
+                t = b.add(t0, tl)
+                vis = k.mask_block(t, pb, last)
+                row = lambda r: b.gep(scores, [b.add(b.mul(b.add(b.mul(r, tn), tl), npad),  # noqa: E731
+                                                     b.sub(pb, p0))], source_etype=lc.F32)
+                seen = b.icmp_unsigned("!=", b.bitcast(vis, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))
+                with b.if_else(seen) as (some, none):
+                    with some:
+                        with g.loop(0, rep, name="r") as r:
+                            qrow = b.gep(q0, [b.mul(b.add(b.mul(r, T), t), i64(D))], source_etype=lc.F32)
+                            qv = [b.load(b.gep(qrow, [i64(c * V)], source_etype=lc.F32), typ=_vt(V), align=4)
+                                  for c in range(D // V)]
+                            parts = []
+                            for jj in range(V):
+                                kj = [b.load(b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32), typ=_vt(V),
+                                             align=4) for c in range(D // V)]
+                                sacc = b.fmul(qv[0], kj[0])
+                                for c in range(1, D // V):
+                                    sacc = g.fma(qv[c], kj[c], sacc)
+                                parts.append(sacc)
+                            b.store(b.select(vis, b.fmul(k.sums(parts), inv), ninf), row(r), align=4)
+                    with none:  # a block this query does not see at all (causal prefill: half of them): no dot products
+                        with g.loop(0, rep, name="rm") as r:
+                            b.store(ninf, row(r), align=4)
+        _emit_softmax(k, scores, nrow, nr, n, npad, acc)
+        # 3. values, V slots per block: the block's dequantized values into buf (zero past p1), then each query's
+        #    output (in registers across the block) += its V softmax weights times them
+        NG = D // s.value_group
+        gmap = [d // s.value_group for d in range(D)]
+        vm0 = b.gep(k.p(A_VM), [b.mul(b.mul(item, S), i64(2 * NG))], source_etype=F16)
+        lev1 = b.gep(lev, [i64(s.LS)], source_etype=lc.F32)
 
-    def value_q(p):
-        """Quantized slot p's value, <D x float>."""
-        meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
-        sc_ = k.half_vec(meta, NG)
-        zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
-        lv = k.levels(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), lev1, s.vbits)
-        return k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v, oval_v,
-                         cur_v, p)
+        def value_q(p):
+            """Quantized slot p's value, <D x float>."""
+            meta = b.gep(vm0, [b.mul(p, i64(2 * NG))], source_etype=F16)
+            sc_ = k.half_vec(meta, NG)
+            zr_ = k.half_vec(b.gep(meta, [i64(NG)], source_etype=F16), NG)
+            lv = k.levels(b.gep(vc, [b.mul(p, i64(PV))], source_etype=lc.I8), lev1, s.vbits)
+            return k.patched(g.fma(lv, k.shuffle(sc_, sc_, gmap), k.shuffle(zr_, zr_, gmap)), kvar, oidx_v, oval_v,
+                             cur_v, p)
 
-    with g.loop(p0, p1, step=V, name="vb") as pb:
-        with g.loop(0, V, name="vj") as j:
-            p = g.min(b.add(pb, j), last)
-            vv = k.by_region(p, n_q, lambda: value_q(p), fp_v)
-            vv = b.select(b.icmp_signed("<", b.add(pb, j), p1), vv, _const_vec([0.0] * D))
-            b.store(vv, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
-        vals = [[b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32) for c in range(D // V)] for jj in range(V)]
-        with g.loop(0, nq, name="qa") as qi:
-            w = b.load(b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), typ=_vt(V),
-                       align=4)
-            nz = b.fcmp_unordered("!=", w, _const_vec([0.0] * V))
-            with b.if_then(b.icmp_unsigned("!=", b.bitcast(nz, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))):
-                arow = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)  # (all weights 0: masked, nothing to add)
-                aps = [b.gep(arow, [i64(c * V)], source_etype=lc.F32) for c in range(D // V)]
-                av = [b.load(ap, typ=_vt(V), align=4) for ap in aps]
-                for jj in range(V):
-                    wj = g.splat(b.extract_element(w, ir.Constant(lc.I32, jj)), V)
-                    av = [g.fma(wj, b.load(vals[jj][c], typ=_vt(V), align=4), av[c]) for c in range(D // V)]
-                for ap, a_ in zip(aps, av):
-                    b.store(a_, ap, align=4)
-    # output = acc / sum (the sums and maxima sit in tot[nq], mxs[nq] after acc)
-    out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
-    tot = b.gep(acc, [b.mul(nq, i64(D))], source_etype=lc.F32)
-    mxs = b.gep(tot, [nq], source_etype=lc.F32)
-    with b.if_else(b.icmp_signed("==", nch, i64(1))) as (one, many):
-        with one:
-            with g.loop(0, nq, name="qo") as qi:
-                r = b.fdiv(ir.Constant(lc.F32, 1.0), g.load(lc.F32, tot, qi))
-                ap = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
-                b.store(b.fmul(b.load(ap, typ=vd, align=4), g.splat(r, D)),
-                        b.gep(out0, [b.mul(qi, i64(D))], source_etype=lc.F32), align=4)
-        with many:  # partial record per query: acc[D] (unnormalised), max, sum
-            rec = b.gep(k.p(A_PART), [b.mul(b.mul(b.add(b.mul(item, nch), chunk_i), nq), i64(D + 2))],
-                        source_etype=lc.F32)
-            with g.loop(0, nq, name="qp") as qi:
-                rp = b.gep(rec, [b.mul(qi, i64(D + 2))], source_etype=lc.F32)
-                b.store(b.load(b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32), typ=vd, align=4), rp,
-                        align=4)
-                g.store(lc.F32, g.load(lc.F32, mxs, qi), rp, i64(D))
-                g.store(lc.F32, g.load(lc.F32, tot, qi), rp, i64(D + 1))
+        with g.loop(p0, p1, step=V, name="vb") as pb:
+            with g.loop(0, V, name="vj") as j:
+                p = g.min(b.add(pb, j), last)
+                vv = k.by_region(p, n_q, lambda: value_q(p), fp_v)
+                vv = b.select(b.icmp_signed("<", b.add(pb, j), p1), vv, _const_vec([0.0] * D))
+                b.store(vv, b.gep(buf, [b.mul(j, i64(D))], source_etype=lc.F32), align=4)
+            vals = [[b.gep(buf, [i64(jj * D + c * V)], source_etype=lc.F32) for c in range(D // V)] for jj in range(V)]
+            with g.loop(0, nrow, name="qa") as qi:
+                w = b.load(b.gep(scores, [b.add(b.mul(qi, npad), b.sub(pb, p0))], source_etype=lc.F32), typ=_vt(V),
+                           align=4)
+                nz = b.fcmp_unordered("!=", w, _const_vec([0.0] * V))
+                # (all weights 0 -- masked -- nothing to add)
+                with b.if_then(b.icmp_unsigned("!=", b.bitcast(nz, ir.IntType(V)), ir.Constant(ir.IntType(V), 0))):
+                    arow = b.gep(acc, [b.mul(qi, i64(D))], source_etype=lc.F32)
+                    aps = [b.gep(arow, [i64(c * V)], source_etype=lc.F32) for c in range(D // V)]
+                    av = [b.load(ap, typ=_vt(V), align=4) for ap in aps]
+                    for jj in range(V):
+                        wj = g.splat(b.extract_element(w, ir.Constant(lc.I32, jj)), V)
+                        av = [g.fma(wj, b.load(vals[jj][c], typ=_vt(V), align=4), av[c]) for c in range(D // V)]
+                    for ap, a_ in zip(aps, av):
+                        b.store(a_, ap, align=4)
+        # output = acc / sum (the sums and maxima sit in tot[nr], mxs[nr] after acc); row r * tn + tl is query
+        # r * T + t0 + tl
+        out0 = b.gep(k.p(A_OUT), [b.mul(b.mul(b.add(b.mul(bb, Hq), b.mul(h, rep)), T), i64(D))], source_etype=lc.F32)
+        tot = b.gep(acc, [b.mul(nr, i64(D))], source_etype=lc.F32)
+        mxs = b.gep(tot, [nr], source_etype=lc.F32)
+        rec = b.gep(k.p(A_PART), [b.mul(b.mul(b.add(b.mul(item, nch), chunk_i), b.mul(rep, T)), i64(D + 2))],
+                    source_etype=lc.F32)  # (nch > 1) partial record per query: acc[D] (unnormalised), max, sum
+        with g.loop(0, rep, name="qr") as r, g.loop(0, tn, name="qt") as tl:
+            lr, qi = b.add(b.mul(r, tn), tl), b.add(b.mul(r, T), b.add(t0, tl))
+            ap = b.gep(acc, [b.mul(lr, i64(D))], source_etype=lc.F32)
+            with b.if_else(b.icmp_signed("==", nch, i64(1))) as (one, many):
+                with one:
+                    inv_sum = b.fdiv(ir.Constant(lc.F32, 1.0), g.load(lc.F32, tot, lr))
+                    b.store(b.fmul(b.load(ap, typ=vd, align=4), g.splat(inv_sum, D)),
+                            b.gep(out0, [b.mul(qi, i64(D))], source_etype=lc.F32), align=4)
+                with many:
+                    rp = b.gep(rec, [b.mul(qi, i64(D + 2))], source_etype=lc.F32)
+                    b.store(b.load(ap, typ=vd, align=4), rp, align=4)
+                    g.store(lc.F32, g.load(lc.F32, mxs, lr), rp, i64(D))
+                    g.store(lc.F32, g.load(lc.F32, tot, lr), rp, i64(D + 1))
 
 
-def _emit_softmax(k: _K, scores, nq, n, npad, acc):
-    """scores[qi][p] <- exp(scores - max) (p < n; 0 in the padding); tot[qi] = sum, mxs[qi] = max (-inf when no
-    slot is visible); acc[qi][:] = 0."""
+def _emit_softmax(k: _K, scores, nq, nr, n, npad, acc):
+    """For the rows qi < nq (of nr): scores[qi][p] <- exp(scores - max) (p < n; 0 in the padding); tot[qi] = sum,
+    mxs[qi] = max (-inf when no slot is visible); acc[qi][:] = 0."""
     g, b, D = k.g, k.b, k.s.D
     vw = _vt(W)
-    tot = b.gep(acc, [b.mul(nq, g.i64(D))], source_etype=lc.F32)
-    mxs = b.gep(tot, [nq], source_etype=lc.F32)
+    tot = b.gep(acc, [b.mul(nr, g.i64(D))], source_etype=lc.F32)
+    mxs = b.gep(tot, [nr], source_etype=lc.F32)
     mx, sm = g.var(vw, name="mx"), g.var(vw, name="sm")
     ninf = _const_vec([-math.inf] * W)
     lanes = _const_vec(list(range(W)), lc.I64)
@@ -710,6 +725,7 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
         out_idx, out_val = _NO_IDX, _NO_VAL
     out = torch.empty(B, Hq, T, D, dtype=torch.float32)
     nq = (Hq // H) * T
+    nr = (Hq // H) * min(T, QT)  # scratch rows (query positions are taken QT at a time)
     nt = max(1, torch.get_num_threads() if n_threads is None else n_threads)
     if n_threads is None and B * H * n * nq < 8000:  # starting threads costs more than they save
         nt = 1
@@ -717,7 +733,7 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     nt = min(nt, B * H * nch)
     clen = -(-n // nch)
     npad = max(W, -(-clen // W) * W)
-    stride = 4 * (nq * npad + nq * D + 2 * nq + spec.V * D + 2 * D) + 64
+    stride = 4 * (nr * npad + nr * D + 2 * nr + spec.V * D + 2 * D) + 64
     stride += -stride % 64
     scr = lc.scratch(stride * nt)
     part = torch.empty(B * H * nch * nq * (D + 2), dtype=torch.float32) if nch > 1 else _NO_PART
