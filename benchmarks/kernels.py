@@ -20,14 +20,13 @@ Cases (one JSON line each, then a table):
   graph, time per node), PyTorch fp32 `F.linear`; `reg` = the few-input kernel (`llvm_codebook_few`) on one input, the
   float32 alternative to the gathering gemv. Ratios are peer time / edgetk time; `bw_frac` = achieved GB/s of the
   stored weight bytes / measured read bandwidth.
-* `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), peers interleaved call
-  by call, through the
-  op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice` picks for the shape,
-  named in brackets) and each float32 path (`lut`: the LUT GEMM; `dense`: dequantize a float32 tile + oneDNN fp32
-  matmul; `panel`: each row tile decoded once into L1, tiles of 6 inputs, `llvm_codebook_few`), the opt-in int8
-  path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its SNR and the multiply-add it
-  ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path (EDGETK_PREFILL=bf16:
-  dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
+* `prefill`: 64 tokens, 4096x4096 and every smollm2 shape (`--quick`: 4096x4096 and 576x1536), peers interleaved
+  call by call: the op's default prefill path (`edgetk`: "auto", the float32 path `llvm_codebook.prefill_choice`
+  picks for the shape, named in brackets) and each float32 path (`lut`: the LUT GEMM; `dense`: dequantize a float32
+  tile + oneDNN fp32 matmul; `panel`: each row tile decoded once into L1, tiles of 6 inputs, `llvm_codebook_few`),
+  the opt-in int8 path (EDGETK_PREFILL=int8: int8 codewords x int8 activations, `llvm_gemm_i8`, with its SNR and the
+  multiply-add it ran: avx2 / avx512bw / vnni512 / dot), and where oneDNN has bf16 the opt-in bf16 path
+  (EDGETK_PREFILL=bf16: dequantize to bf16 + bf16 matmul, with its SNR) vs `F.linear` (one weight, compute bound).
 * `few`: 2, 5, 8, 12, 16 and 24 inputs (speculative-decoding verify trees, short chunks), smollm2's shapes
   (`--quick`: 576x576 and 576x1536), 1 and 2 threads, all peers interleaved call by call: the op's default (`edgetk`:
   "auto", its choice in brackets: the few-input kernel `llvm_codebook_few` up to its `max_rows` inputs), each path
@@ -300,9 +299,9 @@ def kv_case(threads: int, reps: int, ctx: int = 2048, kbits: int = 4, vbits: int
     """One decode step's attention, two ways, each group's peers interleaved: `hot`, one layer's cache called over
     and over (5 calls a turn after an untimed one: the fp32 cache, 9.4 MB expanded to the query heads, stays in the
     last-level cache as far as it fits: the hardest case for a kernel that trades reads for decoding work), and
-    `layers`, a step through `layers` distinct
-    layers' caches as a decoder runs them (smollm2 has 30; the fp32 caches, 283 MB expanded / 94 MB as 3 KV heads,
-    come from DRAM; the 4-bit ones, 13 MB, may stay cached -- the point of compressing them)."""
+    `layers`, a step through `layers` distinct layers' caches as a decoder runs them (smollm2 has 30; the fp32
+    caches, 283 MB expanded / 94 MB as 3 KV heads, come from DRAM; the 4-bit ones, 13 MB, may stay cached -- the
+    point of compressing them)."""
     torch.set_num_threads(threads)
     H, Hq, D, fp_cap = 3, 9, 64, 32
     g = torch.Generator().manual_seed(0)
