@@ -651,26 +651,29 @@ def supported(q, k_codes, v_meta, levels, out_idx, lr_u, mask, key_bits, value_b
             and mask.dtype == torch.bool and q.device.type == "cpu")
 
 
-_SORTED = "_edgetk_rows_sorted"  # attribute of a sparse-entry tensor: (its version counter when checked, verdict)
+def _until_written(t: torch.Tensor, attr: str, key, compute):
+    """compute(), remembered on tensor t (attribute `attr`, with `key`) until t is next written (its version counter
+    moves); an inference tensor (made under torch.inference_mode) keeps no version counter: computed every call."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return compute()
+    seen = getattr(t, attr, None)
+    if seen is not None and seen[0] == (version, key):
+        return seen[1]
+    value = compute()
+    setattr(t, attr, ((version, key), value))
+    return value
 
 
 def _sparse_sorted(out_idx) -> bool:
     """Every row of sparse entries: used entries (>= 0) first, strictly increasing; then unused (-1).
 
-    Remembered per tensor until it is next written (its version counter moves): the cache hands the kernel
-    the same buffer every layer and token and writes it once a block (~130 us a check at kv4's capacity)."""
+    Remembered per tensor until it is next written: the cache hands the kernel the same buffer every layer and
+    token and writes it once a block (~130 us a check at kv4's capacity)."""
     if not out_idx.numel():
         return True
-    try:
-        version = out_idx._version
-    except RuntimeError:  # an inference tensor (made under torch.inference_mode) keeps no version counter
-        return _rows_sorted(out_idx)
-    seen = getattr(out_idx, _SORTED, None)
-    if seen is not None and seen[0] == version:
-        return seen[1]
-    ok = _rows_sorted(out_idx)
-    setattr(out_idx, _SORTED, (version, ok))
-    return ok
+    return _until_written(out_idx, "_edgetk_rows_sorted", None, lambda: _rows_sorted(out_idx))
 
 
 def _rows_sorted(out_idx) -> bool:
@@ -751,25 +754,13 @@ def kv_attention_llvm(q, k_codes, k_meta, v_codes, v_meta, levels, kv_fp, out_id
     return out
 
 
-_PADDED = "_edgetk_padded_levels"  # attribute of a levels tensor: (its version when padded, row stride, the copy)
-
-
 def _padded_levels(levels: torch.Tensor, ls: int) -> torch.Tensor:
     """levels as contiguous float32 rows of `ls` entries (the kernel loads 8 or 16 at a time): the tensor itself
     when it already is, else a padded copy kept on the tensor until it is next written."""
     if levels.shape[-1] == ls and levels.dtype == torch.float32:
         return levels.contiguous()
-    try:
-        version = levels._version
-    except RuntimeError:  # an inference tensor keeps no version counter
-        version = None
-    seen = getattr(levels, _PADDED, None)
-    if version is not None and seen is not None and seen[0] == version and seen[1] == ls:
-        return seen[2]
-    padded = torch.nn.functional.pad(levels.float(), (0, ls - levels.shape[-1])).contiguous()
-    if version is not None:
-        setattr(levels, _PADDED, (version, ls, padded))
-    return padded
+    return _until_written(levels, "_edgetk_padded_levels", ls, lambda: torch.nn.functional.pad(
+        levels.float(), (0, ls - levels.shape[-1])).contiguous())
 
 
 _NO_IDX = torch.full((1,), -1, dtype=torch.int32)
