@@ -8,8 +8,9 @@ it stores K = 256 LUT entries per code column and input, more work than the 576 
 dequantizing path pays a full float32 weight per call. With a handful of inputs neither is worth it: this kernel
 decodes the codewords in registers instead and multiplies them with every input directly.
 
-Per RU output rows (`row_unroll`: 2, 4 for one input, 1 for tiles of more than 6 inputs, whose accumulators fill
-the 16 AVX2 registers; rows of a row tile, row tiles split over the threads) and tile of TT <= `TT_MAX` inputs
+Per RU output rows (`row_unroll`: on AVX2's 16 vector registers 2, 4 for one input, 1 for tiles of more than 6
+inputs, whose accumulators fill them; on AVX-512's and NEON's 32, 4 up to 6 inputs, else 2; rows of a row tile,
+row tiles split over the threads) and tile of TT <= `TT_MAX` inputs
 (compile-time, so the RU * TT accumulators stay in registers): for every P code vectors (P = codes per SIMD vector: the largest
 power of two with P * vec_len <= lanes dividing JB and n_vec, e.g. 2 for vec_len 4 on AVX2), the RU rows' codes
 of a column are one load (adjacent in the repacked layout) split with shifts, each row's P codewords (summed over
@@ -28,8 +29,9 @@ ahead on 2 threads but 0.65-1.4x on one (the LUT GEMM overtakes it on the larger
 Panel GEMM (`gemm(panel=True)`, prefill mode "panel"; what "auto" picks past `max_rows` inputs where its cost
 model finds it cheaper than the LUT GEMM and the dequantizing path -- layers with few rows): the same kernel, but
 each row tile's R rows are first decoded once into a float32 [R][in] tile in the thread's scratch (L1 / L2), and
-tiles of PANEL_TT = 6 inputs read it (2 rows x 6 inputs: 12 accumulators; each x load serves 2 rows, each weight
-load 6 inputs; PANEL_UNROLL column steps per iteration): the decoding is paid once per weight, not once per input
+tiles of PANEL_TT = 6 inputs read it (2 rows x 6 inputs on AVX2: 12 accumulators, each x load serving 2 rows and
+each weight load 6 inputs; 4 rows x 6 inputs, 24 accumulators, on the 32-register ISAs; PANEL_UNROLL column steps
+per iteration): the decoding is paid once per weight, not once per input
 tile. At 64 tokens on 2 AVX2 threads 1.2-1.5x the LUT GEMM / dequantizing path on smollm2's smaller layers,
 0.8-1.1x oneDNN's fp32 `F.linear` on the same shape.
 
@@ -52,7 +54,7 @@ from . import llvm_common as lc
 ir = lc.ir
 MAX_ROWS = 12  # inputs routed here by `llvm_codebook.prefill_choice` ("auto", `max_rows`)
 TT_MAX = 8  # inputs per tile (accumulator registers: TT_MAX + the codeword vector + temporaries <= 16 on AVX2)
-PANEL_TT = 6  # inputs per tile with a decoded panel (2 rows x 6 inputs: 12 accumulators + 2 weight vectors + x)
+PANEL_TT = 6  # inputs per tile with a decoded panel (2 or 4 rows x 6 inputs: 12 / 24 accumulators + weights + x)
 PANEL_UNROLL = 2  # column steps per loop iteration with a panel (measured ~1.1x over 1 on AVX2; 4 no better)
 PANEL_X_BYTES = 320 << 10  # inputs per block of the panel GEMM: their x stays in L2 while every row tile streams it
 
@@ -75,16 +77,21 @@ def _concat(b, vs):
     return vs[0]
 
 
-def row_unroll(spec: lk.KernelSpec, TT: int) -> int:
-    """Rows computed together (sharing the x loads; RU * TT accumulators): 4 for one input, 2 up to 6 inputs, else 1
-    (what the registers hold), at most what divides the row tile R."""
-    ru = 4 if TT == 1 else 2 if TT <= 6 else 1
+def row_unroll(spec: lk.KernelSpec, TT: int, regs: int = 16) -> int:
+    """Rows computed together (sharing the x loads; RU * TT accumulators), what `regs` vector registers hold: with
+    16 (AVX2) 4 for one input, 2 up to 6 inputs, else 1; with 32 (AVX-512, NEON) 4 up to 6 inputs, else 2 (measured
+    on an AVX-512 Zen 5, 2-12 inputs and the panel GEMM's 6: 1.05-1.55x the 16-register choice; 8 rows for 2-3 inputs
+    no better); at most what divides the row tile R."""
+    if regs >= 32:
+        ru = 4 if TT <= 6 else 2
+    else:
+        ru = 4 if TT == 1 else 2 if TT <= 6 else 1
     while spec.R % ru:
         ru //= 2
     return ru
 
 
-def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
+def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False, regs: int = 16):
     """work(args, tid, rb0, rb1): rows of row tiles [rb0, rb1) x all input tiles.
 
     args: A_X = x [A_ROWS][n_vec * v] (the quantized columns, permuted, padded); A_CBT = cbk [S][G][K][v];
@@ -98,7 +105,7 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
     args, tid, rb0, rb1 = fn.args
     a = lk._Args(g, args)
     v, K, R, JB, S = spec.vec_len, spec.K, spec.R, spec.JB, spec.stages
-    RU = row_unroll(spec, TT)
+    RU = row_unroll(spec, TT, regs)
     W = P * v
     cbits = 8 * spec.code_bytes
     wide = ir.IntType(cbits * RU)
@@ -237,16 +244,26 @@ def _optional(g: lc.Gen, ptr, idx, default: float):
     return b.load(slot)
 
 
-def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None, panel: bool = False):
-    mod = lc.new_module(f"codebook_few_{spec.vec_len}_{spec.K}_{P}_{TT}{'_panel' if panel else ''}", triple)
-    lc.add_parallel_for(mod, _gen_few(mod, spec, P, TT, panel))
+def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None, panel: bool = False,
+                 regs: int | None = None):
+    """`regs`: the target's vector registers (default: 32 for aarch64 and AVX-512 hosts, see `vector_regs`)."""
+    regs = vector_regs(triple) if regs is None else regs
+    mod = lc.new_module(f"codebook_few_{spec.vec_len}_{spec.K}_{P}_{TT}{'_panel' if panel else ''}_{regs}", triple)
+    lc.add_parallel_for(mod, _gen_few(mod, spec, P, TT, panel, regs))
     return mod
 
 
+def vector_regs(triple: str | None = None) -> int:
+    """Vector registers of `triple` (None: this host): 32 on aarch64 and x86 with AVX-512, else 16."""
+    if triple is not None:
+        return 32 if triple.startswith("aarch64") else 16
+    return 32 if lc.host_vector_bits() == 512 or lc.llvm.get_process_triple().startswith("aarch64") else 16
+
+
 @functools.cache
-def compiled(spec: lk.KernelSpec, P: int, TT: int, panel: bool = False):
+def compiled(spec: lk.KernelSpec, P: int, TT: int, panel: bool = False, regs: int | None = None):
     """JIT the kernel for (spec, P, TT, panel) on this host (once per process; a decoder needs a few)."""
-    return lk._PAR_T(lc.jit(build_module(spec, P, TT, panel=panel), ["few_work_par"])["few_work_par"])
+    return lk._PAR_T(lc.jit(build_module(spec, P, TT, panel=panel, regs=regs), ["few_work_par"])["few_work_par"])
 
 
 def max_rows(n_threads: int) -> int:
@@ -291,9 +308,11 @@ def panel_stride(p: lk.Packed) -> int:
     return n + (-n % 64)
 
 
-def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None, panel: bool = False) -> torch.Tensor:
+def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None, panel: bool = False,
+         regs: int | None = None) -> torch.Tensor:
     """Inputs x2 [B, in] (float32, contiguous) -> y [B, out]. panel: decode each row tile once into a float32 tile
-    that tiles of PANEL_TT inputs share (prefill mode "panel"), instead of decoding in registers per input tile."""
+    that tiles of PANEL_TT inputs share (prefill mode "panel"), instead of decoding in registers per input tile.
+    regs: the vector registers the kernel's row unroll assumes (default: this host's, `vector_regs`)."""
     B = x2.shape[0]
     if B == 0:
         return x2.new_zeros(0, p.out_f)
@@ -311,5 +330,5 @@ def gemm(p: lk.Packed, x2: torch.Tensor, n_threads: int | None = None, panel: bo
     if panel:
         stride = panel_stride(p)
         a[lk.A_SCR], a[lk.A_SSTRIDE] = lc.scratch(stride * nt).data_ptr(), stride
-    compiled(p.spec, P, TT, panel)(a, p.n_rb, nt)
+    compiled(p.spec, P, TT, panel, regs)(a, p.n_rb, nt)
     return lk.finish(p, y, xp) if p.n_out else y

@@ -29,6 +29,19 @@ def test_few_matches_reference(shape, rows, threads):
     check(few.gemm(p, x, threads), cg.codebook_gemm_reference(x, *w, inf, v, bits))
 
 
+@pytest.mark.parametrize("regs", [16, 32])
+@pytest.mark.parametrize("shape,rows,panel", [("groups", 5, False), ("residual", 8, False), ("odd", 13, True),
+                                              ("bits5", 7, True)])
+def test_row_unroll_of_either_register_file_matches_reference(shape, rows, panel, regs):
+    """The row unroll for AVX2's 16 vector registers and for AVX-512's / NEON's 32 (4 rows up to 6 inputs, else 2),
+    both built on this host whatever it has: the reference up to summation order."""
+    out, inf, v, K, bits, *_ = SHAPES[shape]
+    w = make_weight(*SHAPES[shape], seed=rows + 2)
+    x = torch.randn(rows, inf)
+    p = lk.pack_weight(*w, inf, v, bits)
+    check(few.gemm(p, x, 2, panel=panel, regs=regs), cg.codebook_gemm_reference(x, *w, inf, v, bits))
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("rows,threads", [(1, 1), (7, 3), (13, 2), (64, 1)])
 def test_panel_matches_reference(shape, rows, threads):
@@ -129,27 +142,31 @@ def test_large_layer_two_threads_matches_reference():
         check(few.gemm(p, x, 2), cg.codebook_gemm_reference(x, *w, 1536, 4, 8))
 
 
-def test_kernel_keeps_the_accumulators_in_registers():
+@pytest.mark.parametrize("regs", [16, 32])
+def test_kernel_keeps_the_accumulators_in_registers(regs):
     """The inner loop of the host object (x86 AVX2 / AVX-512): per code pair, TT (here 5) FMAs per row,
-    accumulating in registers -- no store inside the loop (no accumulator spills)."""
+    accumulating in registers -- no store inside the loop (no accumulator spills), with the rows `row_unroll` takes
+    for 16 vector registers (AVX2) and for 32 (AVX-512 and NEON: twice the rows, where the host has them)."""
     if not (lc.llvm.get_process_triple().startswith("x86_64") and lc.host_vector_bits() >= 256):
         pytest.skip("x86 AVX2 / AVX-512 host only (the aarch64 object is checked under qemu)")
+    if regs > few.vector_regs():
+        pytest.skip("an AVX-512 host only (32 vector registers)")
     spec = lk.make_spec(4, 256, 1, 576, False)
     lines = lc.emit_assembly(few.build_module(spec, few.codes_per_vector(spec, 144, lc.host_vector_bits() // 32),
-                                              5)).splitlines()
+                                              5, regs=regs)).splitlines()
     first = next(i for i, ln in enumerate(lines) if "vfmadd" in ln)
     start = max(i for i in range(first) if re.match(r"^\.LBB\d+_\d+:", lines[i]))
     end = next(i for i in range(first, len(lines)) if re.match(r"^\s+j\w+\s", lines[i]))
     body = lines[start:end]
     fmas = [ln for ln in body if "vfmadd231ps" in ln]
-    assert len(fmas) == 5 * few.row_unroll(spec, 5)  # each x load serves the row_unroll rows
+    assert len(fmas) == 5 * few.row_unroll(spec, 5, regs)  # each x load serves the row_unroll rows
     assert not [ln for ln in body if re.search(r"vmov\w*\s+%[xyz]mm\d+, .*\(", ln)]
 
 
 @pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
 @pytest.mark.parametrize("shape,rows,threads", [("groups", 13, 2), ("residual", 7, 1), ("odd", 20, 3), ("bits5", 6, 2)])
 def test_aarch64_panel_under_qemu(tmp_path, shape, rows, threads):
-    """The panel GEMM's aarch64 object (NEON: 2 rows x PANEL_TT inputs, each thread's row tile decoded into its
+    """The panel GEMM's aarch64 object (NEON: 4 rows x PANEL_TT inputs, each thread's row tile decoded into its
     scratch) under qemu-aarch64: the reference up to summation order."""
     out, inf, v, K, bits, *_ = SHAPES[shape]
     w = make_weight(*SHAPES[shape], seed=3)
