@@ -6,7 +6,7 @@ with one scale per block (|q| <= 127, so |error| <= scale/2 = max|LUT|/254 per e
 one column then sit in registers and a whole tile of R output rows is looked up with byte permutes:
 
 * x86 (R = 64, AVX-512 VBMI): `vpermi2b` takes 128 entries from two zmm tables; Kp = 256 is two of them and a
-  select on code bit 7, Kp = 128 one, Kp = 64 one `vpermb`;
+  select on code bit 7 (Kp = 192: one and a `vpermb` of the third table), Kp = 128 one, Kp = 64 one `vpermb`;
 * x86 without VBMI (R = 32, AVX2): `vpshufb` looks up 16 entries per 128-bit lane (each 16-entry table is
   broadcast to both lanes). Kp = 16 is one `vpshufb`; a larger Kp is Kp/16 of them, table t indexed by
   the low nibble `c & 15`, then a binary tree of `vpblendvb` keyed by code bits 4, 5, ... picks the code's table
@@ -113,7 +113,10 @@ def _lookup(g: lc.Gen, isa: str, tables: list, c):
         lo = b.call(p2, [tables[0], c, tables[1]])
         if len(tables) == 2:
             return lo
-        hi = b.call(p2, [tables[2], c, tables[3]])
+        if len(tables) == 3:  # Kp = 192: codes 128-191 index the third table by their low 6 bits (vpermb)
+            hi = b.call(_intrinsic(mod, "llvm.x86.avx512.permvar.qi.512", v, [v, v]), [tables[2], c])
+        else:
+            hi = b.call(p2, [tables[2], c, tables[3]])
         return b.select(b.icmp_signed("<", c, ir.Constant(v, [0] * 64)), hi, lo)
     if isa == "avx2":
         v = _vec(32, lc.I8)
