@@ -359,6 +359,27 @@ def test_ranges_run_on_the_openmp_team_even_a_smaller_one():
     assert "GOMP_parallel" in asm and "pthread_create" not in asm
 
 
+def test_avx512_gemv_picks_lut_entries_with_permutes():
+    """On AVX-512 (16 rows a tile, K <= 256) the float32 gemv picks each column's LUT entries with vpermi2ps and a
+    blend tree on the code bits instead of vpgatherdps (compiled for an AVX-512 CPU on any host; the tests above
+    run it against the reference where the host has AVX-512); with more codewords it keeps the gather."""
+    for K, tables in ((256, 8), (64, 2), (200, 7), (16, 1)):
+        spec = lk.make_spec(4, K, 1, 64, False, vector_bits=512)
+        asm = lc.emit_assembly(lk.build_module(spec, permute=True), cpu="icelake-server")
+        gemv = asm[asm.index("gemv_work:"):asm.index(".Lfunc_end", asm.index("gemv_work:"))]
+        assert "vgatherdps" not in gemv
+        if tables == 1:  # 16 entries: one vpermps (LLVM may spell it vpermd)
+            assert "vpermps" in gemv or "vpermd" in gemv
+        else:  # the blend tree: masked (merging) permutes or blends on the code bits
+            assert gemv.count("vpermi2ps") + gemv.count("vpermt2ps") >= tables and gemv.count("{%k") >= tables - 1
+    asm = lc.emit_assembly(lk.build_module(lk.make_spec(4, 256, 1, 64, False, vector_bits=512), permute=False),
+                           cpu="icelake-server")
+    assert "vgatherdps" in asm[asm.index("gemv_work:"):]
+    spec = lk.make_spec(2, 512, 1, 64, False, vector_bits=512)  # 9-bit codes: the gather
+    asm = lc.emit_assembly(lk.build_module(spec, permute=True), cpu="icelake-server")
+    assert "vgatherdps" in asm[asm.index("gemv_work:"):]
+
+
 BF16_SHAPES = ["square", "tall", "wide", "odd", "outliers_perm", "groups", "bits5", "large"]
 
 
