@@ -7,11 +7,11 @@ aarch64) and cached; the same generator emits aarch64 objects (kernels/aarch64_c
 * `gemv` (one input vector): per column block of JB code vectors, a lookup table
   LUT[s][jj][k] = <x_j, codebook[s, g, k]> (JB*K floats, sized to stay in L1), then per tile of R output rows a
   gather-and-sum: the R codes of column j are one `<R x i8|i16>` load, `llvm.masked.gather` fetches R LUT
-  entries (vpgatherdd on x86) and adds them to an `<R x float>` accumulator. On AVX-512 hosts with K <= 256 the R =
-  16 entries are picked with permutes instead (`_permute_lookup`: `vpermi2ps` per 32 entries of the column's LUT
-  row, then a blend tree on the codes' bits 5-7; PERMUTE_TILES row tiles per pass share the column's table loads):
-  the same float32 sums, 1.4-1.7x the gather's speed on a Zen 5. The epilogue adds the dense outlier columns,
-  multiplies by the per-row scale and adds the bias.
+  entries (vpgatherdd on x86) and adds them to an `<R x float>` accumulator. On AVX-512 hosts with K <= 256 the
+  R = 16 entries are picked with permutes instead (`_permute_lookup`: `vpermi2ps` per 32 entries of the column's
+  LUT row, then a blend tree on the codes' bits 5-7, which LLVM folds into masked permutes): the same float32
+  sums, 1.2-1.7x the gather's speed on a Zen 5. The epilogue adds the dense outlier columns, multiplies by the
+  per-row scale and adds the bias.
 * `gemm` (prefill, B > 1 inputs): the batch is cut into tiles of BT inputs; LUT[s][jj][k][0:BT] holds the
   dot products for all BT inputs, so the gather-and-sum becomes contiguous `<BT x float>` loads and adds
   (no gathers), 4 output rows at a time.
@@ -69,10 +69,12 @@ ir = lc.ir
 N_ARGS = 19
 LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
 GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
-# gemv on AVX-512 hosts, K <= 256: LUT entries picked with permutes (`_permute_lookup`) instead of a gather,
-# PERMUTE_TILES row tiles per pass sharing each column's table loads (measured on a Zen 5: ~1.4-1.7x the gather)
+# gemv on AVX-512 hosts, K <= 256: LUT entries picked with permutes (`_permute_lookup`) instead of a gather
+# (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2);
+# PERMUTE_TILES row tiles per pass share each column's table loads (2 and 4 measured no better than 1 but at
+# 4096^2 on one thread: their code streams are strided)
 GEMV_PERMUTE = True
-PERMUTE_TILES = 4
+PERMUTE_TILES = 1
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
 # smollm2 shape, 192x576 included, ran faster on two, q8 / q16 / float32 kernels alike, cycling 256 MB of weights)
 
@@ -306,11 +308,12 @@ def _gen_gemv(mod, spec: KernelSpec, permute: bool = False):
             _emit_lut(g, a, spec, lut, xq, grp, j0, jl, 1)
             if permute:  # PERMUTE_TILES row tiles per pass share each column's table loads
                 U = PERMUTE_TILES
-                mid = b.sub(hi, b.srem(b.sub(hi, lo), g.i64(U)))
+                mid = b.sub(hi, b.srem(b.sub(hi, lo), g.i64(U))) if U > 1 else hi
                 with g.loop(lo, mid, step=U, name="rb") as rb:
                     _emit_permute_tiles(g, a, spec, lut, y, j0, jl, rb, U)
-                with g.loop(mid, hi, name="rt") as rb:
-                    _emit_permute_tiles(g, a, spec, lut, y, j0, jl, rb, 1)
+                if U > 1:
+                    with g.loop(mid, hi, name="rt") as rb:
+                        _emit_permute_tiles(g, a, spec, lut, y, j0, jl, rb, 1)
             else:
                 with g.loop(lo, hi, name="rb") as rb:
                     yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
