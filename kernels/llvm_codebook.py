@@ -71,8 +71,8 @@ LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
 GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
 # gemv on AVX-512 hosts, K <= 256: LUT entries picked with permutes (`_permute_lookup`) instead of a gather
 # (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2);
-# PERMUTE_TILES row tiles per pass share each column's table loads (2 and 4 measured no better than 1 but at
-# 4096^2 on one thread: their code streams are strided)
+# PERMUTE_TILES row tiles per pass share each column's table loads (2 and 4 measured no faster than 1, but for
+# 4096^2 on one thread)
 GEMV_PERMUTE = True
 PERMUTE_TILES = 1
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
@@ -237,7 +237,8 @@ def _emit_prep_x(g: lc.Gen, a: _Args, spec: KernelSpec, xq, xo):
 def _permute_lookup(g: lc.Gen, row, c, K: int):
     """<16 x float> row[c[i]] for 16 codes c (<16 x i32>, all < K <= 256) from a column's K LUT entries in L1,
     with AVX-512 permutes instead of a gather: `vpermi2ps` picks from each 32 entries by the codes' low 5 bits,
-    then a blend tree on bits 5, 6, 7 (vptestmd + vblendmps) picks the code's table."""
+    then a blend tree on bits 5, 6, 7 picks the code's table (LLVM folds the blends into masked permutes). The
+    last table may read up to 31 floats past the row's K entries (never picked): `gemv_stride` pads for them."""
     b, mod = g.b, g.fn.module
     vt, it = ir.VectorType(lc.F32, 16), ir.VectorType(lc.I32, 16)
     ld = lambda off: b.load(b.gep(row, [g.i64(off)], source_etype=lc.F32), typ=vt, align=4)  # noqa: E731
@@ -254,8 +255,6 @@ def _permute_lookup(g: lc.Gen, row, c, K: int):
         res = [b.select(on, res[i + 1], res[i]) if i + 1 < len(res) else res[i] for i in range(0, len(res), 2)]
         bit += 1
     return res[0]
-
-
 
 
 def _emit_permute_tiles(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb, U: int):
@@ -727,7 +726,8 @@ def _threads(p: Packed, n_threads: int | None, rows: int = 1) -> int:
 
 
 def gemv_stride(p: Packed, n_threads: int = 1) -> int:
-    """Scratch bytes per thread of the gemv kernel (any thread count): LUT block, permuted x, outlier x."""
+    """Scratch bytes per thread of the gemv kernel (any thread count): LUT block, permuted x, outlier x (+ 128
+    bytes: the permute lookup's last table may read past the LUT block)."""
     n = 4 * (p.spec.stages * p.spec.JB * p.spec.K + p.n_vec * p.spec.vec_len + p.n_out) + 192
     return n + (-n % 64)
 

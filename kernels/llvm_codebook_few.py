@@ -80,8 +80,8 @@ def _concat(b, vs):
 def row_unroll(spec: lk.KernelSpec, TT: int, regs: int = 16) -> int:
     """Rows computed together (sharing the x loads; RU * TT accumulators), what `regs` vector registers hold: with
     16 (AVX2) 4 for one input, 2 up to 6 inputs, else 1; with 32 (AVX-512, NEON) 4 up to 6 inputs, else 2 (measured
-    on an AVX-512 Zen 5, 2-12 inputs and the panel GEMM's 6: 1.05-1.55x the 16-register choice; 8 rows for 2-3 inputs
-    no better); at most what divides the row tile R."""
+    on an AVX-512 Zen 5, smollm2's shapes, interleaved: 2-12 inputs 0.94-1.5x the 16-register choice, mostly
+    1.05-1.35x, the panel GEMM at 64 tokens 1.01-1.21x; 8 rows for 2-3 inputs no better); at most what divides R."""
     if regs >= 32:
         ru = 4 if TT <= 6 else 2
     else:
@@ -255,9 +255,10 @@ def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None
 
 def vector_regs(triple: str | None = None) -> int:
     """Vector registers of `triple` (None: this host): 32 on aarch64 and x86 with AVX-512, else 16."""
+    arm = ("aarch64", "arm64")
     if triple is not None:
-        return 32 if triple.startswith("aarch64") else 16
-    return 32 if lc.host_vector_bits() == 512 or lc.llvm.get_process_triple().startswith("aarch64") else 16
+        return 32 if triple.startswith(arm) else 16
+    return 32 if lc.host_vector_bits() == 512 or lc.llvm.get_process_triple().startswith(arm) else 16
 
 
 @functools.cache
