@@ -70,11 +70,9 @@ N_ARGS = 19
 LUT_BYTES = 32 << 10  # gemv LUT block budget (L1)
 GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
 # gemv on AVX-512 hosts, K <= 256: LUT entries picked with permutes (`_permute_lookup`) instead of a gather
-# (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2);
-# PERMUTE_TILES row tiles per pass share each column's table loads (2 and 4 measured no faster than 1, but for
-# 4096^2 on one thread)
+# (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2); one row
+# tile per pass (2 and 4 tiles sharing each column's table loads, session 26: no faster but for 4096^2 on one thread)
 GEMV_PERMUTE = True
-PERMUTE_TILES = 1
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
 # smollm2 shape, 192x576 included, ran faster on two, q8 / q16 / float32 kernels alike, cycling 256 MB of weights)
 
@@ -217,17 +215,11 @@ def _emit_prep_x(g: lc.Gen, a: _Args, spec: KernelSpec, xq, xo):
     in_f = a.n(A_IN_F)
     has_perm = b.icmp_signed("!=", perm, g.i64(0))
     pp = b.inttoptr(perm, lc.PTR)
-    src_v, val_v = g.var(lc.I64), g.var(lc.F32)
     with g.loop(0, b.add(n_pad, n_out), name="px") as i:
-        # loads only under branches: a select of them would read perm when it is null, x past its end
+        # loads only under branches (`load_or`): a select of them would read perm when it is null, x past its end
         last = g.min(i, b.sub(in_f, g.i64(1)))
-        b.store(last, src_v)
-        with b.if_then(has_perm):
-            b.store(g.load(lc.I64, pp, last), src_v)
-        b.store(ir.Constant(lc.F32, 0.0), val_v)
-        with b.if_then(b.icmp_signed("<", i, in_f)):
-            b.store(g.load(lc.F32, x, b.load(src_v, typ=lc.I64)), val_v)
-        val = b.load(val_v, typ=lc.F32)
+        src = g.load_or(lc.I64, pp, last, last, has_perm)
+        val = g.load_or(lc.F32, x, src, ir.Constant(lc.F32, 0.0), b.icmp_signed("<", i, in_f))
         is_out = b.icmp_signed("<", i, n_out)
         dst = b.select(is_out, b.gep(xo, [i], source_etype=lc.F32),
                        b.gep(xq, [b.sub(i, n_out)], source_etype=lc.F32))
@@ -257,25 +249,21 @@ def _permute_lookup(g: lc.Gen, row, c, K: int):
     return res[0]
 
 
-def _emit_permute_tiles(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb, U: int):
-    """y[tiles rb .. rb + U - 1] += the block's LUT entries of their codes (`_permute_lookup`), every stage."""
+def _emit_permute_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb):
+    """y[tile rb] += the block's LUT entries of its codes (`_permute_lookup`), every stage."""
     b, R, K = g.b, spec.R, spec.K
     vt, it = ir.VectorType(lc.F32, R), ir.VectorType(lc.I32, R)
-    yps = [b.gep(y, [b.mul(b.add(rb, g.i64(u)), g.i64(R))], source_etype=lc.F32) for u in range(U)]
-    acc = [g.var(vt, name=f"pacc{u}") for u in range(U)]
-    for u in range(U):
-        b.store(b.load(yps[u], typ=vt, align=4), acc[u])
+    yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
+    acc = g.var(vt, b.load(yp, typ=vt, align=4), name="pacc")
     with g.loop(0, spec.stages, name="ps") as s:
-        cbs = [_code_base(g, a, spec, s, j0, jl, b.add(rb, g.i64(u))) for u in range(U)]
+        cb = _code_base(g, a, spec, s, j0, jl, rb)
         lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
         with g.loop(0, jl, name="pjj") as jj:
             row = b.gep(lb, [b.mul(jj, g.i64(K))], source_etype=lc.F32)
-            for u in range(U):
-                c = b.load(b.gep(cbs[u], [b.mul(jj, g.i64(R))], source_etype=spec.ctype),
-                           typ=ir.VectorType(spec.ctype, R), align=1)
-                b.store(b.fadd(b.load(acc[u], typ=vt), _permute_lookup(g, row, b.zext(c, it), K)), acc[u])
-    for u in range(U):
-        b.store(b.load(acc[u], typ=vt), yps[u], align=4)
+            c = b.load(b.gep(cb, [b.mul(jj, g.i64(R))], source_etype=spec.ctype), typ=ir.VectorType(spec.ctype, R),
+                       align=1)
+            b.store(b.fadd(b.load(acc, typ=vt), _permute_lookup(g, row, b.zext(c, it), K)), acc)
+    b.store(b.load(acc, typ=vt), yp, align=4)
 
 
 def _gen_gemv(mod, spec: KernelSpec, permute: bool = False):
@@ -305,14 +293,9 @@ def _gen_gemv(mod, spec: KernelSpec, permute: bool = False):
         with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
             jl = g.min(g.i64(spec.JB), b.sub(n_vec, j0))
             _emit_lut(g, a, spec, lut, xq, grp, j0, jl, 1)
-            if permute:  # PERMUTE_TILES row tiles per pass share each column's table loads
-                U = PERMUTE_TILES
-                mid = b.sub(hi, b.srem(b.sub(hi, lo), g.i64(U))) if U > 1 else hi
-                with g.loop(lo, mid, step=U, name="rb") as rb:
-                    _emit_permute_tiles(g, a, spec, lut, y, j0, jl, rb, U)
-                if U > 1:
-                    with g.loop(mid, hi, name="rt") as rb:
-                        _emit_permute_tiles(g, a, spec, lut, y, j0, jl, rb, 1)
+            if permute:
+                with g.loop(lo, hi, name="rb") as rb:
+                    _emit_permute_tile(g, a, spec, lut, y, j0, jl, rb)
             else:
                 with g.loop(lo, hi, name="rb") as rb:
                     yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)

@@ -124,8 +124,8 @@ def _gen_few(mod, spec: lk.KernelSpec, P: int, TT: int, panel: bool = False, reg
         left = b.sub(n_rows, b.mul(tt, g.i64(TT)))  # inputs in this tile: TT but in the last
         for u, r in enumerate(rows):
             with b.if_then(b.icmp_signed("<", r, out)):
-                sc = _optional(g, scale, r, 1.0)
-                bi = _optional(g, bias, r, 0.0)
+                sc = g.load_or(lc.F32, scale, r, ir.Constant(lc.F32, 1.0))
+                bi = g.load_or(lc.F32, bias, r, ir.Constant(lc.F32, 0.0))
                 for t in range(TT):
                     s_ = g.reduce_add(b.load(accs[u][t], typ=vt))
                     y_ = b.fadd(b.fmul(s_, sc), bi)
@@ -233,15 +233,6 @@ def _emit_panel(g: lc.Gen, a, spec: lk.KernelSpec, pan, rb, xs) -> None:
                     cw = b.load(b.gep(cbs[i], [b.mul(c, g.i64(v))], source_etype=lc.F32), typ=cvt, align=4)
                     dst = b.gep(rows[i], [col], source_etype=lc.F32)
                     b.store(b.fadd(b.load(dst, typ=cvt, align=4), cw) if s else cw, dst, align=4)
-
-
-def _optional(g: lc.Gen, ptr, idx, default: float):
-    """ptr[idx] when ptr is not null, else `default` (per output row: the branch costs nothing)."""
-    b = g.b
-    slot = g.var(lc.F32, ir.Constant(lc.F32, default))
-    with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(ptr, lc.I64), g.i64(0))):
-        b.store(g.load(lc.F32, ptr, idx), slot)
-    return b.load(slot)
 
 
 def build_module(spec: lk.KernelSpec, P: int, TT: int, triple: str | None = None, panel: bool = False,

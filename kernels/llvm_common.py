@@ -178,6 +178,18 @@ class Gen:
     def store(self, ty, val, base, idx) -> None:
         self.b.store(val, self.b.gep(base, [idx], source_etype=ty))
 
+    def load_or(self, ty, base, idx, default, cond=None):
+        """base[idx] when `cond` (an i1; default: base is not null), else `default` (a constant of ty). The load
+        sits under a branch: a `select` of it would still read base -- LLVM keeps such a load unconditional on
+        AVX-512 hosts with a masked move after it (a null `bias` crashed the float32 GEMV on a Zen 5)."""
+        b = self.b
+        if cond is None:
+            cond = b.icmp_unsigned("!=", b.ptrtoint(base, I64), self.i64(0))
+        slot = self.var(ty, default)
+        with b.if_then(cond):
+            b.store(self.load(ty, base, idx), slot)
+        return b.load(slot, typ=ty)
+
     @contextlib.contextmanager
     def loop(self, start, stop, step=1, name="i") -> Iterator:
         """for (i = start; i < stop; i += step) over i64 (signed compare; step an int or a positive i64 value)."""

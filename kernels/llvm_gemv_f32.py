@@ -40,16 +40,6 @@ def _open(mod, name: str):
     return fn, g, b0, b1, w, x, y, bias, g.arg(args, A_N, lc.I64), g.arg(args, A_K, lc.I64)
 
 
-def _bias(g: lc.Gen, has_bias, bias, r):
-    """bias[r], or 0 when there is no bias: loaded under a branch (a `select` of the load would read the null
-    pointer: LLVM keeps such a load unconditional on AVX-512 hosts, a masked move after it -- a crash on a Zen 5)."""
-    b = g.b
-    slot = g.var(lc.F32, ir.Constant(lc.F32, 0.0))
-    with b.if_then(has_bias):
-        b.store(g.load(lc.F32, bias, r), slot)
-    return b.load(slot, typ=lc.F32)
-
-
 def build_module(vw: int, triple: str | None = None):
     """`gemv_blocks_par(args, n_blocks, n_threads)`: y[r] = W[r] . x (+ b[r]) for r < n, blocks of RB rows;
     args = [W, x, y, b (0: none), n, k] (W row-major [n, k], float32)."""
@@ -59,8 +49,7 @@ def build_module(vw: int, triple: str | None = None):
     vt = ir.VectorType(lc.F32, vw)
     step = 2 * vw
     k2 = b.mul(b.sdiv(k, g.i64(step)), g.i64(step))  # columns in whole double vectors
-    has_bias = b.icmp_unsigned("!=", b.ptrtoint(bias, lc.I64), g.i64(0))
-    zero = ir.Constant(vt, [0.0] * vw)
+    zero, zero1 = ir.Constant(vt, [0.0] * vw), ir.Constant(lc.F32, 0.0)
     with g.loop(b0, b1, name="blk") as blk:
         r0 = b.mul(blk, g.i64(RB))
         last = b.sub(n, g.i64(1))
@@ -85,7 +74,7 @@ def build_module(vw: int, triple: str | None = None):
             s = b.fadd(b.load(accs[2 * i], typ=vt), b.load(accs[2 * i + 1], typ=vt))
             tot = b.fadd(g.reduce_add(s), b.load(tails[i], typ=lc.F32))
             with b.if_then(b.icmp_signed("<", b.add(r0, g.i64(i)), n)):
-                g.store(lc.F32, b.fadd(tot, _bias(g, has_bias, bias, rows[i])), y, rows[i])
+                g.store(lc.F32, b.fadd(tot, g.load_or(lc.F32, bias, rows[i], zero1)), y, rows[i])
     b.ret_void()
     lc.add_parallel_for(mod, fn)
     return mod
@@ -103,8 +92,7 @@ def build_rows_module(vw: int, T: int, triple: str | None = None, rb: int = ROWS
     b = g.b
     vt = ir.VectorType(lc.F32, vw)
     k1 = b.mul(b.sdiv(k, g.i64(vw)), g.i64(vw))
-    has_bias = b.icmp_unsigned("!=", b.ptrtoint(bias, lc.I64), g.i64(0))
-    zero = ir.Constant(vt, [0.0] * vw)
+    zero, zero1 = ir.Constant(vt, [0.0] * vw), ir.Constant(lc.F32, 0.0)
     xrow = [b.gep(x, [b.mul(g.i64(t), k)], source_etype=lc.F32) for t in range(T)]
     accs = [[g.var(vt, name=f"a{i}_{t}") for t in range(T)] for i in range(rb)]
     tails = [[g.var(lc.F32, name=f"t{i}_{t}") for t in range(T)] for i in range(rb)]
@@ -130,7 +118,7 @@ def build_rows_module(vw: int, T: int, triple: str | None = None, rb: int = ROWS
                     b.store(g.fma(wf, g.load(lc.F32, xrow[t], c), b.load(tails[i][t], typ=lc.F32)), tails[i][t])
         for i in range(rb):
             with b.if_then(b.icmp_signed("<", b.add(r0, g.i64(i)), n)):
-                bv = _bias(g, has_bias, bias, rows[i])
+                bv = g.load_or(lc.F32, bias, rows[i], zero1)
                 for t in range(T):
                     tot = b.fadd(g.reduce_add(b.load(accs[i][t], typ=vt)), b.load(tails[i][t], typ=lc.F32))
                     g.store(lc.F32, b.fadd(tot, bv), y, b.add(b.mul(g.i64(t), n), rows[i]))
