@@ -112,6 +112,28 @@ def test_q8_gemv_within_the_lut_rounding_bound(shape, threads):
                                    atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kernel", ["f32", "q8"])
+def test_gemv_from_concurrent_python_threads(kernel):
+    """The batch-1 launch caches a filled argument block per weight and calling thread (the kernel runs without the
+    GIL): Python threads calling one weight at once each get their own input's result."""
+    import concurrent.futures
+
+    mod = {"f32": lk, "q8": q8}[kernel]
+    if kernel == "q8" and not q8.host_ok():
+        pytest.skip("the int8-LUT gemv runs on x86 AVX2 / AVX-512 VBMI or aarch64 hosts")
+    cfg = (576, 576, 4, 256, 8, 1, 1, 0, True, True)
+    p = mod.pack_weight(*make_weight(*cfg), 576, 4, 8)
+    xs = [torch.randn(576, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [mod.gemv(p, x, n_threads=1) for x in xs]
+
+    def work(i):
+        return all(torch.equal(mod.gemv(p, xs[(i + k) % 4], n_threads=1), want[(i + k) % 4]) for k in range(200))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(work, range(4)))
+    assert len({k[2] for k in p.__dict__["_launch"]}) >= 2  # blocks of several threads
+
+
 def test_default_batch1_kernel_is_the_float32_one_unless_asked(monkeypatch):
     """Eager runs equal the reference up to summation order by default (no LUT kernel); EDGETK_LUT=q8 opts into
     the int8 LUT, EDGETK_LUT=q16 into the int16 one."""
