@@ -90,6 +90,7 @@ class KernelSpec:
     BT: int  # batch tile of the prefill kernel
     JS: int  # code vectors per prefill LUT sub-block (divides JB)
     nibbles: bool = False  # llvm_codebook_q8, K <= 16: two 4-bit codes per byte (columns 2p, 2p+1 of a tile)
+    int_lut: bool = False  # llvm_codebook_q8 on AVX-512 VNNI: the LUT built from int8 x and codebooks (vpdpbusd)
 
     @property
     def ctype(self):
@@ -217,6 +218,24 @@ def _emit_prep_x(g: lc.Gen, a: _Args, spec: KernelSpec, xq, xo):
     in_f = a.n(A_IN_F)
     has_perm = b.icmp_signed("!=", perm, g.i64(0))
     pp = b.inttoptr(perm, lc.PTR)
+    with b.if_else(b.and_(b.not_(has_perm), b.icmp_signed("==", n_out, g.i64(0)))) as (plain, permuted):
+        with plain:  # no permutation, no outliers: a vector copy, then the zero padding (was ~5 cycles an input)
+            W = 16
+            vt = ir.VectorType(lc.F32, W)
+            n_w = b.mul(b.sdiv(in_f, g.i64(W)), g.i64(W))
+            with g.loop(0, n_w, step=W, name="pv") as i:
+                b.store(b.load(b.gep(x, [i], source_etype=lc.F32), typ=vt, align=4),
+                        b.gep(xq, [i], source_etype=lc.F32), align=4)
+            with g.loop(n_w, in_f, name="pt") as i:
+                g.store(lc.F32, g.load(lc.F32, x, i), xq, i)
+            with g.loop(in_f, n_pad, name="pz") as i:
+                g.store(lc.F32, ir.Constant(lc.F32, 0.0), xq, i)
+        with permuted:
+            _emit_prep_x_permuted(g, x, pp, has_perm, n_pad, n_out, in_f, xq, xo)
+
+
+def _emit_prep_x_permuted(g: lc.Gen, x, pp, has_perm, n_pad, n_out, in_f, xq, xo):
+    b = g.b
     with g.loop(0, b.add(n_pad, n_out), name="px") as i:
         # loads only under branches (`load_or`): a select of them would read perm when it is null, x past its end
         last = g.min(i, b.sub(in_f, g.i64(1)))

@@ -16,6 +16,12 @@ one column then sit in registers and a whole tile of R output rows is looked up 
 * aarch64 (R = 16, NEON): `tbl` over four q registers (64 entries), then `tbx` for each further 64 entries
   (out-of-range indices leave the lane unchanged); Kp = 16 / 32 is one `tbl` over one / two registers.
 
+On AVX-512 VNNI hosts (vec_len <= 4, `VNNI`) the LUT is built in integers instead (`_emit_lut_vnni`): the block's
+inputs quantized to int8 (scale max|x| / 127, as MatMulNBits' accuracy_level 4 does), the codebooks stored as
+int8 (`int_codebooks`, scale max|entry| / 127 per codebook), 16 exact dot products per `vpdpbusd`, packed to int16
+and rescaled to the int8 range with `vpmulhrsw`: ~1.6x faster to build than the float32 FMAs and float -> int8
+pass (Zen 5, 1536 inputs), ~2 dB lower SNR against the float reference (35-40 dB on random codebooks).
+
 Entries are stored biased (u = q + 128, unsigned bytes). Per R-byte lookup result w (read as R/2 int16 words)
 acc0 += w and acc1 += w >> 8: acc1 sums the odd bytes, acc0 - 256 * acc1 (mod 2**16) the even ones (both sums
 <= JB * 255 < 2**15), 3 ops per vector. Per block y += float(sum - 128 * columns) * scale. One code byte is read
@@ -37,10 +43,10 @@ R-row tiles, except that inside each R-byte vector byte p holds row ``p // 2 + (
 (`spec.nibbles`): the vectors of columns 2p and 2p+1 of a tile share one R-byte vector (column 2p in the low
 nibbles); a block of jl columns holds ceil(jl / 2) vectors per tile (an odd block's last high nibbles are 0 and
 look up a table of zeros), so stage s starts at ``s * n_rb * R * ceil(n_vec / 2)`` (JB is even).
-Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64, or 16 / 32 on AVX2 and NEON
-for K <= 16 / 32; codes never index padding);
-on aarch64 slot = codeword, on x86 the slots of each 64 are ordered by `_x86_order` so that the in-lane packs that
-turn four 16-float LUT vectors into 64 int8 entries emit them in codeword order.
+Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64, or 16 / 32 on AVX2 and
+NEON for K <= 16 / 32; codes never index padding); on aarch64 slot = codeword, on x86 the slots of each 64 are
+ordered by `_x86_order` so that the in-lane packs that turn four 16-float LUT vectors into 64 int8 entries emit
+them in codeword order. VNNI builds: `int_codebooks`' bytes, [s][g][slot][4] in the same slot order.
 """
 from __future__ import annotations
 
@@ -65,6 +71,11 @@ TILES_PER_PASS = 2  # row tiles per column pass (they share the column's table l
 AVX2_TILES_PER_PASS = 1
 BUILD_PREFETCH = 512  # bytes of codes prefetched into L2 per LUT column built (0 = off)
 ISA_R = {"avx512vbmi": 64, "avx2": 32, "neon": 16}
+# AVX-512 VNNI hosts, vec_len <= 4: the LUT built in integers (`_emit_lut_vnni`: x and the codebooks in int8,
+# vpdpbusd dot products) instead of float32 FMAs and a float -> int8 pass; False: the float32 build everywhere
+VNNI = True
+CB_QMAX = 127  # VNNI codebooks: entries q + CB_BIAS in 0..254 (u8, the operand vpdpbusd takes unsigned)
+CB_BIAS = 127
 AVX2_TREE = True  # AVX2, Kp > 16: low-nibble shuffles + a blend tree (`_avx2_tree`); False: saturating per-table form
 
 
@@ -85,6 +96,12 @@ def host_isa() -> str | None:
 
 def host_ok() -> bool:
     return host_isa() is not None
+
+
+@functools.cache
+def host_vnni() -> bool:
+    """Whether this host builds the int8 LUT with AVX-512 VNNI (`vpdpbusd`)."""
+    return host_isa() == "avx512vbmi" and bool(lc.llvm.get_host_cpu_features().get("avx512vnni"))
 
 
 def padded_k(K: int, isa: str) -> int:
@@ -186,9 +203,8 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
             jl = g.min(i64(JB), b.sub(n_vec, j0))
             with g.loop(0, G, name="grp") as grp:
                 k = b.add(b.mul(b.sub(it, i0), G), grp)  # this LUT's index in the slot
-                cb_sg = b.gep(a.p(lk.A_CBT), [b.mul(b.add(b.mul(st, G), grp), i64(spec.vec_len * Kp))],
-                              source_etype=lc.F32)
-                body(st, grp, cb_sg, j0, jl, k, b.gep(lutq, [b.mul(k, i64(JB * Kp))], source_etype=lc.I8))
+                body(st, grp, b.add(b.mul(st, G), grp), j0, jl, k,
+                     b.gep(lutq, [b.mul(k, i64(JB * Kp))], source_etype=lc.I8))
 
     # while the LUTs are built, the memory bus would idle: prefetch the range's first codes into L2 meanwhile
     # (BUILD_PREFETCH bytes per LUT column; the range's codes are one contiguous stream)
@@ -196,7 +212,7 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
     span = b.mul(b.mul(n_it, i64(JB // 2 if spec.nibbles else JB)), b.mul(n_rb, i64(R)))  # the range's bytes, at most
     pf = _intrinsic(mod, "llvm.prefetch.p0", lc.VOID, [lc.PTR, lc.I32, lc.I32, lc.I32])
 
-    def build(st, grp, cb_sg, j0, jl, k, lq):
+    def build(st, grp, sg, j0, jl, k, lq):
         def each_column(jj):
             if not (BUILD_PREFETCH and isa != "neon"):
                 return
@@ -205,13 +221,20 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
                 for line in range(0, BUILD_PREFETCH, 64):
                     b.call(pf, [b.gep(c0, [b.add(off, i64(line))], source_etype=lc.I8), ir.Constant(lc.I32, 0),
                                 ir.Constant(lc.I32, 2), ir.Constant(lc.I32, 1)])
-        g.store(lc.F32, _emit_lut_q8(g, spec, isa, cb_sg, lut, lq, xq, j0, jl, each_column), scales, k)
+        if spec.int_lut:  # bytes [S][G][Kp][4], then the S * G float32 codebook scales
+            cb = b.gep(a.p(lk.A_CBT), [b.mul(sg, i64(4 * Kp))], source_etype=lc.I8)
+            cb_scales = b.gep(a.p(lk.A_CBT), [b.mul(b.mul(i64(spec.stages), G), i64(4 * Kp))], source_etype=lc.I8)
+            scale = _emit_lut_vnni(g, spec, cb, g.load(lc.F32, cb_scales, sg), lut, lq, xq, j0, jl, each_column)
+        else:
+            cb = b.gep(a.p(lk.A_CBT), [b.mul(sg, i64(spec.vec_len * Kp))], source_etype=lc.F32)
+            scale = _emit_lut_q8(g, spec, isa, cb, lut, lq, xq, j0, jl, each_column)
+        g.store(lc.F32, scale, scales, k)
         if spec.nibbles:  # an odd block's last high nibbles (code 0) look up column jl: entries of value 0
             with b.if_then(b.icmp_signed("!=", b.srem(jl, i64(2)), i64(0))):
                 with g.loop(b.mul(jl, i64(Kp)), b.mul(b.add(jl, i64(1)), i64(Kp)), name="ph") as e:
                     g.store(lc.I8, ir.Constant(lc.I8, BIAS), lq, e)
 
-    def tiles(st, grp, cb_sg, j0, jl, k, lq):
+    def tiles(st, grp, sg, j0, jl, k, lq):
         scale = g.load(lc.F32, scales, k)
         lo, hi = lk._group_rows(g, a, spec, grp, i64(0), n_rb)
         U = AVX2_TILES_PER_PASS if isa == "avx2" and Kp > 16 else TILES_PER_PASS
@@ -285,6 +308,93 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
     return b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
 
 
+def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, j0, jl, each_column=None):
+    """The int8 LUT of the block in integers (AVX-512 VNNI); returns the block scale. See `int_lut_reference`.
+
+    x: the block's jl * v inputs quantized to int8 (x8 = rint(x * 127 / max|x|), 4 bytes a column, zero padded)
+    and per column off = -CB_BIAS * sum(x8). Codebook: u8 entries q + CB_BIAS (`int_codebooks`). Per column,
+    16 entries per `vpdpbusd` (u8 codebook . s8 x, 4 bytes a lane) started from off: the exact int32 dot products
+    x8 . q (|.| <= 4 * 127 * 63), packed to int16 (packssdw, exact) into the block buffer while their max |.| m is
+    tracked. Then each entry d -> rint((d << sh) * M / 2**15) (`vpmulhrsw`) with sh the smallest shift that makes
+    m << sh >= 128 and M = floor(127 * 2**15 / (m << sh)), so |q| <= 127, packed to bytes (packsswb) and biased.
+    Block scale: 2**15 / (M * 2**sh) * (max|x| / 127) * the codebook's scale (0 when m = 0). The lane orders of the
+    two packs are those of the float build (`_x86_order` slots), so entries land in codeword order."""
+    b, i64, v, Kp, JB = g.b, g.i64, spec.vec_len, spec.K, spec.JB
+    mod = g.fn.module
+    vi, vs, vb = _vec(16, lc.I32), _vec(32, lc.I16), _vec(64, lc.I8)
+    i32 = lc.I32
+    lut16 = lut  # i16 [JB][Kp] (the float LUT's scratch)
+    x8 = b.gep(lut, [i64(JB * Kp * 2)], source_etype=lc.I8)  # i8 [JB][4]
+    offs = b.gep(x8, [i64(JB * 4)], source_etype=lc.I8)  # i32 [JB]
+    xb = b.gep(xq, [b.mul(j0, i64(v))], source_etype=lc.F32)
+    v4, vi4 = _vec(4), _vec(4, i32)
+    fabs = _intrinsic(mod, "llvm.fabs.v4f32", v4, [v4])
+    rint = _intrinsic(mod, "llvm.rint.v4f32", v4, [v4])
+    radd = _intrinsic(mod, "llvm.vector.reduce.add.v4i32", i32, [vi4])
+
+    def column(jj):  # the column's v inputs and 4 - v zeros (past the v inputs: read, never used)
+        c = b.load(b.gep(xb, [b.mul(jj, i64(v))], source_etype=lc.F32), typ=v4, align=4)
+        if v < 4:
+            c = b.shuffle_vector(c, ir.Constant(v4, [0.0] * 4), ir.Constant(vi4, [t if t < v else 4 for t in range(4)]))
+        return c
+
+    xm = g.var(v4, ir.Constant(v4, [0.0] * 4), name="xm")
+    with g.loop(0, jl, name="xa") as jj:
+        b.store(g.fmax(b.call(fabs, [column(jj)]), b.load(xm, typ=v4)), xm)
+    xmax = g.hmax(b.load(xm, typ=v4))
+    pos = b.fcmp_ordered(">", xmax, ir.Constant(lc.F32, 0.0))
+    inv = g.splat(b.select(pos, b.fdiv(ir.Constant(lc.F32, 127.0), xmax), ir.Constant(lc.F32, 0.0)), 4)
+    with g.loop(0, jl, name="xq8") as jj:
+        q = b.fptosi(b.call(rint, [b.fmul(column(jj), inv)]), vi4)
+        g.store(i32, b.bitcast(b.trunc(q, _vec(4, lc.I8)), i32), x8, jj)
+        g.store(i32, b.mul(b.call(radd, [q]), ir.Constant(i32, -CB_BIAS)), offs, jj)
+    dp = _intrinsic(mod, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+    pdw = _intrinsic(mod, "llvm.x86.avx512.packssdw.512", vs, [vi, vi])
+    absw = _intrinsic(mod, "llvm.abs.v32i16", vs, [vs, lc.I1])
+    umax = _intrinsic(mod, "llvm.umax.v32i16", vs, [vs, vs])
+    mx = [g.var(vs, ir.Constant(vs, [0] * 32), name=f"mq{h}") for h in range(2)]
+    half = int(v * QMAX * CB_QMAX > 32767)
+    with g.loop(0, jl, name="lj") as jj:
+        if each_column is not None:
+            each_column(jj)
+        xw = g.splat(g.load(i32, x8, jj), 16)  # x8 [JB][4] read as one i32 per column
+        off = g.splat(g.load(i32, offs, jj), 16)
+        row = b.gep(lut16, [b.mul(jj, i64(Kp))], source_etype=lc.I16)
+        for u in range(Kp // 64):
+            acc = [b.call(dp, [off, b.load(b.gep(cb, [i64(4 * (64 * u + 16 * i))], source_etype=lc.I8), typ=vi,
+                                            align=4), xw]) for i in range(4)]
+            if half:  # |x8 . q| <= v * 127 * 127: halved so that the int16 packs are exact
+                acc = [b.ashr(t, ir.Constant(vi, [1] * 16)) for t in acc]
+            for h in range(2):
+                w = b.call(pdw, [acc[2 * h], acc[2 * h + 1]])
+                b.store(w, b.gep(row, [i64(64 * u + 32 * h)], source_etype=lc.I16), align=2)
+                b.store(b.call(umax, [b.load(mx[h], typ=vs), b.call(absw, [w, ir.Constant(lc.I1, 0)])]), mx[h])
+    red = _intrinsic(mod, "llvm.vector.reduce.umax.v32i16", lc.I16, [vs])
+    m = b.zext(b.call(red, [b.call(umax, [b.load(mx[0], typ=vs), b.load(mx[1], typ=vs)])]), i32)
+    ctlz = _intrinsic(mod, "llvm.ctlz.i32", i32, [i32, lc.I1])
+    sh = b.sub(b.call(ctlz, [m, ir.Constant(lc.I1, 0)]), ir.Constant(i32, 24))  # m << sh in [128, 256) if m < 128
+    sh = b.select(b.icmp_signed(">", sh, ir.Constant(i32, 0)), sh, ir.Constant(i32, 0))
+    nz = b.icmp_unsigned("!=", m, ir.Constant(i32, 0))
+    den = b.select(nz, b.shl(m, sh), ir.Constant(i32, 1))
+    M = b.select(nz, b.udiv(ir.Constant(i32, 127 << 15), den), ir.Constant(i32, 0))
+    mulhrs = _intrinsic(mod, "llvm.x86.avx512.pmul.hr.sw.512", vs, [vs, vs])
+    pwb = _intrinsic(mod, "llvm.x86.avx512.packsswb.512", vb, [vs, vs])
+    shv, Mv = g.splat(b.trunc(sh, lc.I16), 32), g.splat(b.trunc(M, lc.I16), 32)
+    with b.if_else(b.icmp_signed("==", sh, ir.Constant(i32, 0))) as (unshifted, shifted):  # m >= 128: no shift
+        for blk, shift in ((unshifted, False), (shifted, True)):
+            with blk:
+                with g.loop(0, b.mul(jl, i64(Kp)), step=64, name="qz") as i:
+                    w = [b.load(b.gep(lut16, [b.add(i, i64(32 * h))], source_etype=lc.I16), typ=vs, align=2)
+                         for h in range(2)]
+                    q = [b.call(mulhrs, [b.shl(t, shv) if shift else t, Mv]) for t in w]
+                    b.store(b.xor(b.call(pwb, q), ir.Constant(vb, [BIAS] * 64)), b.gep(lutq, [i], source_etype=lc.I8),
+                            align=1)
+    step = b.fdiv(ir.Constant(lc.F32, float(1 << 15)), b.fmul(b.uitofp(M, lc.F32), b.uitofp(b.shl(
+        ir.Constant(i32, 1), sh), lc.F32)))
+    scale = b.fmul(b.fmul(step, b.fmul(xmax, ir.Constant(lc.F32, (1 << half) / 127))), cb_scale)
+    return b.select(nz, scale, ir.Constant(lc.F32, 0.0))
+
+
 def _code_base(g: lc.Gen, a, spec: lk.KernelSpec, s, j0, jl, rb):
     """Codes of tile rb in the block of columns [j0, j0 + jl) of stage s (nibbles: half the bytes)."""
     if not spec.nibbles:
@@ -304,6 +414,18 @@ def _x86_order(Kp: int) -> torch.Tensor:
     base, r = s - s % 64, s % 64
     m, l, i = r // 16, (r // 4) % 4, r % 4
     return base + 16 * l + 4 * m + i
+
+
+def int_codebooks(cbt: torch.Tensor) -> torch.Tensor:
+    """VNNI codebooks: float32 [S, G, v, Kp] (slot order) -> one uint8 tensor: [S][G][Kp][4] bytes q + CB_BIAS with
+    q = round(entry / scale) (|q| <= CB_QMAX; vec_len padded to 4 with CB_BIAS, i.e. zeros), then [S][G] float32
+    scales (max |entry| / CB_QMAX; 1 for an all-zero codebook)."""
+    S, G, v, Kp = cbt.shape
+    sc = cbt.abs().amax(dim=(2, 3)) / CB_QMAX
+    sc = torch.where(sc > 0, sc, torch.ones_like(sc)).float()
+    q = torch.round(cbt / sc[..., None, None]).clamp(-CB_QMAX, CB_QMAX).to(torch.int32) + CB_BIAS
+    q = torch.nn.functional.pad(q.transpose(2, 3), (0, 4 - v), value=CB_BIAS).to(torch.uint8)
+    return torch.cat([q.reshape(-1), sc.reshape(-1).view(torch.uint8)]).contiguous()
 
 
 def _avx2_tree(g: lc.Gen, tables: list, c):
@@ -399,7 +521,11 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
 
 
 def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: bool,
-              isa: str | None = None) -> lk.KernelSpec | None:
+              isa: str | None = None, vnni: bool | None = None) -> lk.KernelSpec | None:
+    """`vnni`: build the LUT with VNNI (`_emit_lut_vnni`; AVX-512 VBMI, vec_len <= 4 only); default: on this host
+    when it has VNNI and `VNNI` allows (never for an explicit `isa`)."""
+    if vnni is None:
+        vnni = VNNI and isa is None and host_vnni()
     isa = isa or host_isa()
     if isa is None or K > 256:
         return None
@@ -408,7 +534,9 @@ def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: b
         return None
     JB = max(4, JB_INPUTS // vec_len)
     nibbles = K <= 16
-    return lk.KernelSpec(vec_len, padded_k(K, isa), 1, R, JB + JB % 2 if nibbles else JB, stages, 16, 1, nibbles)
+    int_lut = bool(vnni) and isa == "avx512vbmi" and vec_len <= 4
+    return lk.KernelSpec(vec_len, padded_k(K, isa), 1, R, JB + JB % 2 if nibbles else JB, stages, 16, 1, nibbles,
+                         int_lut)
 
 
 def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
@@ -449,17 +577,17 @@ def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: lk.Kerne
 
 
 def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits,
-                isa: str | None = None) -> lk.Packed | None:
+                isa: str | None = None, vnni: bool | None = None) -> lk.Packed | None:
     stages, out_f, _ = codes.shape
     groups, K = codebooks.shape[1], codebooks.shape[2]
-    spec = make_spec(vec_len, K, stages, out_f // groups, groups > 1, isa)
+    spec = make_spec(vec_len, K, stages, out_f // groups, groups > 1, isa, vnni)
     base = lk.pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec_len, code_bits)
     if spec is None or base is None:
         return None
     cbt = torch.nn.functional.pad(base.cbt, (0, spec.K - K))  # [S, G, v, Kp]
     if (isa or host_isa()) == "avx512vbmi":
         cbt = cbt[..., _x86_order(spec.K)]
-    cbt = cbt.contiguous()
+    cbt = int_codebooks(cbt) if spec.int_lut else cbt.contiguous()
     return lk.Packed(spec, repack_codes(codes, code_bits, base.n_vec, spec), cbt, base.perm, base.ow, base.scale,
                      base.bias, out_f, in_features, base.n_out, base.n_vec, groups, math.ceil(out_f / spec.R))
 

@@ -34,7 +34,7 @@ try:
 except ImportError as exc:  # llvmlite is a core dependency; a broken install lands here
     raise MissingDependencyError(f"llvmlite is not importable ({exc})", hint="pip install 'llvmlite>=0.43'") from exc
 
-I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+I1, I8, I16, I32, I64, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 PTR = ir.PointerType()
 VOID = ir.VoidType()
 _LOCK = threading.Lock()

@@ -83,7 +83,10 @@ def _lut_case(mod, name, cfg, threads):
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
     y = lk.codebook_gemm_llvm(x, *w, inf, v, bits, n_threads=threads, lut=(name,))
     err = (y - ref).abs().max().item()
-    assert 0 < err <= lut_bound(x, w, inf, v, mod.QMAX), err
+    bound = lut_bound(x, w, inf, v, mod.QMAX)
+    if mod.pack_weight(*w, inf, v, bits).spec.int_lut:  # x and the codebooks in int8 too (AVX-512 VNNI hosts)
+        bound = 1.02 * bound + vnni_input_bound(x, w, inf, v)
+    assert 0 < err <= bound, err
     return y, ref, x, w
 
 
@@ -191,6 +194,10 @@ def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx512vbmi"), "avx512vbmi"),
                            cpu="icelake-server")
     assert asm.count("vpermt2b") + asm.count("vpermi2b") >= 2 and "vrangeps" in asm
+    # VNNI: the LUT built with vpdpbusd and rescaled with vpmulhrsw (no float FMAs, no vrangeps)
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx512vbmi", vnni=True),
+                                           "avx512vbmi"), cpu="icelake-server")
+    assert asm.count("vpdpbusd") >= 16 and "vpmulhrsw" in asm and "vrangeps" not in asm and "vfmadd" not in asm
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 16, 2, 64, False, isa="avx2"), "avx2"), cpu="znver3")
     assert asm.count("vpshufb") >= 2 and "zmm" not in asm
     # K = 256 on AVX2: 16 low-nibble shuffles and a tree of 15 byte blends per 32 codes (no per-table saturation)
@@ -226,6 +233,108 @@ def lut_bound(x, w, inf, v, qmax):
     lut_max = torch.einsum("jv,sgkv->sgjk", xq, cb.float()).abs().max().item()
     row_scale = scale.abs().max().item() if scale.numel() else 1.0
     return codes.shape[0] * n_vec * lut_max / (2 * qmax) * row_scale + 1e-5
+
+
+def vnni_input_bound(x, w, inf, v):
+    """Worst case added by the VNNI build's int8 inputs: per looked-up entry, x (half a step of its block's
+    max / 127) and the codebook (half a step of its max / 127) in each of the v products, plus the halved LSB."""
+    codes, cb, perm, ow, scale, _ = w
+    n_out = ow.shape[1] if ow.numel() else 0
+    n_vec = math.ceil((inf - n_out) / v)
+    xmax = (x[:, perm] if perm.numel() else x)[0, n_out:].abs().max().item()
+    cbmax = cb.float().abs().max().item()
+    row_scale = scale.abs().max().item() if scale.numel() else 1.0
+    per_entry = v * xmax * cbmax * (1 / 254 + 1 / 254 + 1 / (4 * 127 * 127)) + 2 * xmax * cbmax / 127 ** 2
+    return codes.shape[0] * n_vec * per_entry * row_scale + 1e-5
+
+
+def vnni_model(p, x, w, inf, v, bits):
+    """Plain-PyTorch model of the AVX-512 VNNI LUT build (`q8._emit_lut_vnni`) and the int8 lookups, from the
+    packed weight's integer codebooks: the kernel's result up to float rounding of the scales and summation order."""
+    codes, cb, perm, ow, scale, bias = w
+    spec, S, G = p.spec, p.spec.stages, p.groups
+    Kp, JB = spec.K, spec.JB
+    nb = S * G * Kp * 4
+    slots = p.cbt[:nb].view(S, G, Kp, 4).long() - q8.CB_BIAS
+    cb_scale = p.cbt[nb:].view(torch.float32).view(S, G).double()
+    cbq = torch.empty_like(slots)
+    cbq[:, :, q8._x86_order(Kp)] = slots  # codeword order
+    xp = x[0, perm] if perm.numel() else x[0]
+    xq = torch.nn.functional.pad(xp[p.n_out:], (0, p.n_vec * v - (inf - p.n_out))).view(p.n_vec, v)
+    idx = cg.unpack_codes(codes, bits, p.n_vec)
+    half = int(v * 127 * q8.CB_QMAX > 32767)
+    rpg = p.out_f // G
+    y = torch.zeros(p.out_f, dtype=torch.float64)
+    for j0 in range(0, p.n_vec, JB):
+        xb = xq[j0:j0 + JB]
+        jl, xmax = xb.shape[0], xb.abs().max()
+        inv = torch.tensor(127.0) / xmax if xmax > 0 else torch.tensor(0.0)
+        x8 = torch.nn.functional.pad(torch.round(xb * inv).long(), (0, 4 - v))
+        for s in range(S):
+            for g in range(G):
+                d = torch.div(x8 @ cbq[s, g].T, 2 ** half, rounding_mode="floor")  # [jl, Kp]
+                m = int(d.abs().max())
+                if m == 0:
+                    continue
+                sh = max(0, 8 - m.bit_length())
+                M = (127 << 15) // (m << sh)
+                q = torch.div(torch.div((d << sh) * M, 2 ** 14, rounding_mode="floor") + 1, 2, rounding_mode="floor")
+                assert int(q.abs().max()) <= 127
+                blk = 2 ** 15 / (M * 2 ** sh) * float(xmax) * 2 ** half / 127 * cb_scale[s, g]
+                rows = slice(g * rpg, (g + 1) * rpg)
+                y[rows] += blk * q[torch.arange(jl), idx[s, rows, j0:j0 + jl]].sum(1).double()
+    if p.n_out:
+        y += ow.double() @ xp[:p.n_out].double()
+    if scale.numel():
+        y *= scale.double()
+    if bias.numel():
+        y += bias.double()
+    return y.float()
+
+
+VNNI_SHAPES = ["square", "odd", "outliers_perm", "residual", "large", "k128", "k192", "k64", "r16", "r16_odd_block",
+               "k11_v3", "r16_groups"]
+
+
+@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an AVX-512 VNNI host")
+@pytest.mark.parametrize("shape", VNNI_SHAPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_q8_vnni_matches_its_integer_model(shape, threads):
+    """On VNNI hosts the q8 LUT is built from int8 x and codebooks: the kernel equals the plain-PyTorch model of
+    that integer arithmetic (`vnni_model`) to float rounding, and stays >= 30 dB from the float reference."""
+    cfg = SHAPES.get(shape) or EXTRA[shape]
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
+    x = torch.randn(1, inf)
+    p = q8.pack_weight(*w, inf, v, bits)
+    assert p.spec.int_lut
+    y = q8.gemv(p, x[0], n_threads=threads)
+    want = vnni_model(p, x, w, inf, v, bits)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert snr_db(y[None], cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30
+    p32 = q8.pack_weight(*w, inf, v, bits, vnni=False)  # the float32 build, same layout otherwise
+    assert not p32.spec.int_lut and snr_db(q8.gemv(p32, x[0], n_threads=threads)[None], want[None]) >= 30
+
+
+@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an AVX-512 VNNI host")
+def test_q8_vnni_blocks_of_zeros_and_tiny_dot_products():
+    """A block of zero inputs (scale 0) and a block whose largest integer dot product is < 128 (the entries are
+    shifted left before the rescale) both match the integer model."""
+    cfg = (64, 192, 4, 256, 8, 1, 1, 0, False, False)
+    w = list(make_weight(*cfg))
+    cb = w[1].float()
+    cb[..., 0] = cb[..., 0].sign() * cb[..., 1:].abs().max() / 127  # first inputs: entries of one int8 step
+    w[1] = cb.half()
+    x = torch.randn(1, 192)
+    x[0, :64] = 0.0  # block 0: all zeros
+    x[0, 64:128] = 0.0
+    x[0, 64:128:4] = torch.rand(16) + 0.5  # block 1: only each vector's first input
+    p = q8.pack_weight(*w, 192, 4, 8)
+    d = torch.round(x[0, 64:128].view(16, 4) * 127 / x[0, 64:128].abs().max()).long() @ (
+        p.cbt[:1024].view(256, 4).long() - q8.CB_BIAS).T
+    assert 0 < int((d // 2).abs().max()) < 128  # the shifted path
+    want = vnni_model(p, x, w, 192, 4, 8)
+    torch.testing.assert_close(q8.gemv(p, x[0], n_threads=1), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def snr_db(y, ref):
