@@ -309,16 +309,18 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
 
 
 def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, j0, jl, each_column=None):
-    """The int8 LUT of the block in integers (AVX-512 VNNI); returns the block scale. See `int_lut_reference`.
+    """The int8 LUT of the block in integers (AVX-512 VNNI); returns the block scale. A plain-PyTorch model of
+    this arithmetic is the tests' `vnni_model` (tests/kernels/test_kernels_llvm_codebook.py).
 
     x: the block's jl * v inputs quantized to int8 (x8 = rint(x * 127 / max|x|), 4 bytes a column, zero padded)
     and per column off = -CB_BIAS * sum(x8). Codebook: u8 entries q + CB_BIAS (`int_codebooks`). Per column,
     16 entries per `vpdpbusd` (u8 codebook . s8 x, 4 bytes a lane) started from off: the exact int32 dot products
-    x8 . q (|.| <= 4 * 127 * 63), packed to int16 (packssdw, exact) into the block buffer while their max |.| m is
-    tracked. Then each entry d -> rint((d << sh) * M / 2**15) (`vpmulhrsw`) with sh the smallest shift that makes
-    m << sh >= 128 and M = floor(127 * 2**15 / (m << sh)), so |q| <= 127, packed to bytes (packsswb) and biased.
-    Block scale: 2**15 / (M * 2**sh) * (max|x| / 127) * the codebook's scale (0 when m = 0). The lane orders of the
-    two packs are those of the float build (`_x86_order` slots), so entries land in codeword order."""
+    d = x8 . q (|d| <= v * 127 * 127; halved, d >> 1, when that exceeds 2**15 - 1, i.e. v >= 3), packed to int16
+    (packssdw, exact) into the block buffer while their max |d| = m is tracked. Then each d -> rint((d << sh) * M /
+    2**15) (`vpmulhrsw`) with sh the smallest shift that makes m << sh >= 128 and M = floor(127 * 2**15 / (m <<
+    sh)), so |q| <= 127, packed to bytes (packsswb) and biased. Block scale: 2**15 / (M * 2**sh) * 2**half *
+    (max|x| / 127) * the codebook's scale (0 when m = 0). The lane orders of the two packs are those of the float
+    build (`_x86_order` slots), so entries land in codeword order."""
     b, i64, v, Kp, JB = g.b, g.i64, spec.vec_len, spec.K, spec.JB
     mod = g.fn.module
     vi, vs, vb = _vec(16, lc.I32), _vec(32, lc.I16), _vec(64, lc.I8)
