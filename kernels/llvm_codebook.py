@@ -90,7 +90,7 @@ class KernelSpec:
     BT: int  # batch tile of the prefill kernel
     JS: int  # code vectors per prefill LUT sub-block (divides JB)
     nibbles: bool = False  # llvm_codebook_q8, K <= 16: two 4-bit codes per byte (columns 2p, 2p+1 of a tile)
-    int_lut: bool = False  # llvm_codebook_q8 on AVX-512 VNNI: the LUT built from int8 x and codebooks (vpdpbusd)
+    int_lut: bool = False  # llvm_codebook_q8: the LUT built from int8 x and codebooks (vpdpbusd / sdot)
 
     @property
     def ctype(self):

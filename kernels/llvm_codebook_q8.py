@@ -16,11 +16,14 @@ one column then sit in registers and a whole tile of R output rows is looked up 
 * aarch64 (R = 16, NEON): `tbl` over four q registers (64 entries), then `tbx` for each further 64 entries
   (out-of-range indices leave the lane unchanged); Kp = 16 / 32 is one `tbl` over one / two registers.
 
-On AVX-512 VNNI hosts (vec_len <= 4, `VNNI`) the LUT is built in integers instead (`_emit_lut_vnni`): the block's
-inputs quantized to int8 (scale max|x| / 127, as MatMulNBits' accuracy_level 4 does), the codebooks stored as
-int8 (`int_codebooks`, scale max|entry| / 127 per codebook), 16 exact dot products per `vpdpbusd`, packed to int16
-and rescaled to the int8 range with `vpmulhrsw`: ~1.6x faster to build than the float32 FMAs and float -> int8
-pass (Zen 5, 1536 inputs), ~2 dB lower SNR against the float reference (35-40 dB on random codebooks).
+On hosts with an int8 dot product (vec_len <= 4, `VNNI`) the LUT is built in integers instead (`_emit_lut_int`):
+the block's inputs quantized to int8 (scale max|x| / 127, as MatMulNBits' accuracy_level 4 does), the codebooks
+stored as int8 (`int_codebooks`, scale max|entry| / 127 per codebook), exact dot products -- 16 per `vpdpbusd` on
+AVX-512 VNNI, 8 per VEX `vpdpbusd` on AVX2 hosts with AVX-VNNI (Kp a multiple of 32), 4 per `sdot` on aarch64 cores
+with the dot product (ARMv8.2+) -- packed to int16 and rescaled to the int8 range with `vpmulhrsw` / `sqrdmulh`.
+On AVX-512 ~1.6x faster to build than the float32 FMAs and float -> int8 pass (Zen 5, 1536 inputs; the AVX2 form
+on the same host: the whole gemv 1.01-1.05x, its blend-tree lookups dominate), ~2 dB lower SNR against the float
+reference (35-40 dB on random codebooks).
 
 Entries are stored biased (u = q + 128, unsigned bytes). Per R-byte lookup result w (read as R/2 int16 words)
 acc0 += w and acc1 += w >> 8: acc1 sums the odd bytes, acc0 - 256 * acc1 (mod 2**16) the even ones (both sums
@@ -46,7 +49,8 @@ look up a table of zeros), so stage s starts at ``s * n_rb * R * ceil(n_vec / 2)
 Codebooks: ``cbT[s][g][t][slot]`` float32 with K zero-padded to Kp (a multiple of 64, or 16 / 32 on AVX2 and
 NEON for K <= 16 / 32; codes never index padding); on aarch64 slot = codeword, on x86 the slots of each 64 are
 ordered by `_x86_order` so that the in-lane packs that turn four 16-float LUT vectors into 64 int8 entries emit
-them in codeword order. VNNI builds: `int_codebooks`' bytes, [s][g][slot][4] in the same slot order.
+them in codeword order. Integer builds: `int_codebooks`' bytes, [s][g][slot][4], slots in `int_slot_order`
+(AVX-512: `_x86_order`; AVX2: the same interleave within 32 entries; aarch64: codeword order).
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ import functools
 import math
 
 import torch
+
+from edgetk.errors import ConfigError
 
 from . import llvm_codebook as lk
 from . import llvm_common as lc
@@ -71,11 +77,13 @@ TILES_PER_PASS = 2  # row tiles per column pass (they share the column's table l
 AVX2_TILES_PER_PASS = 1
 BUILD_PREFETCH = 512  # bytes of codes prefetched into L2 per LUT column built (0 = off)
 ISA_R = {"avx512vbmi": 64, "avx2": 32, "neon": 16}
-# AVX-512 VNNI hosts, vec_len <= 4: the LUT built in integers (`_emit_lut_vnni`: x and the codebooks in int8,
-# vpdpbusd dot products) instead of float32 FMAs and a float -> int8 pass; False: the float32 build everywhere
+# hosts with an int8 dot product (AVX-512 VNNI, AVX-VNNI, aarch64 dotprod), vec_len <= 4: the LUT built in integers
+# (`_emit_lut_int`: x and the codebooks in int8, vpdpbusd / sdot dot products) instead of float32 FMAs and a
+# float -> int8 pass; False: the float32 build everywhere
 VNNI = True
-CB_QMAX = 127  # VNNI codebooks: entries q + CB_BIAS in 0..254 (u8, the operand vpdpbusd takes unsigned)
+CB_QMAX = 127  # integer codebooks: |q| <= CB_QMAX; x86 stores q + CB_BIAS in 0..254 (vpdpbusd's unsigned operand)
 CB_BIAS = 127
+INT_LANES = {"avx512vbmi": 16, "avx2": 8, "neon": 4}  # int32 dot products per vpdpbusd zmm / vpdpbusd ymm / sdot
 AVX2_TREE = True  # AVX2, Kp > 16: low-nibble shuffles + a blend tree (`_avx2_tree`); False: saturating per-table form
 
 
@@ -98,10 +106,29 @@ def host_ok() -> bool:
     return host_isa() is not None
 
 
+INT_FEATURE = {"avx512vbmi": "avx512vnni", "avx2": "avxvnni", "neon": "dotprod"}  # the int8 dot product per ISA
+
+
 @functools.cache
 def host_vnni() -> bool:
-    """Whether this host builds the int8 LUT with AVX-512 VNNI (`vpdpbusd`)."""
-    return host_isa() == "avx512vbmi" and bool(lc.llvm.get_host_cpu_features().get("avx512vnni"))
+    """Whether this host builds the int8 LUT in integers (`_emit_lut_int`): AVX-512 VNNI, AVX-VNNI (AVX2 hosts:
+    Intel Alder Lake and later clients) or the aarch64 dot product (ARMv8.2+: Cortex-A55/A76 on, Jetson Orin)."""
+    isa = host_isa()
+    return isa is not None and bool(lc.llvm.get_host_cpu_features().get(INT_FEATURE[isa]))
+
+
+def runs_here(isa: str, int_lut: bool = False) -> bool:
+    """Whether a kernel of `isa` (and its integer LUT build) runs on this host: the host's own ISA, or AVX2 code on
+    an AVX-512 host (whose VNNI also runs the ymm `vpdpbusd`)."""
+    host = host_isa()
+    if not (isa == host or (isa, host) == ("avx2", "avx512vbmi")):
+        return False
+    return not int_lut or host_vnni()
+
+
+def spec_isa(spec: lk.KernelSpec) -> str:
+    """The instruction set a q8 spec was made for (its row tile: 64 bytes AVX-512, 32 AVX2, 16 NEON)."""
+    return {r: isa for isa, r in ISA_R.items()}[spec.R]
 
 
 def padded_k(K: int, isa: str) -> int:
@@ -224,7 +251,7 @@ def _gen(mod, spec: lk.KernelSpec, isa: str):
         if spec.int_lut:  # bytes [S][G][Kp][4], then the S * G float32 codebook scales
             cb = b.gep(a.p(lk.A_CBT), [b.mul(sg, i64(4 * Kp))], source_etype=lc.I8)
             cb_scales = b.gep(a.p(lk.A_CBT), [b.mul(b.mul(i64(spec.stages), G), i64(4 * Kp))], source_etype=lc.I8)
-            scale = _emit_lut_vnni(g, spec, cb, g.load(lc.F32, cb_scales, sg), lut, lq, xq, j0, jl, each_column)
+            scale = _emit_lut_int(g, spec, isa, cb, g.load(lc.F32, cb_scales, sg), lut, lq, xq, j0, jl, each_column)
         else:
             cb = b.gep(a.p(lk.A_CBT), [b.mul(sg, i64(spec.vec_len * Kp))], source_etype=lc.F32)
             scale = _emit_lut_q8(g, spec, isa, cb, lut, lq, xq, j0, jl, each_column)
@@ -308,22 +335,26 @@ def _emit_lut_q8(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb_sg, lut, lutq, xq,
     return b.fmul(m, ir.Constant(lc.F32, 1.0 / QMAX))
 
 
-def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, j0, jl, each_column=None):
-    """The int8 LUT of the block in integers (AVX-512 VNNI); returns the block scale. A plain-PyTorch model of
-    this arithmetic is the tests' `vnni_model` (tests/kernels/test_kernels_llvm_codebook.py).
+def _emit_lut_int(g: lc.Gen, spec: lk.KernelSpec, isa: str, cb, cb_scale, lut, lutq, xq, j0, jl, each_column=None):
+    """The int8 LUT of the block in integers; returns the block scale. One generator for AVX-512 VNNI (`vpdpbusd`
+    on zmm: 16 dot products an instruction), AVX-VNNI (`vpdpbusd` on ymm: 8) and the aarch64 dot product (`sdot`:
+    4). A plain-PyTorch model of this arithmetic is the tests' `vnni_model`
+    (tests/kernels/test_kernels_llvm_codebook.py).
 
-    x: the block's jl * v inputs quantized to int8 (x8 = rint(x * 127 / max|x|), 4 bytes a column, zero padded)
-    and per column off = -CB_BIAS * sum(x8). Codebook: u8 entries q + CB_BIAS (`int_codebooks`). Per column,
-    16 entries per `vpdpbusd` (u8 codebook . s8 x, 4 bytes a lane) started from off: the exact int32 dot products
-    d = x8 . q (|d| <= v * 127 * 127; halved, d >> 1, when that exceeds 2**15 - 1, i.e. v >= 3), packed to int16
-    (packssdw, exact) into the block buffer while their max |d| = m is tracked. Then each d -> rint((d << sh) * M /
-    2**15) (`vpmulhrsw`) with sh the smallest shift that makes m << sh >= 128 and M = floor(127 * 2**15 / (m <<
-    sh)), so |q| <= 127, packed to bytes (packsswb) and biased. Block scale: 2**15 / (M * 2**sh) * 2**half *
-    (max|x| / 127) * the codebook's scale (0 when m = 0). The lane orders of the two packs are those of the float
-    build (`_x86_order` slots), so entries land in codeword order."""
+    x: the block's jl * v inputs quantized to int8 (x8 = rint(x * 127 / max|x|), 4 bytes a column, zero padded).
+    Codebook (`int_codebooks`): x86, u8 entries q + CB_BIAS (`vpdpbusd` multiplies unsigned by signed bytes), each
+    column's dot products started from off = -CB_BIAS * sum(x8); aarch64, the signed entries q (`sdot`), from 0.
+    Either way the exact int32 dot products d = x8 . q (|d| <= v * 127 * 127; halved, d >> 1, when that exceeds
+    2**15 - 1, i.e. v >= 3) are packed to int16 (exact) into the block buffer while their max |d| = m is tracked.
+    Then each d -> rint((d << sh) * M / 2**15) (`vpmulhrsw` / `sqrdmulh`, the same rounding) with sh the smallest
+    shift that makes m << sh >= 128 and M = floor(127 * 2**15 / (m << sh)), so |q| <= 127, packed to bytes and
+    biased. Block scale: 2**15 / (M * 2**sh) * 2**half * (max|x| / 127) * the codebook's scale (0 when m = 0).
+    Entries land in codeword order: the codebook slots are in the order the packs undo (`int_slot_order`)."""
     b, i64, v, Kp, JB = g.b, g.i64, spec.vec_len, spec.K, spec.JB
     mod = g.fn.module
-    vi, vs, vb = _vec(16, lc.I32), _vec(32, lc.I16), _vec(64, lc.I8)
+    L = INT_LANES[isa]  # int32 dot products per instruction; 4 of them make a chunk of C = 4 L entries
+    C = 4 * L
+    vi, vs, vb = _vec(L, lc.I32), _vec(2 * L, lc.I16), _vec(C, lc.I8)
     i32 = lc.I32
     lut16 = lut  # i16 [JB][Kp] (the float LUT's scratch)
     x8 = b.gep(lut, [i64(JB * Kp * 2)], source_etype=lc.I8)  # i8 [JB][4]
@@ -333,6 +364,7 @@ def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, 
     fabs = _intrinsic(mod, "llvm.fabs.v4f32", v4, [v4])
     rint = _intrinsic(mod, "llvm.rint.v4f32", v4, [v4])
     radd = _intrinsic(mod, "llvm.vector.reduce.add.v4i32", i32, [vi4])
+    bias = 0 if isa == "neon" else CB_BIAS
 
     def column(jj):  # the column's v inputs and 4 - v zeros (past the v inputs: read, never used)
         c = b.load(b.gep(xb, [b.mul(jj, i64(v))], source_etype=lc.F32), typ=v4, align=4)
@@ -349,29 +381,44 @@ def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, 
     with g.loop(0, jl, name="xq8") as jj:
         q = b.fptosi(b.call(rint, [b.fmul(column(jj), inv)]), vi4)
         g.store(i32, b.bitcast(b.trunc(q, _vec(4, lc.I8)), i32), x8, jj)
-        g.store(i32, b.mul(b.call(radd, [q]), ir.Constant(i32, -CB_BIAS)), offs, jj)
-    dp = _intrinsic(mod, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
-    pdw = _intrinsic(mod, "llvm.x86.avx512.packssdw.512", vs, [vi, vi])
-    absw = _intrinsic(mod, "llvm.abs.v32i16", vs, [vs, lc.I1])
-    umax = _intrinsic(mod, "llvm.umax.v32i16", vs, [vs, vs])
-    mx = [g.var(vs, ir.Constant(vs, [0] * 32), name=f"mq{h}") for h in range(2)]
+        g.store(i32, b.mul(b.call(radd, [q]), ir.Constant(i32, -bias)), offs, jj)
+    if isa == "neon":
+        sdot = _intrinsic(mod, "llvm.aarch64.neon.sdot.v4i32.v16i8", vi, [vi, vb, vb])
+        dot = lambda acc, w, xw: b.call(sdot, [acc, w, b.bitcast(xw, vb)])  # noqa: E731
+        cat = lambda t, u, n: b.shuffle_vector(t, u, ir.Constant(_vec(2 * n, i32), list(range(2 * n))))  # noqa: E731
+        pack16 = lambda t, u: b.trunc(cat(t, u, L), vs)  # noqa: E731  (exact: |d| <= 2**15 - 1)
+        pack8 = lambda t, u: b.trunc(cat(t, u, 2 * L), vb)  # noqa: E731  (exact: |q| <= 127)
+        mulhrs = _intrinsic(mod, "llvm.aarch64.neon.sqrdmulh.v8i16", vs, [vs, vs])
+    else:
+        w = 512 if isa == "avx512vbmi" else 256
+        dp = _intrinsic(mod, f"llvm.x86.avx512.vpdpbusd.{w}", vi, [vi, vi, vi])
+        dot = lambda acc, cw, xw: b.call(dp, [acc, b.bitcast(cw, vi), xw])  # noqa: E731
+        pfx = "avx512" if w == 512 else "avx2"
+        pdw = _intrinsic(mod, f"llvm.x86.{pfx}.packssdw{'.512' if w == 512 else ''}", vs, [vi, vi])
+        pwb = _intrinsic(mod, f"llvm.x86.{pfx}.packsswb{'.512' if w == 512 else ''}", vb, [vs, vs])
+        pack16 = lambda t, u: b.call(pdw, [t, u])  # noqa: E731
+        pack8 = lambda t, u: b.call(pwb, [t, u])  # noqa: E731
+        mulhrs = _intrinsic(mod, f"llvm.x86.{pfx}.pmul.hr.sw{'.512' if w == 512 else ''}", vs, [vs, vs])
+    absw = _intrinsic(mod, f"llvm.abs.v{2 * L}i16", vs, [vs, lc.I1])
+    umax = _intrinsic(mod, f"llvm.umax.v{2 * L}i16", vs, [vs, vs])
+    mx = [g.var(vs, ir.Constant(vs, [0] * (2 * L)), name=f"mq{h}") for h in range(2)]
     half = int(v * QMAX * CB_QMAX > 32767)
     with g.loop(0, jl, name="lj") as jj:
         if each_column is not None:
             each_column(jj)
-        xw = g.splat(g.load(i32, x8, jj), 16)  # x8 [JB][4] read as one i32 per column
-        off = g.splat(g.load(i32, offs, jj), 16)
+        xw = g.splat(g.load(i32, x8, jj), L)  # x8 [JB][4] read as one i32 per column
+        off = g.splat(g.load(i32, offs, jj), L)
         row = b.gep(lut16, [b.mul(jj, i64(Kp))], source_etype=lc.I16)
-        for u in range(Kp // 64):
-            acc = [b.call(dp, [off, b.load(b.gep(cb, [i64(4 * (64 * u + 16 * i))], source_etype=lc.I8), typ=vi,
-                                            align=4), xw]) for i in range(4)]
+        for u in range(Kp // C):
+            acc = [dot(off, b.load(b.gep(cb, [i64(4 * (C * u + L * i))], source_etype=lc.I8), typ=vb, align=4), xw)
+                   for i in range(4)]
             if half:  # |x8 . q| <= v * 127 * 127: halved so that the int16 packs are exact
-                acc = [b.ashr(t, ir.Constant(vi, [1] * 16)) for t in acc]
+                acc = [b.ashr(t, ir.Constant(vi, [1] * L)) for t in acc]
             for h in range(2):
-                w = b.call(pdw, [acc[2 * h], acc[2 * h + 1]])
-                b.store(w, b.gep(row, [i64(64 * u + 32 * h)], source_etype=lc.I16), align=2)
-                b.store(b.call(umax, [b.load(mx[h], typ=vs), b.call(absw, [w, ir.Constant(lc.I1, 0)])]), mx[h])
-    red = _intrinsic(mod, "llvm.vector.reduce.umax.v32i16", lc.I16, [vs])
+                wv = pack16(acc[2 * h], acc[2 * h + 1])
+                b.store(wv, b.gep(row, [i64(C * u + 2 * L * h)], source_etype=lc.I16), align=2)
+                b.store(b.call(umax, [b.load(mx[h], typ=vs), b.call(absw, [wv, ir.Constant(lc.I1, 0)])]), mx[h])
+    red = _intrinsic(mod, f"llvm.vector.reduce.umax.v{2 * L}i16", lc.I16, [vs])
     m = b.zext(b.call(red, [b.call(umax, [b.load(mx[0], typ=vs), b.load(mx[1], typ=vs)])]), i32)
     ctlz = _intrinsic(mod, "llvm.ctlz.i32", i32, [i32, lc.I1])
     sh = b.sub(b.call(ctlz, [m, ir.Constant(lc.I1, 0)]), ir.Constant(i32, 24))  # m << sh in [128, 256) if m < 128
@@ -379,17 +426,15 @@ def _emit_lut_vnni(g: lc.Gen, spec: lk.KernelSpec, cb, cb_scale, lut, lutq, xq, 
     nz = b.icmp_unsigned("!=", m, ir.Constant(i32, 0))
     den = b.select(nz, b.shl(m, sh), ir.Constant(i32, 1))
     M = b.select(nz, b.udiv(ir.Constant(i32, 127 << 15), den), ir.Constant(i32, 0))
-    mulhrs = _intrinsic(mod, "llvm.x86.avx512.pmul.hr.sw.512", vs, [vs, vs])
-    pwb = _intrinsic(mod, "llvm.x86.avx512.packsswb.512", vb, [vs, vs])
-    shv, Mv = g.splat(b.trunc(sh, lc.I16), 32), g.splat(b.trunc(M, lc.I16), 32)
+    shv, Mv = g.splat(b.trunc(sh, lc.I16), 2 * L), g.splat(b.trunc(M, lc.I16), 2 * L)
     with b.if_else(b.icmp_signed("==", sh, ir.Constant(i32, 0))) as (unshifted, shifted):  # m >= 128: no shift
         for blk, shift in ((unshifted, False), (shifted, True)):
             with blk:
-                with g.loop(0, b.mul(jl, i64(Kp)), step=64, name="qz") as i:
-                    w = [b.load(b.gep(lut16, [b.add(i, i64(32 * h))], source_etype=lc.I16), typ=vs, align=2)
-                         for h in range(2)]
-                    q = [b.call(mulhrs, [b.shl(t, shv) if shift else t, Mv]) for t in w]
-                    b.store(b.xor(b.call(pwb, q), ir.Constant(vb, [BIAS] * 64)), b.gep(lutq, [i], source_etype=lc.I8),
+                with g.loop(0, b.mul(jl, i64(Kp)), step=C, name="qz") as i:
+                    wv = [b.load(b.gep(lut16, [b.add(i, i64(2 * L * h))], source_etype=lc.I16), typ=vs, align=2)
+                          for h in range(2)]
+                    q = [b.call(mulhrs, [b.shl(t, shv) if shift else t, Mv]) for t in wv]
+                    b.store(b.xor(pack8(*q), ir.Constant(vb, [BIAS] * C)), b.gep(lutq, [i], source_etype=lc.I8),
                             align=1)
     step = b.fdiv(ir.Constant(lc.F32, float(1 << 15)), b.fmul(b.uitofp(M, lc.F32), b.uitofp(b.shl(
         ir.Constant(i32, 1), sh), lc.F32)))
@@ -418,15 +463,32 @@ def _x86_order(Kp: int) -> torch.Tensor:
     return base + 16 * l + 4 * m + i
 
 
-def int_codebooks(cbt: torch.Tensor) -> torch.Tensor:
-    """VNNI codebooks: float32 [S, G, v, Kp] (slot order) -> one uint8 tensor: [S][G][Kp][4] bytes q + CB_BIAS with
-    q = round(entry / scale) (|q| <= CB_QMAX; vec_len padded to 4 with CB_BIAS, i.e. zeros), then [S][G] float32
-    scales (max |entry| / CB_QMAX; 1 for an all-zero codebook)."""
+def int_slot_order(Kp: int, isa: str) -> torch.Tensor:
+    """Codeword held by each slot of an integer codebook: the int32 dot products of 4 vectors (L lanes each) are
+    packed to int16 and then to bytes by in-lane packs (x86: `packssdw`, `packsswb`; 4 lanes of 128 bits on zmm, 2
+    on ymm), which interleave them by 4; slot 4Lm + 4l + i (vector m, 128-bit lane l) holds codeword 16l + 4m + i
+    of its chunk of 4L, so that the entries come out in codeword order. AVX-512: `_x86_order`; NEON packs in
+    order (identity)."""
+    if isa == "neon":
+        return torch.arange(Kp)
+    lanes = INT_LANES[isa] // 4
+    s = torch.arange(Kp)
+    chunk = 16 * lanes
+    base, r = s - s % chunk, s % chunk
+    m, lane, i = r // (4 * lanes), (r // 4) % lanes, r % 4
+    return base + 16 * lane + 4 * m + i
+
+
+def int_codebooks(cbt: torch.Tensor, bias: int = CB_BIAS) -> torch.Tensor:
+    """Integer codebooks: float32 [S, G, v, Kp] (slot order) -> one uint8 tensor: [S][G][Kp][4] bytes q + bias
+    (x86: CB_BIAS, the unsigned operand of `vpdpbusd`; aarch64: 0, the signed bytes of `sdot`) with q = round(entry
+    / scale) (|q| <= CB_QMAX; vec_len padded to 4 with zeros), then [S][G] float32 scales (max |entry| / CB_QMAX; 1
+    for an all-zero codebook)."""
     S, G, v, Kp = cbt.shape
     sc = cbt.abs().amax(dim=(2, 3)) / CB_QMAX
     sc = torch.where(sc > 0, sc, torch.ones_like(sc)).float()
-    q = torch.round(cbt / sc[..., None, None]).clamp(-CB_QMAX, CB_QMAX).to(torch.int32) + CB_BIAS
-    q = torch.nn.functional.pad(q.transpose(2, 3), (0, 4 - v), value=CB_BIAS).to(torch.uint8)
+    q = torch.round(cbt / sc[..., None, None]).clamp(-CB_QMAX, CB_QMAX).to(torch.int32)
+    q = ((torch.nn.functional.pad(q.transpose(2, 3), (0, 4 - v)) + bias) & 255).to(torch.uint8)
     return torch.cat([q.reshape(-1), sc.reshape(-1).view(torch.uint8)]).contiguous()
 
 
@@ -524,8 +586,8 @@ def _emit_tile(g: lc.Gen, a, spec: lk.KernelSpec, isa: str, s, lutq, j0, jl, rb,
 
 def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: bool,
               isa: str | None = None, vnni: bool | None = None) -> lk.KernelSpec | None:
-    """`vnni`: build the LUT with VNNI (`_emit_lut_vnni`; AVX-512 VBMI, vec_len <= 4 only); default: on this host
-    when it has VNNI and `VNNI` allows (never for an explicit `isa`)."""
+    """`vnni`: build the LUT in integers (`_emit_lut_int`; vec_len <= 4, and on AVX2 whole 32-entry tables, K > 16);
+    default: on this host when it has the int8 dot product and `VNNI` allows (never for an explicit `isa`)."""
     if vnni is None:
         vnni = VNNI and isa is None and host_vnni()
     isa = isa or host_isa()
@@ -536,7 +598,8 @@ def make_spec(vec_len: int, K: int, stages: int, rows_per_group: int, grouped: b
         return None
     JB = max(4, JB_INPUTS // vec_len)
     nibbles = K <= 16
-    int_lut = bool(vnni) and isa == "avx512vbmi" and vec_len <= 4
+    Kp = padded_k(K, isa)
+    int_lut = bool(vnni) and vec_len <= 4 and Kp % (4 * INT_LANES[isa]) == 0
     return lk.KernelSpec(vec_len, padded_k(K, isa), 1, R, JB + JB % 2 if nibbles else JB, stages, 16, 1, nibbles,
                          int_lut)
 
@@ -553,7 +616,13 @@ def build_module(spec: lk.KernelSpec, isa: str, triple: str | None = None):
 
 @functools.cache
 def compiled(spec: lk.KernelSpec):
-    return lk._PAR_T(lc.jit(build_module(spec, host_isa()), ["q8_work_par"])["q8_work_par"])
+    """The JIT-compiled kernel of `spec` for this host (an AVX-512 host also runs the AVX2 specs: tests, A/B)."""
+    isa = spec_isa(spec)
+    if not runs_here(isa, spec.int_lut):
+        raise ConfigError(f"the q8 kernel for {isa}{' with the integer LUT build' if spec.int_lut else ''} does "
+                          f"not run on this host (its int8 LUT ISA: {host_isa()}, integer build: {host_vnni()})",
+                          hint="pack the weight without isa= / vnni= to get this host's kernel")
+    return lk._PAR_T(lc.jit(build_module(spec, isa), ["q8_work_par"])["q8_work_par"])
 
 
 def repack_codes(codes: torch.Tensor, code_bits: int, n_vec: int, spec: lk.KernelSpec) -> torch.Tensor:
@@ -587,9 +656,11 @@ def pack_weight(codes, codebooks, perm, outlier_w, scale, bias, in_features, vec
     if spec is None or base is None:
         return None
     cbt = torch.nn.functional.pad(base.cbt, (0, spec.K - K))  # [S, G, v, Kp]
-    if (isa or host_isa()) == "avx512vbmi":
-        cbt = cbt[..., _x86_order(spec.K)]
-    cbt = int_codebooks(cbt) if spec.int_lut else cbt.contiguous()
+    isa = spec_isa(spec)
+    if spec.int_lut:
+        cbt = int_codebooks(cbt[..., int_slot_order(spec.K, isa)], 0 if isa == "neon" else CB_BIAS)
+    else:
+        cbt = (cbt[..., _x86_order(spec.K)] if isa == "avx512vbmi" else cbt).contiguous()
     return lk.Packed(spec, repack_codes(codes, code_bits, base.n_vec, spec), cbt, base.perm, base.ow, base.scale,
                      base.bias, out_f, in_features, base.n_out, base.n_vec, groups, math.ceil(out_f / spec.R))
 

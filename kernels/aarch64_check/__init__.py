@@ -37,12 +37,12 @@ def tools_available() -> bool:
 
 
 def build(spec: lk.KernelSpec, workdir: Path, kernel: str = "f32") -> Path:
-    """Emit the aarch64 object for `spec` (kernel "f32": gemv + gemm; "q8": the NEON int8-LUT gemv), link the check
-    program, return its path."""
+    """Emit the aarch64 object for `spec` (kernel "f32": gemv + gemm; "q8": the NEON int8-LUT gemv, its LUT built
+    with `sdot` for a dot-product core when `spec.int_lut`), link the check program, return its path."""
     workdir.mkdir(parents=True, exist_ok=True)
     obj = workdir / "codebook_kernels.o"
     mod = q8.build_module(spec, "neon", TRIPLE) if kernel == "q8" else lk.build_module(spec, TRIPLE)
-    obj.write_bytes(lc.emit_object(mod, TRIPLE))
+    obj.write_bytes(lc.emit_object(mod, TRIPLE, I8_CPU["dot"] if kernel == "q8" and spec.int_lut else None))
     return _link(obj, workdir)
 
 

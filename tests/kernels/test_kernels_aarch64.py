@@ -12,7 +12,7 @@ from edgetk.kernels import llvm_codebook as lk
 from edgetk.kernels import llvm_codebook_q8 as q8
 from edgetk.kernels import llvm_common as lc
 
-from test_kernels_llvm_codebook import EXTRA, SHAPES, check, lut_bound, make_weight, snr_db
+from test_kernels_llvm_codebook import EXTRA, SHAPES, check, lut_bound, make_weight, snr_db, vnni_model
 
 pytestmark = pytest.mark.skipif(not ac.tools_available(), reason="needs gcc-aarch64-linux-gnu and qemu-user")
 
@@ -81,6 +81,35 @@ def test_q8_neon_gemv_under_qemu(tmp_path, shape, threads):
     ref = cg.codebook_gemm_reference(x, *w, inf, v, bits)
     err = (y - ref).abs().max().item()
     assert 0 < err <= lut_bound(x, w, inf, v, q8.QMAX) and snr_db(y, ref) >= 30
+
+
+def test_q8_neon_dot_product_lut_build_emits_sdot():
+    """On a dot-product core (ARMv8.2+) the int8 LUT is built with `sdot` (4 codewords an instruction) and rescaled
+    with `sqrdmulh`, not with float FMAs; without it the float build stays."""
+    spec = q8.make_spec(4, 256, 1, 64, False, isa="neon", vnni=True)
+    assert spec.int_lut
+    asm = lc.emit_assembly(q8.build_module(spec, "neon", ac.TRIPLE), ac.TRIPLE, ac.I8_CPU["dot"])
+    f32 = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="neon"), "neon", ac.TRIPLE),
+                           ac.TRIPLE)
+    assert asm.count("sdot\tv") >= 64 and "sqrdmulh\tv" in asm  # a column's 256 codewords, 4 an instruction
+    assert "sdot" not in f32 and asm.count("fmla\tv") + 32 <= f32.count("fmla\tv")  # FMAs left: the tile epilogue
+
+
+@pytest.mark.parametrize("shape,threads", [("square", 1), ("outliers_perm", 2), ("residual", 1), ("k11_v3", 2),
+                                           ("r16_odd_block", 2), ("large", 3), ("k64", 1)])
+def test_q8_neon_dot_product_gemv_under_qemu(tmp_path, shape, threads):
+    """The `sdot` LUT build for aarch64 under qemu: the integer model of the build (`vnni_model`, the same one the
+    x86 VNNI kernels match; here signed codebook bytes) to float rounding, and >= 30 dB from the reference."""
+    cfg = SHAPES.get(shape) or EXTRA[shape]
+    out, inf, v, K, bits, *_ = cfg
+    w = make_weight(*cfg)
+    p = q8.pack_weight(*w, inf, v, bits, isa="neon", vnni=True)
+    assert p.spec.int_lut
+    x = torch.randn(1, inf)
+    y = ac.run(ac.build(p.spec, tmp_path, kernel="q8"), p, x, threads, tmp_path, kernel="q8")
+    want = vnni_model(p, x, w, inf, v, bits)
+    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert snr_db(y, cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30
 
 
 @pytest.mark.parametrize("isa,shape,rows,threads", [("dot", "outliers_perm", 7, 2), ("dot", "odd", 5, 1),

@@ -198,6 +198,10 @@ def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx512vbmi", vnni=True),
                                            "avx512vbmi"), cpu="icelake-server")
     assert asm.count("vpdpbusd") >= 16 and "vpmulhrsw" in asm and "vrangeps" not in asm  # no float build
+    # AVX-VNNI (AVX2 hosts with the VEX vpdpbusd: Alder Lake and later clients): the same build on ymm
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx2", vnni=True), "avx2"),
+                           cpu="alderlake")
+    assert asm.count("{vex}\tvpdpbusd\t%ymm") >= 32 and "vpmulhrsw" in asm and "zmm" not in asm
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 16, 2, 64, False, isa="avx2"), "avx2"), cpu="znver3")
     assert asm.count("vpshufb") >= 2 and "zmm" not in asm
     # K = 256 on AVX2: 16 low-nibble shuffles and a tree of 15 byte blends per 32 codes (no per-table saturation)
@@ -249,16 +253,18 @@ def vnni_input_bound(x, w, inf, v):
 
 
 def vnni_model(p, x, w, inf, v, bits):
-    """Plain-PyTorch model of the AVX-512 VNNI LUT build (`q8._emit_lut_vnni`) and the int8 lookups, from the
-    packed weight's integer codebooks: the kernel's result up to float rounding of the scales and summation order."""
+    """Plain-PyTorch model of the integer LUT build (`q8._emit_lut_int`: AVX-512 VNNI, AVX-VNNI, aarch64 `sdot`) and
+    the int8 lookups, from the packed weight's integer codebooks: the kernel's result up to float rounding of the
+    scales and summation order."""
     codes, cb, perm, ow, scale, bias = w
     spec, S, G = p.spec, p.spec.stages, p.groups
-    Kp, JB = spec.K, spec.JB
+    Kp, JB, isa = spec.K, spec.JB, q8.spec_isa(p.spec)
     nb = S * G * Kp * 4
-    slots = p.cbt[:nb].view(S, G, Kp, 4).long() - q8.CB_BIAS
+    raw = p.cbt[:nb].view(S, G, Kp, 4)
+    slots = raw.view(torch.int8).long() if isa == "neon" else raw.long() - q8.CB_BIAS  # sdot: signed bytes
     cb_scale = p.cbt[nb:].view(torch.float32).view(S, G).double()
     cbq = torch.empty_like(slots)
-    cbq[:, :, q8._x86_order(Kp)] = slots  # codeword order
+    cbq[:, :, q8.int_slot_order(Kp, isa)] = slots  # codeword order
     xp = x[0, perm] if perm.numel() else x[0]
     xq = torch.nn.functional.pad(xp[p.n_out:], (0, p.n_vec * v - (inf - p.n_out))).view(p.n_vec, v)
     idx = cg.unpack_codes(codes, bits, p.n_vec)
@@ -296,27 +302,40 @@ VNNI_SHAPES = ["square", "odd", "outliers_perm", "residual", "large", "k128", "k
                "k11_v3", "r16_groups"]
 
 
-@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an AVX-512 VNNI host")
+def int_isas():
+    """The integer LUT builds this host runs: its own, and the AVX-VNNI (ymm) one on an AVX-512 VNNI host."""
+    return [isa for isa in ("avx512vbmi", "avx2", "neon") if q8.runs_here(isa, int_lut=True)]
+
+
+@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an int8 dot product (VNNI, AVX-VNNI, "
+                    "aarch64 dotprod)")
 @pytest.mark.parametrize("shape", VNNI_SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_q8_vnni_matches_its_integer_model(shape, threads):
-    """On VNNI hosts the q8 LUT is built from int8 x and codebooks: the kernel equals the plain-PyTorch model of
-    that integer arithmetic (`vnni_model`) to float rounding, and stays >= 30 dB from the float reference."""
+    """On hosts with an int8 dot product the q8 LUT is built from int8 x and codebooks: the kernel (the host's, and
+    on AVX-512 the AVX-VNNI one too) equals the plain-PyTorch model of that integer arithmetic (`vnni_model`) to
+    float rounding, and stays >= 30 dB from the float reference."""
     cfg = SHAPES.get(shape) or EXTRA[shape]
     out, inf, v, K, bits, *_ = cfg
     w = make_weight(*cfg)
     x = torch.randn(1, inf)
-    p = q8.pack_weight(*w, inf, v, bits)
-    assert p.spec.int_lut
-    y = q8.gemv(p, x[0], n_threads=threads)
-    want = vnni_model(p, x, w, inf, v, bits)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    assert snr_db(y[None], cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30
-    p32 = q8.pack_weight(*w, inf, v, bits, vnni=False)  # the float32 build, same layout otherwise
-    assert not p32.spec.int_lut and snr_db(q8.gemv(p32, x[0], n_threads=threads)[None], want[None]) >= 30
+    ran = 0
+    for isa in int_isas():
+        p = q8.pack_weight(*w, inf, v, bits, isa=None if isa == q8.host_isa() else isa, vnni=True)
+        if p is None or not p.spec.int_lut:  # AVX2: nibble formats (K <= 16) keep the float build
+            assert isa == "avx2" and K <= 16, (isa, shape)
+            continue
+        ran += 1
+        y = q8.gemv(p, x[0], n_threads=threads)
+        want = vnni_model(p, x, w, inf, v, bits)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        assert snr_db(y[None], cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30
+        p32 = q8.pack_weight(*w, inf, v, bits, isa=isa, vnni=False)  # the float32 build, same layout otherwise
+        assert not p32.spec.int_lut and snr_db(q8.gemv(p32, x[0], n_threads=threads)[None], want[None]) >= 30
+    assert ran
 
 
-@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an AVX-512 VNNI host")
+@pytest.mark.skipif(not q8.host_vnni(), reason="the integer LUT build needs an int8 dot product")
 def test_q8_vnni_blocks_of_zeros_and_tiny_dot_products():
     """A block of zero inputs (scale 0) and a block whose largest integer dot product is < 128 (the entries are
     shifted left before the rescale) both match the integer model."""
@@ -329,12 +348,14 @@ def test_q8_vnni_blocks_of_zeros_and_tiny_dot_products():
     x[0, :64] = 0.0  # block 0: all zeros
     x[0, 64:128] = 0.0
     x[0, 64:128:4] = torch.rand(16) + 0.5  # block 1: only each vector's first input
-    p = q8.pack_weight(*w, 192, 4, 8)
-    d = torch.round(x[0, 64:128].view(16, 4) * 127 / x[0, 64:128].abs().max()).long() @ (
-        p.cbt[:1024].view(256, 4).long() - q8.CB_BIAS).T
-    assert 0 < int((d // 2).abs().max()) < 128  # the shifted path
-    want = vnni_model(p, x, w, 192, 4, 8)
-    torch.testing.assert_close(q8.gemv(p, x[0], n_threads=1), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for isa in int_isas():
+        p = q8.pack_weight(*w, 192, 4, 8, isa=None if isa == q8.host_isa() else isa, vnni=True)
+        raw = p.cbt[:1024].view(256, 4)
+        cbq = raw.view(torch.int8).long() if isa == "neon" else raw.long() - q8.CB_BIAS
+        d = torch.round(x[0, 64:128].view(16, 4) * 127 / x[0, 64:128].abs().max()).long() @ cbq.T
+        assert 0 < int((d // 2).abs().max()) < 128  # the shifted path
+        want = vnni_model(p, x, w, 192, 4, 8)
+        torch.testing.assert_close(q8.gemv(p, x[0], n_threads=1), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def snr_db(y, ref):
