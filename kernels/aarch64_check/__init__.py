@@ -173,6 +173,35 @@ def _exec(exe: Path, case: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
+def instructions_per_call(exe: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int, workdir: Path,
+                          kernel: str = "f32") -> int:
+    """Guest instructions one call of the kernel executes under qemu (`-singlestep -d exec,nochain`: one logged
+    block per instruction), as the difference between the program run with two calls and with one: the setup,
+    the first call's cold effects and the output write cancel. A proxy for time where no ARM core is at hand
+    (instructions differ in cost, and memory is not modelled)."""
+    case = workdir / "case.bin"
+    write_case(case, p, x2, n_threads, kernel)
+    n = [_count(exe, case, workdir / "out.bin", calls) for calls in (1, 2)]
+    return n[1] - n[0]
+
+
+def _count(exe: Path, case: Path, out: Path, calls: int) -> int:
+    cmd = ["qemu-aarch64", "-singlestep", "-d", "exec,nochain", "-D", "/dev/stderr", "-L", SYSROOT, str(exe),
+           str(case), str(out), str(calls)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    n, tail = 0, b""
+    for line in proc.stderr:
+        if line.startswith(b"Trace "):
+            n += 1
+        else:
+            tail = (tail + line)[-500:]
+    if proc.wait():
+        msg = tail.decode(errors="replace").strip()
+        raise DeviceError(f"aarch64 check program failed under qemu ({proc.returncode}): {msg}",
+                          hint="apt-get install qemu-user; it runs as qemu-aarch64 -L " + SYSROOT)
+    return n
+
+
 def run_i8(exe: Path, p, x2: torch.Tensor, n_threads: int, workdir: Path):
     """(y [T, out], (activation bytes, scales)) from the aarch64 int8 prefill GEMM under qemu: first its activation
     quantization (i8q_work_par), then the row blocks (i8_work_par) on those activations -- both run on aarch64."""

@@ -6,7 +6,9 @@
  *   2 = q8_work_par, 3 = gemmb_work_par, 4 = i8q_work_par, 5 = i8_work_par, 6 = few_work_par), n_items, n_threads,
  *   out_off, out_bytes, ptr_mask (bit i: args[i] is an offset into the blob, or -1 for NULL), n_args,
  *   args[n_args], blob_bytes, blob[blob_bytes]
- * Writes blob[out_off : out_off + out_bytes] to the output file. Exit code 0 on success.
+ * Writes blob[out_off : out_off + out_bytes] to the output file. Exit code 0 on success. An optional third
+ * argument runs the kernel that many times (0: not at all; instruction counts per call under qemu take the
+ * difference of two counts).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -30,7 +32,8 @@ static int64_t rd(FILE *f) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) { fprintf(stderr, "usage: %s case.bin out.bin\n", argv[0]); return 2; }
+    if (argc != 3 && argc != 4) { fprintf(stderr, "usage: %s case.bin out.bin [calls]\n", argv[0]); return 2; }
+    long calls = argc == 4 ? atol(argv[3]) : 1;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { perror(argv[1]); return 2; }
     if (rd(f) != 0x4b43454843424345LL) { fprintf(stderr, "bad magic\n"); return 2; }
@@ -50,7 +53,7 @@ int main(int argc, char **argv) {
     void (*kernels[7])(int64_t *, int64_t, int64_t) = {gemv_work_par, gemm_work_par, q8_work_par,
                                                        gemmb_work_par, i8q_work_par, i8_work_par, few_work_par};
     if (fn < 0 || fn > 6 || !kernels[fn]) { fprintf(stderr, "kernel %lld is not in this object\n", (long long)fn); return 2; }
-    kernels[fn](args, n_items, n_threads);
+    for (long c = 0; c < calls; c++) kernels[fn](args, n_items, n_threads);
     FILE *o = fopen(argv[2], "wb");
     if (!o || fwrite(blob + out_off, 1, (size_t)out_bytes, o) != (size_t)out_bytes) { perror(argv[2]); return 2; }
     fclose(o);

@@ -130,3 +130,38 @@ def test_int8_prefill_under_qemu(tmp_path, isa, shape, rows, threads):
     assert torch.equal(xu, want_u) and torch.equal(sx, want_s)
     assert torch.equal(y, i8.gemm(p, x, threads))
     assert snr_db(y, cg.codebook_gemm_reference(x, *w, inf, v, bits)) >= 30
+
+
+def test_instruction_counts_under_qemu_show_the_sdot_build_does_less_work(tmp_path):
+    """`instructions_per_call` (qemu -singlestep, two calls minus one; benchmarks/neon_icount.py) on the LUT build's
+    share: one 64-row tile over 576 inputs, where the table build dominates. The sdot build executes well under
+    the float build's instructions (measured 76 k vs 187 k a call), and a second weight twice as tall adds the
+    same lookups to both."""
+    w = make_weight(64, 576, 4, 256, 8, 1, 1, 0, True, False)
+    w2 = make_weight(128, 576, 4, 256, 8, 1, 1, 0, True, False)
+    x = torch.randn(1, 576)
+    n = {}
+    for vnni in (False, True):
+        for rows, wt in ((64, w), (128, w2)):
+            p = q8.pack_weight(*wt, 576, 4, 8, isa="neon", vnni=vnni)
+            d = tmp_path / f"{vnni}_{rows}"
+            n[vnni, rows] = ac.instructions_per_call(ac.build(p.spec, d, kernel="q8"), p, x, 1, d, "q8")
+    assert n[True, 64] * 2 < n[False, 64]
+    lookups = [n[v, 128] - n[v, 64] for v in (False, True)]
+    assert lookups[0] > 0 and abs(lookups[0] - lookups[1]) <= 0.02 * lookups[0]
+
+
+def test_neon_icount_benchmark_runs():
+    """benchmarks/neon_icount.py end to end on one small shape: a JSON line per shape with the three kernels."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "neon_icount.py"
+    res = subprocess.run([sys.executable, str(script), "--shapes", "64x128"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.splitlines()[0])
+    assert r["shape"] == "64x128" and all(r[f"{k}_instructions"] > 0 for k in ("f32", "q8", "q8_sdot"))
+    assert r["q8_sdot_instructions"] < r["q8_instructions"]
