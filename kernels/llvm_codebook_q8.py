@@ -114,7 +114,11 @@ def host_vnni() -> bool:
     """Whether this host builds the int8 LUT in integers (`_emit_lut_int`): AVX-512 VNNI, AVX-VNNI (AVX2 hosts:
     Intel Alder Lake and later clients) or the aarch64 dot product (ARMv8.2+: Cortex-A55/A76 on, Jetson Orin)."""
     isa = host_isa()
-    return isa is not None and bool(lc.llvm.get_host_cpu_features().get(INT_FEATURE[isa]))
+    if isa is None:
+        return False
+    f = lc.llvm.get_host_cpu_features()
+    # AVX2 hosts: the VEX form (avxvnni) or the EVEX ymm form (AVX-512 VNNI + VL without VBMI: Cascade Lake)
+    return bool(f.get(INT_FEATURE[isa]) or (isa == "avx2" and f.get("avx512vnni") and f.get("avx512vl")))
 
 
 def runs_here(isa: str, int_lut: bool = False) -> bool:

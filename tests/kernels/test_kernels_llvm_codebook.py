@@ -202,6 +202,10 @@ def test_avx512_kernels_generate_and_fall_back_where_the_host_lacks_them():
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx2", vnni=True), "avx2"),
                            cpu="alderlake")
     assert asm.count("{vex}\tvpdpbusd\t%ymm") >= 32 and "vpmulhrsw" in asm and "zmm" not in asm
+    # ... and on AVX-512 VNNI hosts without VBMI (Cascade Lake: the AVX2 lookups), its EVEX ymm form
+    asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 256, 1, 64, False, isa="avx2", vnni=True), "avx2"),
+                           cpu="cascadelake")
+    assert asm.count("vpdpbusd\t%ymm") >= 32 and "{vex}" not in asm and "vpdpbusd\t%zmm" not in asm
     asm = lc.emit_assembly(q8.build_module(q8.make_spec(4, 16, 2, 64, False, isa="avx2"), "avx2"), cpu="znver3")
     assert asm.count("vpshufb") >= 2 and "zmm" not in asm
     # K = 256 on AVX2: 16 low-nibble shuffles and a tree of 15 byte blends per 32 codes (no per-table saturation)
