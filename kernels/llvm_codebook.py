@@ -20,7 +20,9 @@ Both split output-row tiles over the threads (`llvm_common.add_parallel_for`: li
 pthreads on cross targets); the prefill GEMM splits its batch tiles instead when there are at least as many as
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
-builds only its own LUTs and streams one contiguous range of codes.
+builds only its own LUTs and streams one contiguous range of codes; so does the float32 gemv of single-stage weights
+on 2+ threads (`gemvk`: the n_vec code columns cut evenly, a range's first and last JB blocks built and looked up
+over their part only; each range sums into its own partial y, the first into y).
 Batch 2..12 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
 "auto" (codewords decoded in registers, no LUT). More goes to the same module's panel GEMM (each row tile decoded
 once into a float32 tile in L1, shared by tiles of 6 inputs) or to `llvm_dequant` (dequantize a tile + oneDNN
@@ -75,6 +77,11 @@ GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
 # (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2); one row
 # tile per pass (2 and 4 tiles sharing each column's table loads, session 26: no faster but for 4096^2 on one thread)
 GEMV_PERMUTE = True
+# single-stage weights on 2+ threads: the batch-1 float32 gemv splits the code columns over the threads (`gemvk`, each
+# thread builds only its columns' LUT; partial outputs summed) instead of the row tiles (`gemv`, every thread built
+# the whole LUT; session 28, Zen 5, 2 threads, interleaved in one process: 1.06-1.19x faster on 4096^2 and the
+# smollm2 shapes); False: row tiles everywhere
+GEMV_SPLIT_K = True
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
 # smollm2 shape, 192x576 included, ran faster on two, q8 / q16 / float32 kernels alike, cycling 256 MB of weights)
 
@@ -139,17 +146,18 @@ def split_k_items(g: lc.Gen, a: _Args, spec: KernelSpec):
     return n_blk, g.b.mul(g.i64(spec.stages), n_blk)
 
 
-def emit_split_k_top(mod, spec: KernelSpec, par, name: str, slot) -> ir.Function:
-    """`name`(args, n_rb, n_threads) of a split-K gemv kernel (q8, q16): its (stage, column block) items on
-    n_threads ranges through `par`, then y = the sum of the ranges' partial y (range 0 wrote y itself) and the
-    epilogue (outliers, scale, bias). slot(g, a, t) -> (partial y, outlier x) pointers of range t."""
+def emit_split_k_top(mod, spec: KernelSpec, par, name: str, slot, columns: bool = False) -> ir.Function:
+    """`name`(args, n_rb, n_threads) of a split-K gemv kernel (q8, q16: its (stage, column block) items; the float32
+    `gemvk`, `columns`: its n_vec code columns) on n_threads ranges through `par`, then y = the sum of the ranges'
+    partial y (range 0 wrote y itself) and the epilogue (outliers, scale, bias). slot(g, a, t) -> (partial y,
+    outlier x) pointers of range t."""
     fn = ir.Function(mod, ir.FunctionType(lc.VOID, [lc.PTR, lc.I64, lc.I64]), name)
     g = lc.Gen(fn)
     b = g.b
     args, _, nt = fn.args
     a = _Args(g, args)
     i64 = g.i64
-    items = split_k_items(g, a, spec)[1]
+    items = a.n(A_NVEC) if columns else split_k_items(g, a, spec)[1]
     nt = g.max(g.min(nt, items), i64(1))
     b.call(par, [args, items, nt])
     y, n = a.p(A_Y), b.mul(a.n(A_NRB), i64(spec.R))
@@ -270,16 +278,19 @@ def _permute_lookup(g: lc.Gen, row, c, K: int):
     return res[0]
 
 
-def _emit_permute_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb):
-    """y[tile rb] += the block's LUT entries of its codes (`_permute_lookup`), every stage."""
+def _emit_permute_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb, joff=None, jn=None):
+    """y[tile rb] += the block's LUT entries of its codes (`_permute_lookup`), every stage; joff, jn: only the
+    block's columns [joff, joff + jn) (LUT rows 0..jn-1; default: the whole block)."""
     b, R, K = g.b, spec.R, spec.K
     vt, it = ir.VectorType(lc.F32, R), ir.VectorType(lc.I32, R)
     yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
     acc = g.var(vt, b.load(yp, typ=vt, align=4), name="pacc")
     with g.loop(0, spec.stages, name="ps") as s:
         cb = _code_base(g, a, spec, s, j0, jl, rb)
+        if joff is not None:
+            cb = b.gep(cb, [b.mul(joff, g.i64(R))], source_etype=spec.ctype)
         lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
-        with g.loop(0, jl, name="pjj") as jj:
+        with g.loop(0, jl if jn is None else jn, name="pjj") as jj:
             row = b.gep(lb, [b.mul(jj, g.i64(K))], source_etype=lc.F32)
             c = b.load(b.gep(cb, [b.mul(jj, g.i64(R))], source_etype=spec.ctype), typ=ir.VectorType(spec.ctype, R),
                        align=1)
@@ -294,8 +305,8 @@ def _gen_gemv(mod, spec: KernelSpec, permute: bool = False):
     args, tid, rb0, rb1 = fn.args
     a = _Args(g, args)
     R, K, v = spec.R, spec.K, spec.vec_len
-    vt, it = ir.VectorType(lc.F32, R), ir.VectorType(lc.I32, R)
-    n_vec, n_out = a.n(A_NVEC), a.n(A_NOUT)
+    vt = ir.VectorType(lc.F32, R)
+    n_vec = a.n(A_NVEC)
     scr = b.gep(a.p(A_SCR), [b.mul(tid, a.n(A_SSTRIDE))], source_etype=lc.I8)
     lut = scr
     xq = b.gep(lut, [g.i64(spec.stages * spec.JB * K)], source_etype=lc.F32)
@@ -308,39 +319,95 @@ def _gen_gemv(mod, spec: KernelSpec, permute: bool = False):
     g0 = b.sdiv(b.mul(rb0, g.i64(R)), rpg)
     g1 = g.min(b.add(b.sdiv(b.sub(b.mul(rb1, g.i64(R)), g.i64(1)), rpg), g.i64(1)), a.n(A_GROUPS))
     acc_v = [g.var(vt, name=f"acc{u}") for u in range(2)]
-    zero = ir.Constant(vt, [0.0] * R)
     with g.loop(g0, g1, name="grp") as grp:
         lo, hi = _group_rows(g, a, spec, grp, rb0, rb1)
         with g.loop(0, n_vec, step=spec.JB, name="jb") as j0:
             jl = g.min(g.i64(spec.JB), b.sub(n_vec, j0))
             _emit_lut(g, a, spec, lut, xq, grp, j0, jl, 1)
-            if permute:
-                with g.loop(lo, hi, name="rb") as rb:
+            with g.loop(lo, hi, name="rb") as rb:
+                if permute:
                     _emit_permute_tile(g, a, spec, lut, y, j0, jl, rb)
-            else:
-                with g.loop(lo, hi, name="rb") as rb:
-                    yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
-                    b.store(b.load(yp, typ=vt, align=4), acc_v[0])
-                    b.store(zero, acc_v[1])
-                    with g.loop(0, spec.stages, name="s") as s:
-                        cb = _code_base(g, a, spec, s, j0, jl, rb)
-                        lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
-                        jl2 = b.and_(jl, g.i64(-2))
-
-                        def step(jj, u):
-                            c = b.load(b.gep(cb, [b.mul(jj, g.i64(R))], source_etype=spec.ctype),
-                                       typ=ir.VectorType(spec.ctype, R), align=1)
-                            idx = b.add(b.zext(c, it), g.splat(b.trunc(b.mul(jj, g.i64(K)), lc.I32), R))
-                            b.store(b.fadd(b.load(acc_v[u], typ=vt), g.gather(lb, idx, R)), acc_v[u])
-
-                        with g.loop(0, jl2, step=2, name="jj") as jj:
-                            step(jj, 0)
-                            step(b.add(jj, g.i64(1)), 1)
-                        with b.if_then(b.icmp_signed("<", jl2, jl)):
-                            step(jl2, 0)
-                    tot = b.fadd(b.load(acc_v[0], typ=vt), b.load(acc_v[1], typ=vt))
-                    b.store(tot, yp, align=4)
+                else:
+                    _emit_gather_tile(g, a, spec, lut, y, j0, jl, rb, acc_v)
     _emit_epilogue(g, a, spec, xo, b.mul(rb0, g.i64(R)), g.min(b.mul(rb1, g.i64(R)), a.n(A_OUT)))
+    b.ret_void()
+    return fn
+
+
+def _emit_gather_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb, acc_v, joff=None, jn=None):
+    """y[tile rb] += the block's LUT entries of its codes (`llvm.masked.gather`, two accumulators), every stage;
+    joff, jn: only the block's columns [joff, joff + jn) (LUT rows 0..jn-1; default: the whole block)."""
+    b, R, K = g.b, spec.R, spec.K
+    vt, it = ir.VectorType(lc.F32, R), ir.VectorType(lc.I32, R)
+    n = jl if jn is None else jn
+    yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
+    b.store(b.load(yp, typ=vt, align=4), acc_v[0])
+    b.store(ir.Constant(vt, [0.0] * R), acc_v[1])
+    with g.loop(0, spec.stages, name="s") as s:
+        cb = _code_base(g, a, spec, s, j0, jl, rb)
+        if joff is not None:
+            cb = b.gep(cb, [b.mul(joff, g.i64(R))], source_etype=spec.ctype)
+        lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
+        n2 = b.and_(n, g.i64(-2))
+
+        def step(jj, u):
+            c = b.load(b.gep(cb, [b.mul(jj, g.i64(R))], source_etype=spec.ctype),
+                       typ=ir.VectorType(spec.ctype, R), align=1)
+            idx = b.add(b.zext(c, it), g.splat(b.trunc(b.mul(jj, g.i64(K)), lc.I32), R))
+            b.store(b.fadd(b.load(acc_v[u], typ=vt), g.gather(lb, idx, R)), acc_v[u])
+
+        with g.loop(0, n2, step=2, name="jj") as jj:
+            step(jj, 0)
+            step(b.add(jj, g.i64(1)), 1)
+        with b.if_then(b.icmp_signed("<", n2, n)):
+            step(n2, 0)
+    b.store(b.fadd(b.load(acc_v[0], typ=vt), b.load(acc_v[1], typ=vt)), yp, align=4)
+
+
+def _gemvk_slot(g: lc.Gen, a: _Args, spec: KernelSpec, tid):
+    """Range tid's scratch slot of the split-K gemv (layout: see `gemvk_stride`): (partial y, LUT, xq, xo)."""
+    b = g.b
+    base = b.gep(a.p(A_SCR), [b.mul(tid, a.n(A_SSTRIDE))], source_etype=lc.I8)
+    lut = b.gep(base, [b.mul(a.n(A_NRB), g.i64(spec.R))], source_etype=lc.F32)
+    xq = b.gep(lut, [g.i64(spec.stages * spec.JB * spec.K + 32)], source_etype=lc.F32)  # + the permute's over-read
+    xo = b.gep(xq, [b.mul(a.n(A_NVEC), g.i64(spec.vec_len))], source_etype=lc.F32)
+    return base, lut, xq, xo
+
+
+def _gen_gemvk(mod, spec: KernelSpec, permute: bool = False):
+    """gemvk_items(args, tid, c0, c1): the float32 gemv split over code columns (split-K) -- code columns [c0, c1)
+    of every row into range tid's partial y (range 0: y itself). Each thread builds the LUT of its columns only:
+    split by rows (`gemv_work`), every thread built the whole LUT, which dominates on layers with few rows and many
+    inputs (576x1536 at 2 threads ran slower than at 1). Columns are cut evenly, so a range may start or end inside
+    a JB block of the code layout: the block's sub-range [jlo, jhi) is built and looked up."""
+    fn = ir.Function(mod, lc.WORK_TYPE, "gemvk_items")
+    g = lc.Gen(fn)
+    b = g.b
+    args, tid, c0, c1 = fn.args
+    a = _Args(g, args)
+    R, JB = spec.R, spec.JB
+    vt = ir.VectorType(lc.F32, R)
+    part, lut, xq, xo = _gemvk_slot(g, a, spec, tid)
+    y = b.select(b.icmp_signed("==", tid, g.i64(0)), a.p(A_Y), part)
+    n_rb, n_vec = a.n(A_NRB), a.n(A_NVEC)
+    with g.loop(0, b.mul(n_rb, g.i64(R)), name="z") as r:
+        g.store(lc.F32, ir.Constant(lc.F32, 0.0), y, r)
+    _emit_prep_x(g, a, spec, xq, xo)
+    acc_v = [g.var(vt, name=f"acc{u}") for u in range(2)]
+    blk1 = b.sdiv(b.add(c1, g.i64(JB - 1)), g.i64(JB))
+    with g.loop(b.sdiv(c0, g.i64(JB)), blk1, name="kb") as blk:
+        j0 = b.mul(blk, g.i64(JB))
+        jl = g.min(g.i64(JB), b.sub(n_vec, j0))
+        jlo, jhi = g.max(c0, j0), g.min(c1, b.add(j0, jl))
+        joff, jn = b.sub(jlo, j0), b.sub(jhi, jlo)
+        with g.loop(0, a.n(A_GROUPS), name="kg") as grp:
+            lo, hi = _group_rows(g, a, spec, grp, g.i64(0), n_rb)
+            _emit_lut(g, a, spec, lut, xq, grp, jlo, jn, 1)
+            with g.loop(lo, hi, name="krb") as rb:
+                if permute:
+                    _emit_permute_tile(g, a, spec, lut, y, j0, jl, rb, joff, jn)
+                else:
+                    _emit_gather_tile(g, a, spec, lut, y, j0, jl, rb, acc_v, joff, jn)
     b.ret_void()
     return fn
 
@@ -433,6 +500,8 @@ def build_module(spec: KernelSpec, triple: str | None = None, permute: bool | No
         permute = GEMV_PERMUTE and triple is None and bool(lc.llvm.get_host_cpu_features().get("avx512f"))
     permute = permute and spec.R == 16 and spec.K <= 256
     lc.add_parallel_for(mod, _gen_gemv(mod, spec, permute))
+    emit_split_k_top(mod, spec, lc.add_parallel_for(mod, _gen_gemvk(mod, spec, permute)), "gemvk_work_par",
+                     lambda g, a, t: _gemvk_slot(g, a, spec, t)[::3], columns=True)
     lc.add_parallel_for(mod, _gen_gemm(mod, spec))
     lc.add_parallel_for(mod, _gen_gemm(mod, spec, "batch"))
     return mod
@@ -444,7 +513,7 @@ _PAR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 @functools.cache
 def compiled(spec: KernelSpec) -> dict[str, object]:
     """JIT the kernels for `spec` on this host (once per process)."""
-    addrs = lc.jit(build_module(spec), ["gemv_work_par", "gemm_work_par", "gemmb_work_par"])
+    addrs = lc.jit(build_module(spec), ["gemv_work_par", "gemvk_work_par", "gemm_work_par", "gemmb_work_par"])
     return {k.removesuffix("_work_par"): _PAR_T(v) for k, v in addrs.items()}
 
 
@@ -735,6 +804,14 @@ def gemv_stride(p: Packed, n_threads: int = 1) -> int:
     return n + (-n % 64)
 
 
+def gemvk_stride(p: Packed, n_threads: int = 1) -> int:
+    """Scratch bytes per thread of the split-K gemv (`gemvk`; any thread count): partial y, LUT block (+ 32 floats
+    the permute lookup may read past it), permuted x, outlier x."""
+    s = p.spec
+    n = 4 * (p.n_rb * s.R + s.stages * s.JB * s.K + 32 + p.n_vec * s.vec_len + p.n_out) + 64
+    return n + (-n % 64)
+
+
 def gemm_stride(p: Packed) -> int:
     n = 4 * p.spec.stages * p.spec.JS * p.spec.K * p.spec.BT + 64
     return n + (-n % 64)
@@ -748,7 +825,7 @@ def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None, lead: 
     Cached per weight and calling thread: the thread count, the scratch size and the argument block with its static
     fields (the kernel runs without the GIL, so each Python thread fills its own block); a call then fills in x, y
     and the scratch pointer only (session 27: 0.5-0.9 µs of a 3.5 µs launch saved)."""
-    key = (n_threads, torch.get_num_threads() if n_threads is None else 0, _get_ident())
+    key = (n_threads, torch.get_num_threads() if n_threads is None else 0, _get_ident(), stride)
     cache = p.__dict__.get("_launch")
     hit = cache.get(key) if cache is not None else None
     if hit is None:
@@ -766,17 +843,24 @@ def launch(p: Packed, fn, x: torch.Tensor, stride, n_threads: int | None, lead: 
     return y if n == p.out_f else y[..., :p.out_f].clone()
 
 
-def gemv_fn(p: Packed, make):
+def gemv_fn(p: Packed, make, attr: str = "_gemv_fn"):
     """The batch-1 kernel of `p`, `make(p.spec)` on first use, then kept on the weight (looking it up by spec
     hashes the spec dataclass: ~1 us a call)."""
-    fn = p.__dict__.get("_gemv_fn")
+    fn = p.__dict__.get(attr)
     if fn is None:
-        fn = p.__dict__["_gemv_fn"] = make(p.spec)
+        fn = p.__dict__[attr] = make(p.spec)
     return fn
 
 
-def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None, lead: tuple = ()) -> torch.Tensor:
-    """One input vector x [in] (float32, contiguous) -> y [*lead, out]."""
+def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None, lead: tuple = (),
+         split_k: bool | None = None) -> torch.Tensor:
+    """One input vector x [in] (float32, contiguous) -> y [*lead, out]. split_k: the code columns split over the
+    threads (`gemvk`) instead of the row tiles (`gemv`); default: GEMV_SPLIT_K, for single-stage weights on more
+    than one thread (on one, the row form: the same work without the partial-output bookkeeping)."""
+    if split_k is None:
+        split_k = GEMV_SPLIT_K and p.spec.stages == 1 and (n_threads or torch.get_num_threads()) > 1
+    if split_k:
+        return launch(p, gemv_fn(p, lambda s: compiled(s)["gemvk"], "_gemvk_fn"), x, gemvk_stride, n_threads, lead)
     return launch(p, gemv_fn(p, lambda s: compiled(s)["gemv"]), x, gemv_stride, n_threads, lead)
 
 

@@ -64,14 +64,16 @@ class _Blob:
 def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
                kernel: str = "f32") -> tuple[int, torch.Tensor | None]:
     """Serialise one call (gemv when x2 has one row, else gemm, split by batch tiles or rows as
-    `llvm_codebook.gemm` chooses; kernel "q8": the int8-LUT gemv); returns (output floats, permuted x for gemm)."""
+    `llvm_codebook.gemm` chooses; kernel "q8": the int8-LUT gemv; "f32k": the float32 gemv split over code columns,
+    `gemvk`); returns (output floats, permuted x for gemm)."""
     blob, a = _Blob([]), p.static_args()
     gemv = x2.shape[0] == 1
     xp = None
-    fn = 2 if kernel == "q8" else 0 if gemv else 1
+    fn = {"q8": 2, "f32k": 7}.get(kernel, 0 if gemv else 1)
     n_items = p.n_rb
     if gemv:
-        stride = q8.stride(p, n_threads) if kernel == "q8" else lk.gemv_stride(p)
+        stride = {"q8": lambda: q8.stride(p, n_threads), "f32k": lambda: lk.gemvk_stride(p)}.get(
+            kernel, lambda: lk.gemv_stride(p))()
         a[lk.A_X], out_n = blob.add(x2[0]), p.n_rb * p.spec.R
     else:
         xp, xt = lk.gemm_inputs(p, x2)

@@ -3,7 +3,8 @@
  *
  * case file (little endian, int64 fields):
  *   magic 0x4b43454843424345 ("ECBCHECK"), fn (0 = gemv_work_par, 1 = gemm_work_par,
- *   2 = q8_work_par, 3 = gemmb_work_par, 4 = i8q_work_par, 5 = i8_work_par, 6 = few_work_par), n_items, n_threads,
+ *   2 = q8_work_par, 3 = gemmb_work_par, 4 = i8q_work_par, 5 = i8_work_par, 6 = few_work_par, 7 = gemvk_work_par),
+ *   n_items, n_threads,
  *   out_off, out_bytes, ptr_mask (bit i: args[i] is an offset into the blob, or -1 for NULL), n_args,
  *   args[n_args], blob_bytes, blob[blob_bytes]
  * Writes blob[out_off : out_off + out_bytes] to the output file. Exit code 0 on success. An optional third
@@ -24,6 +25,7 @@ void gemmb_work_par(int64_t *args, int64_t n_items, int64_t n_threads) __attribu
 void i8q_work_par(int64_t *args, int64_t n_items, int64_t n_threads) __attribute__((weak));
 void i8_work_par(int64_t *args, int64_t n_items, int64_t n_threads) __attribute__((weak));
 void few_work_par(int64_t *args, int64_t n_items, int64_t n_threads) __attribute__((weak));
+void gemvk_work_par(int64_t *args, int64_t n_items, int64_t n_threads) __attribute__((weak));
 
 static int64_t rd(FILE *f) {
     int64_t v;
@@ -50,9 +52,9 @@ int main(int argc, char **argv) {
     fclose(f);
     for (int64_t i = 0; i < n_args; i++)
         if ((mask >> i) & 1) args[i] = args[i] < 0 ? 0 : (int64_t)(intptr_t)(blob + args[i]);
-    void (*kernels[7])(int64_t *, int64_t, int64_t) = {gemv_work_par, gemm_work_par, q8_work_par,
-                                                       gemmb_work_par, i8q_work_par, i8_work_par, few_work_par};
-    if (fn < 0 || fn > 6 || !kernels[fn]) { fprintf(stderr, "kernel %lld is not in this object\n", (long long)fn); return 2; }
+    void (*kernels[8])(int64_t *, int64_t, int64_t) = {gemv_work_par, gemm_work_par, q8_work_par, gemmb_work_par,
+                                                       i8q_work_par, i8_work_par, few_work_par, gemvk_work_par};
+    if (fn < 0 || fn > 7 || !kernels[fn]) { fprintf(stderr, "kernel %lld is not in this object\n", (long long)fn); return 2; }
     for (long c = 0; c < calls; c++) kernels[fn](args, n_items, n_threads);
     FILE *o = fopen(argv[2], "wb");
     if (!o || fwrite(blob + out_off, 1, (size_t)out_bytes, o) != (size_t)out_bytes) { perror(argv[2]); return 2; }

@@ -56,6 +56,19 @@ def test_aarch64_kernel_under_qemu(tmp_path, shape, rows, threads):
     check(ac.run(exe, p, x, threads, tmp_path), cg.codebook_gemm_reference(x, *w, inf, v, bits))
 
 
+@pytest.mark.parametrize("shape,threads", [("large", 3), ("groups", 2), ("outliers_perm", 2), ("odd", 1),
+                                           ("bits12", 3)])
+def test_aarch64_split_k_gemv_under_qemu(tmp_path, shape, threads):
+    """The float32 gemv split over code columns (`gemvk`: what a device runs on 2+ threads) on aarch64, pthreads
+    ranges that start and end inside JB blocks ("large": 512 code columns on 3 threads)."""
+    out, inf, v, K, bits, *_ = cfg = SHAPES.get(shape) or EXTRA[shape]
+    w = make_weight(*cfg)
+    p = lk.pack_weight(*w, inf, v, bits, vector_bits=ac.NEON_BITS)
+    x = torch.randn(1, inf)
+    check(ac.run(ac.build(p.spec, tmp_path), p, x, threads, tmp_path, kernel="f32k"),
+          cg.codebook_gemm_reference(x, *w, inf, v, bits))
+
+
 def test_q8_object_uses_neon_table_lookups():
     spec = q8.make_spec(4, 256, 1, 64, False, isa="neon")
     asm = lc.emit_assembly(q8.build_module(spec, "neon", ac.TRIPLE), ac.TRIPLE)
