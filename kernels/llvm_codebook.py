@@ -20,9 +20,10 @@ Both split output-row tiles over the threads (`llvm_common.add_parallel_for`: li
 pthreads on cross targets); the prefill GEMM splits its batch tiles instead when there are at least as many as
 threads (`gemmb`), so that no thread rebuilds another's LUTs (what dominates on layers with few rows). The
 batch-1 LUT kernels (q8, q16) split the column blocks instead (split-K, `emit_split_k_top`), so that each thread
-builds only its own LUTs and streams one contiguous range of codes; so does the float32 gemv of single-stage weights
-on 2+ threads (`gemvk`: the n_vec code columns cut evenly, a range's first and last JB blocks built and looked up
-over their part only; each range sums into its own partial y, the first into y).
+builds only its own LUTs and streams one contiguous range of codes; so does the float32 gemv on 2+ threads where a
+column's LUT is not trivial (`gemvk`, K * vec_len >= SPLIT_K_MIN_LUT: the n_vec code columns cut evenly, a range's
+first and last JB blocks built and looked up over their part only; each range sums into its own partial y, the
+first into y).
 Batch 2..12 (speculative-decoding verify trees, short chunks) goes to `llvm_codebook_few` under
 "auto" (codewords decoded in registers, no LUT). More goes to the same module's panel GEMM (each row tile decoded
 once into a float32 tile in L1, shared by tiles of 6 inputs) or to `llvm_dequant` (dequantize a tile + oneDNN
@@ -77,11 +78,14 @@ GEMM_LUT_BYTES = 64 << 10  # prefill LUT sub-block budget
 # (measured on a Zen 5, smollm2's shapes and 4096^2: 1.2-1.7x the gather at 1 thread, 1.0-1.6x at 2); one row
 # tile per pass (2 and 4 tiles sharing each column's table loads, session 26: no faster but for 4096^2 on one thread)
 GEMV_PERMUTE = True
-# single-stage weights on 2+ threads: the batch-1 float32 gemv splits the code columns over the threads (`gemvk`, each
-# thread builds only its columns' LUT; partial outputs summed) instead of the row tiles (`gemv`, every thread built
-# the whole LUT; session 28, Zen 5, 2 threads, interleaved in one process: 1.06-1.19x faster on 4096^2 and the
-# smollm2 shapes); False: row tiles everywhere
+# 2+ threads: the batch-1 float32 gemv splits the code columns over the threads (`gemvk`, each thread builds only its
+# columns' LUT; partial outputs summed) instead of the row tiles (`gemv`, every thread built the whole LUT) where a
+# column's LUT has K * vec_len >= SPLIT_K_MIN_LUT products (session 28, Zen 5, 2 threads, interleaved in one process,
+# smollm2 shapes: K 256 v 4 1.06-1.19x faster, also 4096^2; K 64 v 2 (vq3) 1.09-1.31x; K 512 v 3 (vq3-k512)
+# 1.33-1.71x; 2 stages of K 256 v 8 (vq2-res) 1.11-1.26x; but 2 stages of K 16 v 4 (vq2-r16, a 16-entry table)
+# 0.76-1.01x: there the rows keep it); False: row tiles everywhere
 GEMV_SPLIT_K = True
+SPLIT_K_MIN_LUT = 128
 MIN_CODES_PER_THREAD = 1 << 13  # below this another thread costs more than it saves (session 18: at 2 threads every
 # smollm2 shape, 192x576 included, ran faster on two, q8 / q16 / float32 kernels alike, cycling 256 MB of weights)
 
@@ -855,10 +859,12 @@ def gemv_fn(p: Packed, make, attr: str = "_gemv_fn"):
 def gemv(p: Packed, x: torch.Tensor, n_threads: int | None = None, lead: tuple = (),
          split_k: bool | None = None) -> torch.Tensor:
     """One input vector x [in] (float32, contiguous) -> y [*lead, out]. split_k: the code columns split over the
-    threads (`gemvk`) instead of the row tiles (`gemv`); default: GEMV_SPLIT_K, for single-stage weights on more
-    than one thread (on one, the row form: the same work without the partial-output bookkeeping)."""
+    threads (`gemvk`) instead of the row tiles (`gemv`); default: GEMV_SPLIT_K, where building a column's table
+    costs something (K * vec_len >= SPLIT_K_MIN_LUT) on more than one thread (on one, the row form: the same work
+    without the partial-output bookkeeping)."""
     if split_k is None:
-        split_k = GEMV_SPLIT_K and p.spec.stages == 1 and (n_threads or torch.get_num_threads()) > 1
+        split_k = (GEMV_SPLIT_K and p.spec.K * p.spec.vec_len >= SPLIT_K_MIN_LUT
+                   and (n_threads or torch.get_num_threads()) > 1)
     if split_k:
         return launch(p, gemv_fn(p, lambda s: compiled(s)["gemvk"], "_gemvk_fn"), x, gemvk_stride, n_threads, lead)
     return launch(p, gemv_fn(p, lambda s: compiled(s)["gemv"]), x, gemv_stride, n_threads, lead)

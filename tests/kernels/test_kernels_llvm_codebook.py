@@ -406,19 +406,18 @@ def test_large_gemv_two_threads_and_vector_widths():
 
 @pytest.mark.parametrize("permute", [False, True])
 def test_split_k_gemv_ranges_inside_blocks(permute):
-    """The float32 gemv split over code columns (`gemvk`, the default for single-stage weights on 2+ threads):
+    """The float32 gemv split over code columns (`gemvk`, the default on 2+ threads for K * vec_len >= 128):
     ranges cut at any column, inside JB blocks too ("large": 512 columns, JB 32, on 3, 5 and 7 threads), output
     groups, outliers with the permutation, 12-bit codes (the gather), 1 to 7 threads; with the AVX-512 permute
     lookup and with the gather. Equal to the reference up to summation order."""
     if permute and not lc.llvm.get_host_cpu_features().get("avx512f"):
         pytest.skip("the permute lookup needs AVX-512")
-    for shape in ("large", "groups", "groups_odd_rows", "outliers_perm", "odd", "wide", "bits12"):
+    for shape in ("large", "groups", "groups_odd_rows", "outliers_perm", "odd", "wide", "bits12", "residual",
+                  "r16_odd_block"):
         cfg = SHAPES.get(shape) or EXTRA[shape]
         out, inf, v, K, bits, *_ = cfg
         w = make_weight(*cfg)
         p = lk.pack_weight(*w, inf, v, bits)
-        if p.spec.stages != 1:
-            continue
         fn = lk._PAR_T(lc.jit(lk.build_module(p.spec, permute=permute), ["gemvk_work_par"])["gemvk_work_par"])
         x = torch.randn(inf)
         ref = cg.codebook_gemm_reference(x[None], *w, inf, v, bits)[0]
@@ -429,6 +428,10 @@ def test_split_k_gemv_ranges_inside_blocks(permute):
     x = torch.randn(64)
     assert torch.equal(lk.gemv(p, x, 2), lk.gemv(p, x, 2, split_k=True))  # the default on 2 threads
     check(lk.gemv(p, x, 2, split_k=False), lk.gemv(p, x, 1))
+    w = make_weight(*EXTRA["r16"])  # 16-entry tables (a column's LUT is cheap): the rows keep it
+    p, x = lk.pack_weight(*w, 576, 4, 4), torch.randn(576)
+    assert torch.equal(lk.gemv(p, x, 2), lk.gemv(p, x, 2, split_k=False))
+    check(lk.gemv(p, x, 3, split_k=True)[None], cg.codebook_gemm_reference(x[None], *w, 576, 4, 4))
 
 
 def test_q8_repacked_layout_matches_docstring():
