@@ -72,8 +72,10 @@ def write_case(path: Path, p: lk.Packed, x2: torch.Tensor, n_threads: int,
     fn = {"q8": 2, "f32k": 7}.get(kernel, 0 if gemv else 1)
     n_items = p.n_rb
     if gemv:
-        stride = {"q8": lambda: q8.stride(p, n_threads), "f32k": lambda: lk.gemvk_stride(p)}.get(
-            kernel, lambda: lk.gemv_stride(p))()
+        if kernel == "q8":
+            stride = q8.stride(p, n_threads)
+        else:
+            stride = lk.gemvk_stride(p) if kernel == "f32k" else lk.gemv_stride(p)
         a[lk.A_X], out_n = blob.add(x2[0]), p.n_rb * p.spec.R
     else:
         xp, xt = lk.gemm_inputs(p, x2)
