@@ -21,9 +21,9 @@ the block's inputs quantized to int8 (scale max|x| / 127, as MatMulNBits' accura
 stored as int8 (`int_codebooks`, scale max|entry| / 127 per codebook), exact dot products -- 16 per `vpdpbusd` on
 AVX-512 VNNI, 8 per ymm `vpdpbusd` on AVX2-lookup hosts with AVX-VNNI or AVX-512 VNNI without VBMI (Kp a multiple
 of 32), 4 per `sdot` on aarch64 cores with the dot product (ARMv8.2+) -- packed to int16 and rescaled to the int8
-range with `vpmulhrsw` / `sqrdmulh`. On AVX-512 ~1.6x faster to build than the float32 FMAs and float -> int8 pass (Zen 5, 1536 inputs; the AVX2 form
-on the same host: the whole gemv 1.01-1.05x, its blend-tree lookups dominate), ~2 dB lower SNR against the float
-reference (35-40 dB on random codebooks).
+range with `vpmulhrsw` / `sqrdmulh`. On AVX-512 ~1.6x faster to build than the float32 FMAs and float -> int8
+pass (Zen 5, 1536 inputs; the AVX2 form on the same host: the whole gemv 1.01-1.05x, its blend-tree lookups
+dominate), ~2 dB lower SNR against the float reference (35-40 dB on random codebooks).
 
 Entries are stored biased (u = q + 128, unsigned bytes). Per R-byte lookup result w (read as R/2 int16 words)
 acc0 += w and acc1 += w >> 8: acc1 sums the odd bytes, acc0 - 256 * acc1 (mod 2**16) the even ones (both sums
