@@ -175,11 +175,14 @@ def emit_split_k_top(mod, spec: KernelSpec, par, name: str, slot, columns: bool 
     return fn
 
 
-def _code_base(g: lc.Gen, a: _Args, spec: KernelSpec, s, j0, jl, rb):
+def _code_base(g: lc.Gen, a: _Args, spec: KernelSpec, s, j0, jl, rb, joff=None):
+    """Codes of tile rb in the block of columns [j0, j0 + jl) of stage s, from the block's column joff on."""
     b, R = g.b, g.i64(spec.R)
     nrb_r = b.mul(a.n(A_NRB), R)
     off = b.add(b.mul(s, b.mul(nrb_r, a.n(A_NVEC))), b.mul(j0, nrb_r))
     off = b.add(off, b.mul(b.mul(rb, jl), R))
+    if joff is not None:
+        off = b.add(off, b.mul(joff, R))
     return b.gep(a.p(A_CODES), [off], source_etype=spec.ctype)
 
 
@@ -290,9 +293,7 @@ def _emit_permute_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb
     yp = b.gep(y, [b.mul(rb, g.i64(R))], source_etype=lc.F32)
     acc = g.var(vt, b.load(yp, typ=vt, align=4), name="pacc")
     with g.loop(0, spec.stages, name="ps") as s:
-        cb = _code_base(g, a, spec, s, j0, jl, rb)
-        if joff is not None:
-            cb = b.gep(cb, [b.mul(joff, g.i64(R))], source_etype=spec.ctype)
+        cb = _code_base(g, a, spec, s, j0, jl, rb, joff)
         lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
         with g.loop(0, jl if jn is None else jn, name="pjj") as jj:
             row = b.gep(lb, [b.mul(jj, g.i64(K))], source_etype=lc.F32)
@@ -348,9 +349,7 @@ def _emit_gather_tile(g: lc.Gen, a: _Args, spec: KernelSpec, lut, y, j0, jl, rb,
     b.store(b.load(yp, typ=vt, align=4), acc_v[0])
     b.store(ir.Constant(vt, [0.0] * R), acc_v[1])
     with g.loop(0, spec.stages, name="s") as s:
-        cb = _code_base(g, a, spec, s, j0, jl, rb)
-        if joff is not None:
-            cb = b.gep(cb, [b.mul(joff, g.i64(R))], source_etype=spec.ctype)
+        cb = _code_base(g, a, spec, s, j0, jl, rb, joff)
         lb = b.gep(lut, [b.mul(s, g.i64(spec.JB * K))], source_etype=lc.F32)
         n2 = b.and_(n, g.i64(-2))
 
